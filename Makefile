@@ -1,0 +1,49 @@
+# hybrid-zoo: `make demo` and `make test` do all set-up on a fresh machine (Python 3.10+).
+#
+# torch comes first, on its own: `torch==2.13.0` takes the local CPU wheel on our machines, while
+# an unpinned torch pulls GBs of CUDA packages. Override for other machines, e.g.
+#   make test TORCH_SPEC="torch==2.13.0" TORCH_PIP_ARGS="--index-url <PyTorch CPU wheel index>"
+# A GPU machine can use any CUDA build: make bench-gpu TORCH_SPEC="torch==2.13.0".
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+PYTEST_WORKERS ?= 2
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint format bench bench-gpu clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || \
+		$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/zoo demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
+	$(PY) -m pytest -n $(PYTEST_WORKERS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/cpu_models.py
+
+# On a lent GPU: the gpu-marked tests and every benchmark, JSON under benchmarks/results/.
+bench-gpu: $(STAMP)
+	$(PY) -m pytest -m gpu -q
+	$(PY) benchmarks/cpu_models.py --device cuda
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

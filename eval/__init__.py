@@ -1,0 +1,1 @@
+"""Evaluation harness (imported as ``zoo.eval``): MAD, retrieval and commonsense tasks."""

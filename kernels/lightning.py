@@ -1,0 +1,392 @@
+"""Lightning attention: linear attention with a constant per-head decay (TNL's token mixer).
+
+Papers: TransNormerLLM (Qin et al., arXiv 2307.14995) and "Various Lengths, Constant Speed:
+Efficient Language Modeling with Lightning Attention" (Qin et al., arXiv 2405.17381). There is no
+softmax, no 1/sqrt(d) scale by default and no denominator. Per batch b and head h, with a
+data-independent decay λ_h = exp(log_decay[h]) in (0, 1]:
+
+    S_t = λ_h · S_{t-1} + k_t v_tᵀ        (S is K×V, kept in fp32)
+    o_t = scale · q_tᵀ S_t                 (the current token is included)
+
+``log_decay == 0`` means no decay, which is how cosFormer2 reuses this op.
+
+Chunked form (chunk size C, position i/j inside a chunk, S_n the state entering chunk n):
+
+* intra-chunk: O_intra = (Q Kᵀ ⊙ M) V, a dense C×C product with M[i, j] = λ^(i-j) for i ≥ j
+  and 0 above the diagonal;
+* inter-chunk: O_inter = (Q ⊙ λ^(i+1)) S_n, reading the carried fp32 state;
+* state: S_{n+1} = λ^C S_n + (K ⊙ λ^(C-1-j))ᵀ V.
+
+All decay powers are built in log space as exp(p · log λ) with p ≥ 0, so nothing can overflow.
+The torch form batches the chunk products over groups of ~1024 tokens and loops only over
+chunks for the K×V state recurrence, so time and memory grow linearly in T.
+
+Layout follows fla: q, k (B, T, H, K); v (B, T, H, V); log_decay (H,); state (B, H, K, V) fp32.
+Module order: naive reference → decode step → chunked torch form → public dispatch function
+(the Triton kernels arrive in their own issue).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import torch
+
+__all__ = [
+    "lightning",
+    "lightning_chunk_torch",
+    "lightning_naive",
+    "lightning_step",
+    "tnl_log_decay",
+]
+
+_BACKENDS = ("auto", "torch", "triton")
+_DECAY_FORMS = ("alibi", "paper")
+_GROUP_TOKENS = 1024
+
+
+def lightning_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-by-token recurrence in fp32: the oracle the faster forms are tested against."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    qf, kf, vf = q.float() * scale, k.float(), v.float()
+    lam = log_decay.to(device=q.device, dtype=torch.float32).exp().view(1, H, 1, 1)
+    if initial_state is None:
+        S = q.new_zeros(B, H, K, V, dtype=torch.float32)
+    else:
+        S = initial_state.float()
+    outs = []
+    for t in range(T):
+        S = lam * S + torch.einsum("bhk,bhv->bhkv", kf[:, t], vf[:, t])
+        outs.append(torch.einsum("bhk,bhkv->bhv", qf[:, t], S))
+    o = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, H, V, dtype=torch.float32)
+    return o.to(q.dtype), (S if output_final_state else None)
+
+
+def lightning_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    state: torch.Tensor | None,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step. q, k: (B, H, K); v: (B, H, V); state: (B, H, K, V) fp32 or None (zeros).
+
+    Returns o (B, H, V) in q's dtype and a new fp32 state; ``state`` is left untouched so a cache
+    can keep the previous one.
+    """
+    H = q.shape[1]
+    lam = log_decay.to(device=q.device, dtype=torch.float32).exp().view(1, H, 1, 1)
+    kv = k.float().unsqueeze(-1) * v.float().unsqueeze(-2)  # (B, H, K, V)
+    new_state = kv if state is None else lam * state.float() + kv
+    o = torch.einsum("bhk,bhkv->bhv", q.float() * scale, new_state)
+    return o.to(q.dtype), new_state
+
+
+def _decay_tables(
+    log_decay: torch.Tensor, C: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decay powers for chunks of length C, all as exp(p · log λ) with p >= 0.
+
+    Returns q_decay (H, C) = scale · λ^(i+1), k_decay (H, C) = λ^(C-1-j), chunk_decay (H,) = λ^C
+    and mask (H, C, C) = scale · λ^(i-j) for i >= j else 0. scale rides on these small tables
+    instead of costing a pass over q.
+    """
+    H = log_decay.shape[0]
+    pos = torch.arange(C, device=log_decay.device, dtype=torch.float32)  # (C,)
+    ld = log_decay.view(H, 1)  # (H, 1)
+    q_decay = scale * torch.exp((pos + 1) * ld)  # (H, C)
+    k_decay = torch.exp((C - 1 - pos) * ld)  # (H, C)
+    chunk_decay = torch.exp(C * log_decay)  # (H,)
+    diff = pos.view(C, 1) - pos.view(1, C)  # (C, C): i - j
+    # Clamp before exp so the masked (i < j) entries never see a positive exponent.
+    mask = scale * torch.exp(diff.clamp(min=0) * ld.view(H, 1, 1)) * (diff >= 0)  # (H, C, C)
+    return q_decay, k_decay, chunk_decay, mask
+
+
+def _chunk_block(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """N equal chunks at once. q, k: (B, H, N, C, K); v: (B, H, N, C, V); state: (B, H, K, V).
+
+    Everything is fp32 and contiguous; ``tables`` come from ``_decay_tables`` for this C. Returns
+    o (B, H, N, C, V) and the state after the last chunk.
+    """
+    B, H, N, C, K = q.shape
+    V = v.shape[-1]
+    q_decay, k_decay, chunk_decay, mask = tables
+    chunk_decay = chunk_decay.view(1, H, 1, 1)  # (1, H, 1, 1)
+
+    # matmul's backward needs q and k, not the product, so masking in place is autograd-safe.
+    attn = (q @ k.transpose(-1, -2)).mul_(mask.view(1, H, 1, C, C))  # (B, H, N, C, C)
+    delta = (k * k_decay.view(1, H, 1, C, 1)).transpose(-1, -2) @ v  # (B, H, N, K, V)
+
+    # The only sequential part: N cheap K×V updates, so the loop is over chunks, never tokens.
+    starts = []
+    for n in range(N):
+        starts.append(state)
+        state = torch.addcmul(delta[:, :, n], chunk_decay, state)
+    start_states = torch.stack(starts, dim=2)  # (B, H, N, K, V)
+
+    # Intra and inter outputs in one batched add-matmul: attn V + (Q ⊙ λ^(i+1)) S_n.
+    o = torch.baddbmm(
+        (attn @ v).view(-1, C, V),  # (B*H*N, C, V)
+        (q * q_decay.view(1, H, 1, C, 1)).view(-1, C, K),  # (B*H*N, C, K)
+        start_states.view(-1, K, V),  # (B*H*N, K, V)
+    )
+    return o.view(B, H, N, C, V), state
+
+
+def lightning_chunk_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked parallel form in pure torch: O(T) time and memory, differentiable, any T ≥ 1.
+
+    Inputs are not validated beyond T and chunk_size; ``lightning`` does that. Computes in fp32
+    and returns o in q's dtype.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if T == 0:
+        raise ValueError("lightning_chunk_torch needs at least one token but q has T=0")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    ld = log_decay.to(device=q.device, dtype=torch.float32)  # (H,)
+    if initial_state is None:
+        state = q.new_zeros(B, H, K, V, dtype=torch.float32)
+    else:
+        state = initial_state.float()
+
+    C = chunk_size
+    full = T - T % C
+    # Whole chunks go in groups of about _GROUP_TOKENS tokens: each group's working set stays in
+    # cache, so time grows linearly in T instead of slowing down once tensors outgrow L2. The
+    # ragged tail (T mod C tokens) is one more chunk of its own length, chained on the state.
+    group = max(1, _GROUP_TOKENS // C) * C
+    spans = [(start, min(start + group, full), C) for start in range(0, full, group)]
+    if full < T:
+        spans.append((full, T, T - full))
+    tables = {c: _decay_tables(ld, c, scale) for c in {span[2] for span in spans}}
+    outs = []
+    for start, end, c in spans:
+        # Head-major copies of this group only: (B, t, H, K) -> (B, H, n, c, K).
+        n = (end - start) // c
+        o, state = _chunk_block(
+            q[:, start:end].transpose(1, 2).contiguous().view(B, H, n, c, K).float(),
+            k[:, start:end].transpose(1, 2).contiguous().view(B, H, n, c, K).float(),
+            v[:, start:end].transpose(1, 2).contiguous().view(B, H, n, c, V).float(),
+            tables[c],
+            state,
+        )
+        outs.append(o.view(B, H, end - start, V).transpose(1, 2).to(q.dtype))  # (B, t, H, V)
+    o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0].contiguous()  # (B, T, H, V)
+    return o, (state if output_final_state else None)
+
+
+def _check_backend(backend: str) -> None:
+    """Reject unknown or unavailable backends; every accepted one runs the torch chunked form."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get("ZOO_KERNEL_BACKEND", "").strip()
+        if env:
+            if env not in _BACKENDS:
+                raise ValueError(f"ZOO_KERNEL_BACKEND must be one of {_BACKENDS}, got {env!r}")
+            backend = env
+    if backend == "triton":
+        raise NotImplementedError(
+            "the Triton lightning kernel is not built yet; use backend='torch'"
+        )
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    chunk_size: int,
+) -> None:
+    if q.dim() != 4:
+        raise ValueError(f"q must be (B, T, H, K) but has shape {tuple(q.shape)}")
+    B, T, H, K = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}")
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"v has shape {tuple(v.shape)} but must be (B, T, H, V) with (B, T, H) = {(B, T, H)} "
+            "from q"
+        )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+    if k.device != q.device or v.device != q.device or log_decay.device != q.device:
+        raise ValueError(
+            f"q, k, v and log_decay must share a device, got {q.device}, {k.device}, {v.device} "
+            f"and {log_decay.device}"
+        )
+    if T == 0:
+        raise ValueError("q has T=0 tokens; lightning needs at least one")
+    if log_decay.shape != (H,):
+        raise ValueError(
+            f"log_decay has shape {tuple(log_decay.shape)} but must be (H,) = ({H},) from q"
+        )
+    if not log_decay.is_floating_point():
+        raise ValueError(f"log_decay must be a floating tensor, got dtype {log_decay.dtype}")
+    if not bool(torch.isfinite(log_decay).all()):
+        raise ValueError(f"log_decay must be finite, got {log_decay.tolist()}")
+    if bool((log_decay > 0).any()):
+        raise ValueError(
+            f"log_decay must be <= 0 (decay in (0, 1]) but its max is {log_decay.max().item()}"
+        )
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+    n_states = B
+    if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or cu_seqlens.numel() < 2:
+            raise ValueError(
+                "cu_seqlens must be a 1-D int tensor [0, l1, l1+l2, ..., total] with at least 2 "
+                f"entries, got shape {tuple(cu_seqlens.shape)} and dtype {cu_seqlens.dtype}"
+            )
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs packed sequences with B=1 but q has B={B}")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != T:
+            raise ValueError(
+                f"cu_seqlens must start at 0 and end at T={T}, got {bounds[0]} and {bounds[-1]}"
+            )
+        if any(b < a for a, b in itertools.pairwise(bounds)):
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+        n_states = len(bounds) - 1
+    if initial_state is not None:
+        V = v.shape[-1]
+        expected = (n_states, H, K, V)
+        if initial_state.shape != expected:
+            what = (
+                "(N, H, K, V) with N = len(cu_seqlens) - 1"
+                if cu_seqlens is not None
+                else ("(B, H, K, V)")
+            )
+            raise ValueError(
+                f"initial_state has shape {tuple(initial_state.shape)} but must be {what} = "
+                f"{expected}"
+            )
+
+
+def lightning(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Lightning attention, the public entry point. Returns (o (B, T, H, V), final_state | None).
+
+    ``cu_seqlens`` packs variable-length sequences along T (B must be 1): each segment starts from
+    its own row of ``initial_state`` (N, H, K, V) or zeros, and final_state is (N, H, K, V).
+    ``backend``: "auto" (the torch chunked form for now; once the Triton kernels land in their own
+    issue it picks them for CUDA tensors), "torch", or "triton" (not built yet). The environment
+    variable ``ZOO_KERNEL_BACKEND`` overrides "auto".
+    """
+    _check_inputs(q, k, v, log_decay, initial_state, cu_seqlens, chunk_size)
+    _check_backend(backend)
+
+    if cu_seqlens is None:
+        if q.shape[1] == 1:
+            # Decode: a single token needs no chunk machinery.
+            o, state = lightning_step(q[:, 0], k[:, 0], v[:, 0], log_decay, initial_state, scale)
+            return o.unsqueeze(1), (state if output_final_state else None)
+        return lightning_chunk_torch(
+            q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size
+        )
+
+    _, _, H, K = q.shape
+    V = v.shape[-1]
+    bounds = cu_seqlens.tolist()
+    outs, finals = [], []
+    for i, (start, end) in enumerate(itertools.pairwise(bounds)):
+        init = None if initial_state is None else initial_state[i : i + 1]  # (1, H, K, V)
+        if end == start:
+            # An empty segment emits nothing and passes its state through.
+            if output_final_state:
+                finals.append(
+                    q.new_zeros(1, H, K, V, dtype=torch.float32) if init is None else init.float()
+                )
+            continue
+        o, final = lightning_chunk_torch(
+            q[:, start:end],
+            k[:, start:end],
+            v[:, start:end],
+            log_decay,
+            scale,
+            init,
+            output_final_state,
+            chunk_size,
+        )
+        outs.append(o)
+        if output_final_state:
+            finals.append(final)
+    o = torch.cat(outs, dim=1)  # (1, T, H, V)
+    return o, (torch.cat(finals, dim=0) if output_final_state else None)
+
+
+def _alibi_slopes(n: int) -> list[float]:
+    """ALiBi head slopes (Press et al.), with the interleave rule for non-power-of-two n."""
+    if math.log2(n).is_integer():
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+    lower = 2 ** math.floor(math.log2(n))
+    return _alibi_slopes(lower) + _alibi_slopes(2 * lower)[0::2][: n - lower]
+
+
+def tnl_log_decay(
+    num_heads: int, layer_idx: int, num_layers: int, form: str = "alibi"
+) -> torch.Tensor:
+    """log λ per head, shape (H,) float32, for TNL layer ``layer_idx`` of ``num_layers``.
+
+    "alibi" (released TransNormerLLM / lightning-attention code): ALiBi slopes scaled by
+    (1 - l/(L-1) + 1e-5), so lower layers decay fastest and the last barely decays.
+    "paper" (Eq. 10 of arXiv 2307.14995): log λ_h = -(8h/H)(1 - l/L), h from 0 (head 0 undecayed).
+    """
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    if not 0 <= layer_idx < num_layers:
+        raise ValueError(f"layer_idx must be in [0, num_layers={num_layers}), got {layer_idx}")
+    if form == "alibi":
+        depth = layer_idx / (num_layers - 1) if num_layers > 1 else 0.0
+        slopes = torch.tensor(_alibi_slopes(num_heads), dtype=torch.float64)
+        log_decay = -slopes * (1.0 - depth + 1e-5)
+    elif form == "paper":
+        h = torch.arange(num_heads, dtype=torch.float64)
+        log_decay = -(8.0 * h / num_heads) * (1.0 - layer_idx / num_layers)
+    else:
+        raise ValueError(f"form must be one of {_DECAY_FORMS}, got {form!r}")
+    return log_decay.to(torch.float32)

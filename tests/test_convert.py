@@ -1,0 +1,311 @@
+"""Tests for zoo.convert: transformers' LlamaForCausalLM <-> zoo's LlamaForCausalLM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import zoo
+from zoo.convert import (
+    HF_TO_ZOO,
+    ZOO_TO_HF,
+    convert_checkpoint,
+    from_hf_llama,
+    llama_config_from_hf,
+    llama_config_to_hf,
+    llama_state_dict_from_hf,
+    llama_state_dict_to_hf,
+    to_hf_llama,
+)
+from zoo.tokenizer import byte_tokenizer
+
+ATOL = 1e-5
+SIZES = dict(
+    vocab_size=300,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+)
+
+
+def _perturb_norms(model: torch.nn.Module, seed: int) -> None:
+    """RMSNorm gains start at 1; make them differ so a swapped norm would show in the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(0.2 * torch.randn(param.shape, generator=gen))
+
+
+def hf_llama(tie: bool, seed: int = 0, **overrides) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        **SIZES,
+        tie_word_embeddings=tie,
+        initializer_range=0.1,  # logits of order 1, so that atol 1e-5 is a tight check
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+        pad_token_id=0,
+        **overrides,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    _perturb_norms(model, seed)
+    return model
+
+
+def zoo_llama(tie: bool = False, seed: int = 1) -> zoo.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = zoo.LlamaConfig(**SIZES, tie_word_embeddings=tie, initializer_range=0.1)
+    model = zoo.LlamaForCausalLM(config).eval()
+    _perturb_norms(model, seed)
+    return model
+
+
+def random_ids(seed: int = 2, batch: int = 2, length: int = 13) -> torch.Tensor:
+    return torch.randint(
+        0, SIZES["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, **kwargs).logits
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    diff = (a - b).abs().max().item()
+    assert diff <= ATOL, f"max abs logit difference {diff:.3g} > {ATOL}"
+
+
+# ------------------------------------------------------------------------------ transformers -> zoo
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_hf_to_zoo_same_logits(tie):
+    hf = hf_llama(tie)
+    model = from_hf_llama(hf)
+    assert isinstance(model, zoo.LlamaForCausalLM)
+    assert model.config.tie_word_embeddings is tie
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) is tie
+    assert model.config.rotary_base == 5000.0
+    ids = random_ids()
+    assert_close(logits(model, ids), logits(hf, ids))
+
+
+def test_hf_to_zoo_left_padded():
+    hf = hf_llama(tie=False)
+    model = from_hf_llama(hf)
+    ids = random_ids()
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    # transformers' forward numbers positions 0..T-1 whatever the mask (generate passes its own);
+    # zoo derives padding-aware positions from the mask, so hand transformers the same ones.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    expected = logits(hf, ids, attention_mask=mask, position_ids=positions)
+    got = logits(model, ids, attention_mask=mask)
+    keep = mask.bool()
+    assert_close(got[keep], expected[keep])
+
+
+def test_hf_to_zoo_greedy_generate():
+    hf = hf_llama(tie=True)
+    model = from_hf_llama(hf)
+    ids = random_ids(seed=3, length=7)
+    ids[0, :3] = 0
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0
+    )
+    with torch.no_grad():
+        expected = hf.generate(ids, **kwargs)
+        got = model.generate(ids, **kwargs)
+    assert expected.shape == (2, 15)
+    assert torch.equal(got, expected)
+
+
+def test_config_from_hf_maps_fields():
+    hf_config = transformers.LlamaConfig(
+        **SIZES,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        initializer_range=0.03,
+        bos_token_id=5,
+        eos_token_id=[6, 7],
+        pad_token_id=None,
+    )
+    config = llama_config_from_hf(hf_config)
+    assert isinstance(config, zoo.LlamaConfig)
+    for field in (*SIZES, "rms_norm_eps", "max_position_embeddings", "initializer_range"):
+        assert getattr(config, field) == getattr(hf_config, field), field
+    assert config.rotary_base == 500000.0
+    assert config.tie_word_embeddings is True
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (5, [6, 7], None)
+    assert config.mixers == ["attention"] * 2 and config.channel_mixers == ["swiglu"] * 2
+    back = llama_config_to_hf(config)
+    for field in (*SIZES, "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings"):
+        assert getattr(back, field) == getattr(hf_config, field), field
+    assert back.rope_parameters == hf_config.rope_parameters
+    assert (back.bos_token_id, back.eos_token_id, back.pad_token_id) == (5, [6, 7], None)
+
+
+def test_state_dict_renames_and_drops_rotary_buffers():
+    hf = hf_llama(tie=False)
+    state_dict = dict(hf.state_dict())
+    state_dict["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    state_dict["model.rotary_emb.inv_freq"] = torch.ones(8)
+    renamed = llama_state_dict_from_hf(state_dict)
+    assert set(renamed) == set(zoo_llama().state_dict())
+    assert (
+        renamed["model.layers.1.mixer_norm.weight"]
+        is state_dict["model.layers.1.input_layernorm.weight"]
+    )
+    assert (
+        renamed["model.layers.0.channel_mixer.down_proj.weight"]
+        is state_dict["model.layers.0.mlp.down_proj.weight"]
+    )
+    assert set(llama_state_dict_to_hf(renamed)) == set(hf.state_dict())
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["model.layers.0.self_attn.q_proj.bias", "model.layers.0.mixer.q_proj.weight", "extra.weight"],
+)
+def test_state_dict_unknown_key_refused(key):
+    state_dict = {"model.embed_tokens.weight": torch.zeros(1), key: torch.zeros(1)}
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        llama_state_dict_from_hf(state_dict)
+
+
+# ------------------------------------------------------------------------------ zoo -> transformers
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_zoo_to_hf_same_logits(tie):
+    model = zoo_llama(tie)
+    hf = to_hf_llama(model)
+    assert isinstance(hf, transformers.LlamaForCausalLM)
+    assert (hf.lm_head.weight is hf.model.embed_tokens.weight) is tie
+    ids = random_ids()
+    assert_close(logits(hf, ids), logits(model, ids))
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_zoo_hf_zoo_round_trip_is_bit_identical(tie):
+    model = zoo_llama(tie)
+    back = from_hf_llama(to_hf_llama(model))
+    before, after = model.state_dict(), back.state_dict()
+    assert set(before) == set(after)
+    for key, tensor in before.items():
+        assert after[key].dtype == tensor.dtype, key
+        assert torch.equal(after[key], tensor), key
+    assert back.config.to_diff_dict() == model.config.to_diff_dict()
+
+
+def test_conversion_keeps_dtype():
+    model = zoo_llama().to(torch.bfloat16)
+    hf = to_hf_llama(model)
+    assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in from_hf_llama(hf).parameters()} == {torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_convert_checkpoint_both_ways(tmp_path, tie):
+    hf = hf_llama(tie, seed=4)
+    src, zoo_dir, hf_dir = tmp_path / "hf", tmp_path / "zoo", tmp_path / "hf_again"
+    hf.save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    ids = random_ids(seed=5)
+    expected = logits(hf, ids)
+
+    assert convert_checkpoint(src, zoo_dir) == HF_TO_ZOO
+    assert json.loads((zoo_dir / "config.json").read_text())["model_type"] == "zoo_llama"
+    assert list(zoo_dir.glob("*.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(zoo_dir)
+    assert isinstance(model, zoo.LlamaForCausalLM)
+    assert_close(logits(model.eval(), ids), expected)
+    tokenizer = AutoTokenizer.from_pretrained(zoo_dir)
+    assert tokenizer("hi")["input_ids"] == byte_tokenizer()("hi")["input_ids"]
+
+    assert convert_checkpoint(str(zoo_dir), str(hf_dir)) == ZOO_TO_HF
+    again = AutoModelForCausalLM.from_pretrained(hf_dir)
+    assert type(again) is transformers.LlamaForCausalLM
+    assert_close(logits(again.eval(), ids), expected)
+    assert (hf_dir / "tokenizer.json").is_file()
+
+
+def test_convert_checkpoint_without_tokenizer(tmp_path):
+    model = zoo_llama()
+    model.save_pretrained(tmp_path / "zoo")
+    assert convert_checkpoint(tmp_path / "zoo", tmp_path / "hf") == ZOO_TO_HF
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    ids = random_ids()
+    assert_close(logits(hf.eval(), ids), logits(model, ids))
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_unknown_model_type_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="gpt2") as info:
+        convert_checkpoint(tmp_path, tmp_path / "out")
+    message = str(info.value)
+    assert str(tmp_path / "config.json") in message
+    assert "'llama'" in message and "'zoo_llama'" in message and "Mixtral" in message
+
+
+def test_missing_config_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config\.json") as info:
+        convert_checkpoint(tmp_path / "nowhere", tmp_path / "out")
+    assert str(tmp_path / "nowhere" / "config.json") in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (dict(attention_bias=True), "attention_bias"),
+        (dict(mlp_bias=True), "mlp_bias"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+        (dict(head_dim=32), "head_dim"),
+        (
+            dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
+            "rope_type",
+        ),
+    ],
+)
+def test_unrepresentable_hf_config_refused(overrides, field):
+    config = transformers.LlamaConfig(**{**SIZES, **overrides})
+    with pytest.raises(ValueError, match=field):
+        llama_config_from_hf(config)
+
+
+def test_attention_bias_model_refused():
+    config = transformers.LlamaConfig(**SIZES, attention_bias=True)
+    with pytest.raises(ValueError, match="attention_bias=True"):
+        from_hf_llama(transformers.LlamaForCausalLM(config))
+
+
+def test_tnl_config_refused():
+    config = zoo.TNLConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2)
+    with pytest.raises(ValueError, match=r"mixers\[0\]='lightning'"):
+        llama_config_to_hf(config)
+
+
+def test_hybrid_and_srmsnorm_refused():
+    hybrid = zoo.LlamaConfig(**SIZES, channel_mixers=["swiglu", "glu"])
+    with pytest.raises(ValueError, match=r"channel_mixers\[1\]='glu'"):
+        llama_config_to_hf(hybrid)
+    with pytest.raises(ValueError, match="norm_type='srmsnorm'"):
+        llama_config_to_hf(zoo.LlamaConfig(**SIZES, norm_type="srmsnorm"))

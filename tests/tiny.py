@@ -1,0 +1,17 @@
+"""Tiny configs of every family, small enough for 2 CPU cores."""
+
+from __future__ import annotations
+
+import zoo
+
+# Lengths used in tests (13, 37) are not multiples of the chunk size 8.
+TINY = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, lightning_chunk_size=8)
+FAMILIES = ["llama", "tnl"]
+
+
+def tiny_config(family: str, **overrides) -> zoo.ZooConfig:
+    if family == "llama":
+        return zoo.LlamaConfig(**{**TINY, "num_key_value_heads": 2, **overrides})
+    if family == "tnl":
+        return zoo.TNLConfig(**{**TINY, **overrides})
+    raise ValueError(f"unknown family {family!r}")

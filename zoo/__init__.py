@@ -1,0 +1,36 @@
+"""hybrid-zoo: efficient sequence models (TNL, HGRN2, cosFormer2, Mamba, Hyena, LLaMA, hybrids).
+
+`import zoo` registers every family with transformers' Auto classes, so
+`AutoModelForCausalLM.from_pretrained(path)` loads zoo checkpoints.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from zoo.configuration import LlamaConfig, TNLConfig, ZooConfig
+from zoo.modeling import (
+    FAMILIES,
+    LlamaForCausalLM,
+    LlamaModel,
+    TNLForCausalLM,
+    TNLModel,
+    ZooForCausalLM,
+    ZooModel,
+)
+
+for _config, _model, _lm in FAMILIES:
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+    AutoModelForCausalLM.register(_config, _lm, exist_ok=True)
+
+__version__ = "0.1.0"
+__all__ = [
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "LlamaModel",
+    "TNLConfig",
+    "TNLForCausalLM",
+    "TNLModel",
+    "ZooConfig",
+    "ZooForCausalLM",
+    "ZooModel",
+]

@@ -1,0 +1,70 @@
+"""Checks a local checkpoint folder before transformers reads it, so a bad file gets a clear error.
+
+A truncated or corrupt safetensors file otherwise surfaces as `SafetensorError: invalid header
+length` from deep inside the loader, without the file's name. We read each file's header (cheap:
+no tensor data is touched) and compare the length it declares with the size on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+
+class CheckpointError(OSError):
+    """A checkpoint file is missing, truncated or corrupt; the message names the file."""
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Raise `CheckpointError` unless `path` is a complete safetensors file."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file is missing")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8:
+            raise CheckpointError(
+                f"{path}: corrupt or truncated safetensors file (header declares {header_len} "
+                f"bytes, the file has {size})"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({error})") from None
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        raise CheckpointError(
+            f"{path}: truncated safetensors file ({size} bytes on disk, {expected} expected)"
+        )
+
+
+def check_checkpoint_dir(directory: str | Path) -> None:
+    """Validate config.json and every safetensors file of a local checkpoint folder."""
+    directory = Path(directory)
+    config = directory / CONFIG_NAME
+    if not config.is_file():
+        raise CheckpointError(f"{config}: config file is missing")
+    try:
+        json.loads(config.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{config}: not valid JSON ({error})") from None
+    index = directory / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError) as error:
+            raise CheckpointError(f"{index}: not a valid weight index ({error!r})") from None
+        files = [directory / shard for shard in shards]
+    else:
+        files = [directory / WEIGHTS_NAME]
+    for path in files:
+        check_safetensors_file(path)

@@ -1,0 +1,266 @@
+"""Configs of the zoo: one backbone config (`ZooConfig`) and one preset per family.
+
+A model is a stack of blocks, each a pre-norm sequence mixer and a pre-norm channel mixer with
+residuals. `mixers` and `channel_mixers` name the operator of every layer, so a striped hybrid is
+just a pattern that reads in config.json. A preset (`LlamaConfig`, `TNLConfig`) fills those
+lists and its family's defaults when they are not given, and knows the named sizes of the
+linear-complexity scaling-law paper (Shen et al., arXiv 2406.16690, Tables 2 and 7).
+
+Every field is validated on construction; a bad value raises `ValueError` naming the field, the
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from transformers import PreTrainedConfig
+
+# Sequence mixers and the transformers cache layer type each one keeps its decode state in
+# (`DynamicCache(config=...)` builds one cache layer per entry of `layer_types`).
+SEQUENCE_MIXERS: dict[str, str] = {
+    "attention": "full_attention",
+    "lightning": "linear_attention",
+}
+CHANNEL_MIXERS: tuple[str, ...] = ("swiglu", "glu", "none")
+NORM_TYPES: tuple[str, ...] = ("rmsnorm", "srmsnorm")
+LIGHTNING_DECAY_FORMS: tuple[str, ...] = ("alibi", "paper")
+KERNEL_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
+
+# The byte tokenizer's ids (zoo/tokenizer.py): 256 bytes, then <s>, </s>, <pad>.
+_BYTE_VOCAB, _BOS, _EOS, _PAD = 259, 256, 257, 258
+
+
+@dataclass(frozen=True)
+class NamedSize:
+    """One row of the scaling-law paper's size table (arXiv 2406.16690, Tables 2 and 7)."""
+
+    num_hidden_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    intermediate_size: int
+
+
+def _round_up(x: float, multiple: int) -> int:
+    return int(math.ceil(x / multiple) * multiple)
+
+
+class ZooConfig(PreTrainedConfig):
+    """The backbone config shared by every family and hybrid.
+
+    Use a family preset (`LlamaConfig`, `TNLConfig`, ...) unless you are writing a hybrid by
+    hand; the base class has no default mixer and needs `mixers` and `channel_mixers`.
+    """
+
+    model_type = "zoo"
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["cache"]
+    # Family defaults, overridden by the presets.
+    default_mixer: ClassVar[str | None] = None
+    default_channel_mixer: ClassVar[str | None] = None
+    named_sizes: ClassVar[dict[str, NamedSize]] = {}
+
+    # Vocabulary size; the default is the embedded byte tokenizer's (256 bytes + 3 specials).
+    vocab_size: int = _BYTE_VOCAB
+    # Model width d.
+    hidden_size: int = 256
+    # Number of blocks l.
+    num_hidden_layers: int = 4
+    # Sequence mixer per layer (see SEQUENCE_MIXERS); None repeats the family's default.
+    mixers: list[str] | None = None
+    # Channel mixer per layer (see CHANNEL_MIXERS); None repeats the family's default.
+    channel_mixers: list[str] | None = None
+    # Heads of the attention and linear-attention mixers; head dim = hidden_size / heads.
+    num_attention_heads: int = 4
+    # Key/value heads of softmax attention (grouped-query attention); None = num_attention_heads.
+    num_key_value_heads: int | None = None
+    # Channel-mixer width g; None = 8d/3 rounded up to a multiple of 256 (the paper's rule).
+    intermediate_size: int | None = None
+    # Norm of the blocks and the final norm: "rmsnorm" (with gain) or "srmsnorm" (no gain).
+    norm_type: str = "rmsnorm"
+    # Epsilon of every RMS norm.
+    rms_norm_eps: float = 1e-6
+    # RoPE base wavelength of softmax attention.
+    rotary_base: float = 10000.0
+    # Longest context the model was trained for (informational; no mixer is limited by it).
+    max_position_embeddings: int = 8192
+    # TNL decay: "alibi" (released TransNormerLLM code) or "paper" (TNL paper Eq. 10).
+    lightning_decay: str = "alibi"
+    # Chunk length of the chunked lightning-attention form.
+    lightning_chunk_size: int = 64
+    # Rank t of TNL's low-rank sigmoid output gate; None = head dim (arXiv 2406.16690 A.1.2).
+    output_gate_rank: int | None = None
+    # Kernel backend of the mixer ops: "auto" (Triton on CUDA when built, torch otherwise).
+    kernel_backend: str = "auto"
+    # Std of the normal init of every Linear and Embedding (TNL/HGRN2 code and LLaMA use 0.02).
+    initializer_range: float = 0.02
+    # Share the input embedding and the LM head.
+    tie_word_embeddings: bool = True
+    # Return the cache from forward (used by generate).
+    use_cache: bool = True
+    pad_token_id: int | None = _PAD
+    bos_token_id: int | None = _BOS
+    eos_token_id: int | list[int] | None = _EOS
+    # Cache layer type per layer, derived from `mixers` (read by transformers' DynamicCache).
+    layer_types: list[str] | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        self._fill_defaults()
+        self._validate()
+        self.layer_types = [SEQUENCE_MIXERS[m] for m in self.mixers]
+        super().__post_init__(**kwargs)
+
+    def _fill_defaults(self) -> None:
+        n = self.num_hidden_layers
+        if isinstance(n, int) and n > 0:
+            if self.mixers is None:
+                if self.default_mixer is None:
+                    raise ValueError(
+                        f"{type(self).__name__} has no default mixer: pass mixers=[...] with one "
+                        f"of {sorted(SEQUENCE_MIXERS)} per layer, or use a family preset"
+                    )
+                self.mixers = [self.default_mixer] * n
+            if self.channel_mixers is None:
+                if self.default_channel_mixer is None:
+                    raise ValueError(
+                        f"{type(self).__name__} has no default channel mixer: pass "
+                        f"channel_mixers=[...] with one of {list(CHANNEL_MIXERS)} per layer"
+                    )
+                self.channel_mixers = [self.default_channel_mixer] * n
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.intermediate_size is None and isinstance(self.hidden_size, int):
+            self.intermediate_size = _round_up(8 * self.hidden_size / 3, 256)
+
+    def _validate(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "lightning_chunk_size",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.output_gate_rank is not None and (
+            not isinstance(self.output_gate_rank, int) or self.output_gate_rank <= 0
+        ):
+            raise ValueError(
+                f"output_gate_rank={self.output_gate_rank!r} must be a positive integer"
+            )
+        for name in ("rms_norm_eps", "rotary_base", "initializer_range"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name}={value!r} must be positive")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} does not divide "
+                f"hidden_size={self.hidden_size}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads={self.num_key_value_heads} does not divide "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        for name, allowed in (("mixers", SEQUENCE_MIXERS), ("channel_mixers", CHANNEL_MIXERS)):
+            layers = getattr(self, name)
+            if not isinstance(layers, (list, tuple)):
+                raise ValueError(f"{name}={layers!r} must be a list with one name per layer")
+            if len(layers) != self.num_hidden_layers:
+                raise ValueError(
+                    f"{name} has {len(layers)} entries but "
+                    f"num_hidden_layers={self.num_hidden_layers}"
+                )
+            for i, mixer in enumerate(layers):
+                if mixer not in allowed:
+                    raise ValueError(
+                        f"{name}[{i}]={mixer!r} is not a known mixer; allowed: {sorted(allowed)}"
+                    )
+        for name, allowed in (
+            ("norm_type", NORM_TYPES),
+            ("lightning_decay", LIGHTNING_DECAY_FORMS),
+            ("kernel_backend", KERNEL_BACKENDS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+        if self.vocab_size < 2:
+            raise ValueError(f"vocab_size={self.vocab_size} must be at least 2")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_size(cls, size: str, **overrides: Any) -> ZooConfig:
+        """A named size of the family, e.g. `TNLConfig.from_size("410m", vocab_size=100_280)`.
+
+        The sizes are the scaling-law paper's (arXiv 2406.16690): tied embeddings, head dim 128,
+        context 8192. `overrides` replace any field.
+        """
+        key = size.lower()
+        if key not in cls.named_sizes:
+            raise ValueError(
+                f"size={size!r} is not a named size of {cls.__name__}; "
+                f"allowed: {list(cls.named_sizes)}"
+            )
+        row = cls.named_sizes[key]
+        fields = {
+            "num_hidden_layers": row.num_hidden_layers,
+            "hidden_size": row.hidden_size,
+            "num_attention_heads": row.num_attention_heads,
+            "intermediate_size": row.intermediate_size,
+            "tie_word_embeddings": True,
+            "max_position_embeddings": 8192,
+        }
+        fields.update(overrides)
+        return cls(**fields)
+
+
+# The paper's table, with its two inconsistencies resolved as the papers note explains
+# (shared/papers/linear-families.md §4): the 1B row uses g = 4096 and 12 heads (head dim 128),
+# the only values that reproduce its own parameter counts; TNL/cosFormer2 use 25 layers at 410M.
+_SL_SIZES: dict[str, NamedSize] = {
+    "70m": NamedSize(6, 512, 4, 1536),
+    "160m": NamedSize(12, 768, 6, 2048),
+    "410m": NamedSize(26, 1024, 8, 2816),
+    "1b": NamedSize(32, 1536, 12, 4096),
+    "3b": NamedSize(35, 2560, 20, 6912),
+    "7b": NamedSize(32, 4096, 32, 11008),
+}
+
+
+class LlamaConfig(ZooConfig):
+    """LLaMA (Touvron et al., arXiv 2302.13971): RMSNorm, RoPE, GQA softmax attention, SwiGLU."""
+
+    model_type = "zoo_llama"
+    default_mixer = "attention"
+    default_channel_mixer = "swiglu"
+    named_sizes = _SL_SIZES
+
+    tie_word_embeddings: bool = False
+
+
+class TNLConfig(ZooConfig):
+    """TransNormerLLM (Qin et al., arXiv 2307.14995 / 2405.17381) as sized in arXiv 2406.16690.
+
+    Lightning attention with per-head decay, SRMSNorm everywhere, the low-rank sigmoid output
+    gate and the activation-free GLU channel mixer.
+    """
+
+    model_type = "zoo_tnl"
+    default_mixer = "lightning"
+    default_channel_mixer = "glu"
+    named_sizes: ClassVar[dict[str, NamedSize]] = {
+        **_SL_SIZES,
+        "410m": NamedSize(25, 1024, 8, 2816),
+    }
+
+    norm_type: str = "srmsnorm"
+
+
+PRESETS: tuple[type[ZooConfig], ...] = (LlamaConfig, TNLConfig)

@@ -1,0 +1,354 @@
+"""Convert between transformers' `LlamaForCausalLM` and zoo's `LlamaForCausalLM`, both ways.
+
+zoo's LLaMA is the same network as transformers' (pre-norm RMSNorm blocks, RoPE in the
+rotate-half layout, grouped-query softmax attention, SwiGLU, optional tied embeddings), so the
+weights convert by renaming keys only: no tensor is permuted, split, cast or copied.
+
+Config fields (transformers `LlamaConfig` -> zoo `LlamaConfig`)::
+
+    vocab_size, hidden_size, num_hidden_layers,            same name
+    num_attention_heads, num_key_value_heads,
+    intermediate_size, rms_norm_eps,
+    max_position_embeddings, tie_word_embeddings,
+    initializer_range, use_cache, dtype,
+    bos_token_id, eos_token_id, pad_token_id
+    rope_parameters["rope_theta"]                       -> rotary_base
+    hidden_act = "silu", head_dim = hidden / heads,        implied by zoo's
+    attention_bias = mlp_bias = False, default RoPE        mixers=["attention"] * L,
+                                                           channel_mixers=["swiglu"] * L,
+                                                           norm_type="rmsnorm"
+
+State dict keys (layer i; every tensor is a `.weight`)::
+
+    model.embed_tokens, model.norm, lm_head                 unchanged
+    model.layers.i.self_attn.{q,k,v,o}_proj              -> model.layers.i.mixer.{q,k,v,o}_proj
+    model.layers.i.mlp.{gate,up,down}_proj               -> model.layers.i.channel_mixer.*
+    model.layers.i.input_layernorm                       -> model.layers.i.mixer_norm
+    model.layers.i.post_attention_layernorm              -> model.layers.i.channel_norm
+    *rotary_emb.inv_freq, *rotary_emb.original_inv_freq  -> dropped (zoo recomputes RoPE angles)
+
+What cannot be mapped, refused with a `ValueError` naming the field and its value:
+
+* from transformers: RoPE scaling (`rope_parameters["rope_type"]` other than "default", e.g.
+  Llama 3.1's "llama3", "linear", "dynamic", "yarn") or a partial rotary factor, biases
+  (`attention_bias=True`, `mlp_bias=True`), a `head_dim` other than hidden_size /
+  num_attention_heads, an activation other than SiLU (`hidden_act`), a `model_type` other than
+  "llama" (Mistral, Qwen2, ... differ in details this converter does not check), and any state
+  dict key outside the table above (a bias, an extra module).
+* from zoo: any layer whose sequence mixer is not "attention" (TNL's lightning attention, ...),
+  whose channel mixer is not "swiglu" (TNL's GLU, "none"), or `norm_type` other than "rmsnorm"
+  (TNL's gain-free SRMSNorm): transformers' Llama has no such layers.
+* `attention_dropout` has no zoo counterpart; it only acts in training, so a nonzero value is
+  dropped with a warning. zoo-only settings (`kernel_backend`, the lightning-attention fields)
+  do not change an all-attention model and are not carried to transformers.
+
+`convert_checkpoint(src, dst)` converts a saved folder (safetensors), dispatching on the
+`model_type` of `src/config.json` ("llama" or "zoo_llama"), and carries the tokenizer along.
+Mixtral and Mamba converters come with the MoE and Mamba families.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoTokenizer
+
+import zoo
+from zoo.configuration import LlamaConfig, ZooConfig
+
+try:  # builds the target without drawing random weights that the state dict overwrites anyway
+    from transformers.initialization import no_init_weights
+except ImportError:  # pragma: no cover - other transformers layouts
+    from contextlib import nullcontext as no_init_weights
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "convert_checkpoint",
+    "from_hf_llama",
+    "llama_config_from_hf",
+    "llama_config_to_hf",
+    "llama_state_dict_from_hf",
+    "llama_state_dict_to_hf",
+    "to_hf_llama",
+]
+
+HF_TO_ZOO = "llama->zoo_llama"
+ZOO_TO_HF = "zoo_llama->llama"
+SUPPORTED_MODEL_TYPES = ("llama", "zoo_llama")
+
+# Per-layer key suffixes, transformers -> zoo (all `.weight`).
+_LAYER_KEYS: dict[str, str] = {
+    "self_attn.q_proj.weight": "mixer.q_proj.weight",
+    "self_attn.k_proj.weight": "mixer.k_proj.weight",
+    "self_attn.v_proj.weight": "mixer.v_proj.weight",
+    "self_attn.o_proj.weight": "mixer.o_proj.weight",
+    "mlp.gate_proj.weight": "channel_mixer.gate_proj.weight",
+    "mlp.up_proj.weight": "channel_mixer.up_proj.weight",
+    "mlp.down_proj.weight": "channel_mixer.down_proj.weight",
+    "input_layernorm.weight": "mixer_norm.weight",
+    "post_attention_layernorm.weight": "channel_norm.weight",
+}
+_LAYER_KEYS_TO_HF = {zoo_key: hf_key for hf_key, zoo_key in _LAYER_KEYS.items()}
+_SHARED_KEYS = frozenset({"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"})
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# RoPE buffers of old transformers checkpoints (per layer) and of the current model (shared).
+_ROTARY_RE = re.compile(r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq)$")
+_EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+)
+
+
+# --------------------------------------------------------------------------------------- config
+
+
+def _rope_theta(hf_config: Any) -> float:
+    """The RoPE base of a transformers Llama config; refuses every non-default RoPE."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if params is None:  # transformers 4 layout
+        params = {"rope_theta": getattr(hf_config, "rope_theta", 10000.0)}
+        scaling = getattr(hf_config, "rope_scaling", None)
+        if scaling:
+            params.update(scaling)
+    if not isinstance(params, Mapping) or ("rope_theta" not in params and params):
+        raise ValueError(
+            f"rope_parameters={params!r} is not a single RoPE setting with a rope_theta; zoo's "
+            "attention implements only the default RoPE"
+        )
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(
+            f"rope_parameters['rope_type']={rope_type!r} (RoPE scaling) cannot be converted: zoo's "
+            "attention implements only the default RoPE (rope_type='default')"
+        )
+    partial = params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
+    if partial is not None and partial != 1.0:
+        raise ValueError(
+            f"partial_rotary_factor={partial!r} cannot be converted: zoo rotates the whole head"
+        )
+    return float(params.get("rope_theta", 10000.0))
+
+
+def llama_config_from_hf(hf_config: transformers.LlamaConfig) -> LlamaConfig:
+    """zoo's `LlamaConfig` for a transformers `LlamaConfig`; `ValueError` for what zoo lacks."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type != "llama":
+        raise ValueError(
+            f"model_type={model_type!r}: llama_config_from_hf converts transformers Llama configs "
+            "(model_type='llama') only"
+        )
+    for field in ("attention_bias", "mlp_bias"):
+        if getattr(hf_config, field, False):
+            raise ValueError(
+                f"{field}={getattr(hf_config, field)!r} cannot be converted: zoo's LLaMA has no "
+                "biases in its attention and MLP projections"
+            )
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):  # transformers maps both names to SiLU
+        raise ValueError(
+            f"hidden_act={act!r} cannot be converted: zoo's SwiGLU channel mixer uses 'silu'"
+        )
+    natural_head_dim = hf_config.hidden_size // hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None)
+    if head_dim is not None and head_dim != natural_head_dim:
+        raise ValueError(
+            f"head_dim={head_dim!r} cannot be converted: zoo uses head_dim = hidden_size // "
+            f"num_attention_heads = {hf_config.hidden_size} // {hf_config.num_attention_heads} "
+            f"= {natural_head_dim}"
+        )
+    rotary_base = _rope_theta(hf_config)
+    dropout = getattr(hf_config, "attention_dropout", 0.0) or 0.0
+    if dropout:
+        logger.warning(
+            "attention_dropout=%s has no zoo counterpart and is dropped (it only acts in training)",
+            dropout,
+        )
+    num_kv = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    return LlamaConfig(
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        num_hidden_layers=hf_config.num_hidden_layers,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_key_value_heads=num_kv,
+        intermediate_size=hf_config.intermediate_size,
+        rms_norm_eps=hf_config.rms_norm_eps,
+        rotary_base=rotary_base,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+        initializer_range=hf_config.initializer_range,
+        use_cache=getattr(hf_config, "use_cache", True),
+        bos_token_id=hf_config.bos_token_id,
+        eos_token_id=hf_config.eos_token_id,
+        pad_token_id=hf_config.pad_token_id,
+        dtype=getattr(hf_config, "dtype", None),
+    )
+
+
+def llama_config_to_hf(config: ZooConfig) -> transformers.LlamaConfig:
+    """transformers' `LlamaConfig` for a zoo config whose every layer is LLaMA's."""
+    for field, allowed in (("mixers", "attention"), ("channel_mixers", "swiglu")):
+        for i, name in enumerate(getattr(config, field)):
+            if name != allowed:
+                raise ValueError(
+                    f"{field}[{i}]={name!r} cannot be converted to a transformers Llama: every "
+                    f"layer must be {allowed!r} (got {field}={getattr(config, field)!r})"
+                )
+    if config.norm_type != "rmsnorm":
+        raise ValueError(
+            f"norm_type={config.norm_type!r} cannot be converted to a transformers Llama, whose "
+            "norms are 'rmsnorm' (with a gain)"
+        )
+    return transformers.LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        intermediate_size=config.intermediate_size,
+        head_dim=config.head_dim,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        rms_norm_eps=float(config.rms_norm_eps),
+        rope_parameters={"rope_type": "default", "rope_theta": float(config.rotary_base)},
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=bool(config.tie_word_embeddings),
+        initializer_range=config.initializer_range,
+        use_cache=config.use_cache,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        dtype=getattr(config, "dtype", None),
+    )
+
+
+# ----------------------------------------------------------------------------------- state dict
+
+
+def _rename(
+    state_dict: Mapping[str, torch.Tensor], layer_keys: Mapping[str, str], source: str
+) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        if _ROTARY_RE.search(key):
+            continue
+        if key in _SHARED_KEYS:
+            new_key = key
+        else:
+            match = _LAYER_RE.match(key)
+            if match is None or match.group(2) not in layer_keys:
+                raise ValueError(
+                    f"state dict key {key!r} is not part of a {source} LlamaForCausalLM; "
+                    f"known keys: {sorted(_SHARED_KEYS)} and model.layers.<i>.<one of "
+                    f"{sorted(layer_keys)}>"
+                )
+            new_key = f"model.layers.{match.group(1)}.{layer_keys[match.group(2)]}"
+        out[new_key] = tensor
+    return out
+
+
+def llama_state_dict_from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a transformers LlamaForCausalLM state dict to zoo's keys (same tensors)."""
+    return _rename(state_dict, _LAYER_KEYS, "transformers")
+
+
+def llama_state_dict_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a zoo LlamaForCausalLM state dict to transformers' keys (same tensors)."""
+    return _rename(state_dict, _LAYER_KEYS_TO_HF, "zoo")
+
+
+# ------------------------------------------------------------------------------------- modules
+
+
+def _load_into(
+    target: torch.nn.Module, source: torch.nn.Module, state_dict: dict[str, torch.Tensor]
+) -> None:
+    """Move `target` to `source`'s device and dtype, then load `state_dict` strictly."""
+    param = next(source.parameters())
+    target.to(device=param.device, dtype=param.dtype)
+    if target.config.tie_word_embeddings and _HEAD not in state_dict and _EMBED in state_dict:
+        # A tied model saved without its head (or a state dict with the duplicate removed).
+        state_dict[_HEAD] = state_dict[_EMBED]
+    target.load_state_dict(state_dict, strict=True)
+    if target.config.tie_word_embeddings:
+        target.tie_weights()
+    generation_config = getattr(source, "generation_config", None)
+    if generation_config is not None:
+        target.generation_config = copy.deepcopy(generation_config)
+    target.train(source.training)
+
+
+def from_hf_llama(hf_model: transformers.LlamaForCausalLM) -> zoo.LlamaForCausalLM:
+    """zoo's `LlamaForCausalLM` with the weights of a transformers `LlamaForCausalLM`."""
+    config = llama_config_from_hf(hf_model.config)
+    state_dict = llama_state_dict_from_hf(hf_model.state_dict())
+    with no_init_weights():
+        model = zoo.LlamaForCausalLM(config)
+    _load_into(model, hf_model, state_dict)
+    return model
+
+
+def to_hf_llama(model: zoo.ZooForCausalLM) -> transformers.LlamaForCausalLM:
+    """transformers' `LlamaForCausalLM` with the weights of a zoo LLaMA (`zoo.LlamaForCausalLM`)."""
+    hf_config = llama_config_to_hf(model.config)
+    state_dict = llama_state_dict_to_hf(model.state_dict())
+    with no_init_weights():
+        hf_model = transformers.LlamaForCausalLM(hf_config)
+    _load_into(hf_model, model, state_dict)
+    return hf_model
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path) -> str:
+    """Convert the checkpoint folder `src` into `dst`; returns the direction converted.
+
+    `src/config.json`'s `model_type` picks the direction: "llama" (a transformers Llama) writes a
+    zoo checkpoint, "zoo_llama" writes a transformers Llama; both with `save_pretrained`
+    (safetensors), in the checkpoint's dtype. Weights are read from safetensors only. A tokenizer
+    in `src` is loaded with `AutoTokenizer` and saved into `dst`. Returns "llama->zoo_llama" or
+    "zoo_llama->llama".
+    """
+    src, dst = Path(src), Path(dst)
+    config_file = src / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no checkpoint config at {config_file} (looked for config.json)")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"dst {dst} is the source folder; convert into a different folder")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type == "llama":
+        source = transformers.LlamaForCausalLM.from_pretrained(
+            src, dtype="auto", use_safetensors=True
+        )
+        target, direction = from_hf_llama(source), HF_TO_ZOO
+    elif model_type == "zoo_llama":
+        source = zoo.LlamaForCausalLM.from_pretrained(src, dtype="auto", use_safetensors=True)
+        target, direction = to_hf_llama(source), ZOO_TO_HF
+    else:
+        raise ValueError(
+            f"model_type={model_type!r} in {config_file} has no converter; supported: "
+            f"{SUPPORTED_MODEL_TYPES[0]!r} (transformers LlamaForCausalLM -> zoo) and "
+            f"{SUPPORTED_MODEL_TYPES[1]!r} (zoo -> transformers). Mixtral and Mamba converters "
+            "come with the MoE and Mamba families."
+        )
+    dst.mkdir(parents=True, exist_ok=True)
+    target.save_pretrained(dst)
+    if any((src / name).is_file() for name in _TOKENIZER_FILES):
+        AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return direction

@@ -1,0 +1,103 @@
+"""Softmax attention of LLaMA (Touvron et al., arXiv 2302.13971): RoPE, grouped-query heads, SDPA.
+
+    o = softmax(q kᵀ / √d + causal/padding mask) v,   q, k rotated by RoPE at their positions
+
+Three forms of the same weights: the parallel form (`forward` without a cache, through
+`torch.nn.functional.scaled_dot_product_attention`), the recurrent step (`forward` with a cache:
+keys and values of past tokens are kept in a transformers `DynamicLayer`), and the naive reference
+(`reference_forward`: explicit softmax in fp32). Weight names follow transformers' LlamaAttention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache
+
+from zoo.configuration import ZooConfig
+from zoo.layers.context import MixerContext
+from zoo.layers.rotary import apply_rotary, rotary_cos_sin
+
+
+def attention_naive(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """softmax(q kᵀ/√d + bias) v in fp32; q (B, H, T, D), k/v (B, H, S, D), bias (B, 1, T, S)."""
+    scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return (torch.softmax(scores + bias.float(), dim=-1) @ v.float()).to(q.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ZooConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.rotary_base = config.rotary_base
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+
+    def _qkv(
+        self, x: torch.Tensor, context: MixerContext
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        cos, sin = rotary_cos_sin(context.position_ids, self.head_dim, self.rotary_base, q.dtype)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(
+        self, hidden_states: torch.Tensor, context: MixerContext, cache: Cache | None = None
+    ) -> torch.Tensor:
+        batch, seq_len, _ = hidden_states.shape
+        q, k, v = self._qkv(hidden_states, context)
+        past_len = 0
+        if cache is not None:
+            past_len = cache.layers[self.layer_idx].get_seq_length()
+            k, v = cache.update(k, v, self.layer_idx)
+        kv_len = k.shape[2]
+        mask, is_causal = None, False
+        if context.key_mask is not None:
+            mask = context.attention_bias(past_len, kv_len, q.dtype)
+        elif seq_len == kv_len:
+            is_causal = seq_len > 1
+        elif seq_len > 1:
+            # Several new tokens after a cached prefix: causal with an offset.
+            q_pos = torch.arange(past_len, kv_len, device=q.device)[:, None]
+            mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos  # (T, S)
+        o = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # (B, H, T, D)
+        return self.o_proj(o.transpose(1, 2).reshape(batch, seq_len, -1))
+
+    def reference_forward(self, hidden_states: torch.Tensor, context: MixerContext) -> torch.Tensor:
+        """The naive form over a whole sequence (no cache): explicit softmax in fp32."""
+        batch, seq_len, _ = hidden_states.shape
+        q, k, v = self._qkv(hidden_states, context)
+        groups = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if context.key_mask is not None:
+            bias = context.attention_bias(0, seq_len, torch.float32)
+        else:
+            causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
+            bias = torch.zeros(seq_len, seq_len, device=q.device).masked_fill(~causal, -math.inf)
+            bias = bias.expand(batch, 1, seq_len, seq_len)
+        o = attention_naive(q, k, v, bias)
+        return self.o_proj(o.transpose(1, 2).reshape(batch, seq_len, -1))
+
+    def state_size(self, batch: int, seq_len: int) -> int:
+        """Cache elements after `seq_len` tokens: keys and values of every kv head."""
+        return 2 * batch * self.num_kv_heads * seq_len * self.head_dim

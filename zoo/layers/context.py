@@ -1,0 +1,76 @@
+"""What every sequence mixer needs to know about the tokens of one forward call.
+
+The model builds one `MixerContext` per forward, so masks and positions are derived once, not
+once per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class MixerContext:
+    position_ids: torch.Tensor
+    """(B, T) positions of the current tokens (padding-aware: left padding does not shift them)."""
+    token_mask: torch.Tensor | None = None
+    """(B, T) bool, False at padded current tokens; None when nothing is padded."""
+    key_mask: torch.Tensor | None = None
+    """(B, S) bool over all tokens seen so far (cache + current); None when nothing is padded."""
+    _bias: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(
+        default_factory=dict, repr=False
+    )
+
+    @classmethod
+    def build(
+        cls,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        batch_size: int,
+        seq_len: int,
+        past_len: int,
+        device: torch.device,
+    ) -> MixerContext:
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                "attention_mask must be 2-D (batch, tokens), "
+                f"got shape {tuple(attention_mask.shape)}"
+            )
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+            else:
+                position_ids = torch.arange(past_len, past_len + seq_len, device=device)
+                position_ids = position_ids.expand(batch_size, seq_len)
+        if attention_mask is None:
+            return cls(position_ids=position_ids)
+        key_mask = attention_mask.bool()
+        return cls(position_ids=position_ids, token_mask=key_mask[:, -seq_len:], key_mask=key_mask)
+
+    def attention_bias(self, past_len: int, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive (B, 1, T, S) mask: causal within the keys, padded keys excluded.
+
+        A finite minimum instead of -inf keeps fully masked rows (a left-padded query that sees
+        only padding) finite: they become a uniform average, and their outputs are never used.
+        """
+        key = (past_len, kv_len, dtype)
+        if key not in self._bias:
+            assert self.key_mask is not None
+            if self.key_mask.shape[1] != kv_len:
+                raise ValueError(
+                    f"attention_mask covers {self.key_mask.shape[1]} tokens but the attention "
+                    f"layer sees {kv_len} (cache + current); pass the mask of the whole sequence"
+                )
+            seq_len = kv_len - past_len
+            device = self.key_mask.device
+            q_pos = torch.arange(past_len, kv_len, device=device)[:, None]
+            k_pos = torch.arange(kv_len, device=device)[None, :]
+            allowed = (k_pos <= q_pos)[None] & self.key_mask[:, None, :]  # (B, T, S)
+            bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
+            bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+            self._bias[key] = bias.view(-1, 1, seq_len, kv_len)
+        return self._bias[key]

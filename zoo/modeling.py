@@ -1,0 +1,218 @@
+"""One backbone for every family: blocks of pre-norm sequence mixer + pre-norm channel mixer.
+
+    h = h + mixer(norm(h), context, cache)
+    h = h + channel_mixer(norm(h))            (skipped where the layer's channel mixer is "none")
+
+Families are presets of `ZooConfig` and differ only in the mixers they stack; the classes at the
+end of this file only bind a preset's config class, so that the Auto classes can find them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
+
+from zoo.cache import new_cache
+from zoo.checkpoint import check_checkpoint_dir
+from zoo.configuration import LlamaConfig, TNLConfig, ZooConfig
+from zoo.layers import build_channel_mixer, build_sequence_mixer
+from zoo.layers.context import MixerContext
+from zoo.layers.norm import build_norm
+
+logger = logging.getLogger(__name__)
+
+
+class ZooBlock(GradientCheckpointingLayer):
+    def __init__(self, config: ZooConfig, layer_idx: int) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.mixer_norm = build_norm(config.norm_type, config.hidden_size, eps)
+        self.mixer = build_sequence_mixer(config, layer_idx)
+        self.channel_mixer = build_channel_mixer(config, layer_idx)
+        self.channel_norm = (
+            build_norm(config.norm_type, config.hidden_size, eps)
+            if self.channel_mixer is not None
+            else None
+        )
+
+    def forward(
+        self, hidden_states: torch.Tensor, context: MixerContext, cache: Cache | None = None
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), context, cache)
+        if self.channel_mixer is not None:
+            hidden_states = hidden_states + self.channel_mixer(self.channel_norm(hidden_states))
+        return hidden_states
+
+
+class ZooPreTrainedModel(PreTrainedModel):
+    config_class = ZooConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ZooBlock"]
+    _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, after checking a local folder's files.
+
+        A missing, truncated or corrupt file raises `zoo.checkpoint.CheckpointError` naming it.
+        """
+        path = Path(pretrained_model_name_or_path) / kwargs.get("subfolder", "")
+        if path.is_dir():
+            check_checkpoint_dir(path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained` plus the remote-code shim (see `zoo.remote`)."""
+        from zoo.remote import write_remote_code
+
+        write_remote_code(self.config, save_directory)
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    def state_size(self, batch: int = 1, seq_len: int = 1) -> int:
+        """Elements of the inference cache after `seq_len` tokens, summed over layers."""
+        return sum(block.mixer.state_size(batch, seq_len) for block in self.base_model.layers)
+
+
+class ZooModel(ZooPreTrainedModel):
+    def __init__(self, config: ZooConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(ZooBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = new_cache(self.config)
+        output_hidden_states = (
+            self.config.output_hidden_states
+            if output_hidden_states is None
+            else output_hidden_states
+        )
+
+        batch, seq_len, _ = inputs_embeds.shape
+        past_len = 0
+        # Positions only matter to softmax attention, whose cache layers know the length.
+        if cache is not None and position_ids is None and not all(cache.is_linear):
+            past_len = cache.get_seq_length()
+        context = MixerContext.build(
+            attention_mask, position_ids, batch, seq_len, past_len, inputs_embeds.device
+        )
+
+        hidden_states = inputs_embeds
+        all_hidden_states = []
+        for block in self.layers:
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            hidden_states = block(hidden_states, context, cache=cache)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+        )
+
+
+class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ZooConfig) -> None:
+        super().__init__(config)
+        self.model = ZooModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Next-token logits; with `labels` (same shape as input_ids, -100 = ignore), the loss.
+
+        Labels are shifted inside, as in transformers: position t is scored on token t + 1.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+
+class LlamaModel(ZooModel):
+    config_class = LlamaConfig
+
+
+class LlamaForCausalLM(ZooForCausalLM):
+    config_class = LlamaConfig
+
+
+class TNLModel(ZooModel):
+    config_class = TNLConfig
+
+
+class TNLForCausalLM(ZooForCausalLM):
+    config_class = TNLConfig
+
+
+# (config class, base model class, causal LM class) for the Auto registration in zoo/__init__.py.
+FAMILIES: tuple[tuple[type[ZooConfig], type[ZooModel], type[ZooForCausalLM]], ...] = (
+    (LlamaConfig, LlamaModel, LlamaForCausalLM),
+    (TNLConfig, TNLModel, TNLForCausalLM),
+)
