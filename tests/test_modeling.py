@@ -154,7 +154,8 @@ def test_state_size_is_constant_for_tnl_and_grows_for_llama():
 
 
 def test_families_register_with_auto_classes():
-    for family, config_class in (("llama", zoo.LlamaConfig), ("tnl", zoo.TNLConfig)):
+    presets = (("llama", zoo.LlamaConfig), ("tnl", zoo.TNLConfig), ("hybrid", zoo.HybridConfig))
+    for family, config_class in presets:
         fields = tiny_config(family).to_diff_dict()
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
         assert type(config) is config_class

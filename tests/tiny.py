@@ -6,7 +6,7 @@ import zoo
 
 # Lengths used in tests (13, 37) are not multiples of the chunk size 8.
 TINY = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, lightning_chunk_size=8)
-FAMILIES = ["llama", "tnl"]
+FAMILIES = ["llama", "tnl", "hybrid"]
 
 
 def tiny_config(family: str, **overrides) -> zoo.ZooConfig:
@@ -14,4 +14,11 @@ def tiny_config(family: str, **overrides) -> zoo.ZooConfig:
         return zoo.LlamaConfig(**{**TINY, "num_key_value_heads": 2, **overrides})
     if family == "tnl":
         return zoo.TNLConfig(**{**TINY, **overrides})
+    if family == "hybrid":
+        pattern = {
+            "mixers": ["lightning", "attention", "lightning"],
+            "channel_mixers": ["glu", "swiglu", "none"],
+            "num_key_value_heads": 2,
+        }
+        return zoo.HybridConfig(**{**TINY, **pattern, **overrides})
     raise ValueError(f"unknown family {family!r}")

@@ -6,9 +6,11 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from zoo.configuration import LlamaConfig, TNLConfig, ZooConfig
+from zoo.configuration import HybridConfig, LlamaConfig, TNLConfig, ZooConfig
 from zoo.modeling import (
     FAMILIES,
+    HybridForCausalLM,
+    HybridModel,
     LlamaForCausalLM,
     LlamaModel,
     TNLForCausalLM,
@@ -24,6 +26,9 @@ for _config, _model, _lm in FAMILIES:
 
 __version__ = "0.1.0"
 __all__ = [
+    "HybridConfig",
+    "HybridForCausalLM",
+    "HybridModel",
     "LlamaConfig",
     "LlamaForCausalLM",
     "LlamaModel",

@@ -263,4 +263,14 @@ class TNLConfig(ZooConfig):
     norm_type: str = "srmsnorm"
 
 
-PRESETS: tuple[type[ZooConfig], ...] = (LlamaConfig, TNLConfig)
+class HybridConfig(ZooConfig):
+    """A striped hybrid: any per-layer pattern of the zoo's mixers, given explicitly.
+
+    `HybridConfig(num_hidden_layers=4, mixers=["lightning"] * 3 + ["attention"],
+    channel_mixers=["glu"] * 3 + ["swiglu"])` is three TNL blocks and one LLaMA block.
+    """
+
+    model_type = "zoo_hybrid"
+
+
+PRESETS: tuple[type[ZooConfig], ...] = (LlamaConfig, TNLConfig, HybridConfig)

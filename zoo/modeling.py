@@ -22,7 +22,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from zoo.cache import new_cache
 from zoo.checkpoint import check_checkpoint_dir
-from zoo.configuration import LlamaConfig, TNLConfig, ZooConfig
+from zoo.configuration import HybridConfig, LlamaConfig, TNLConfig, ZooConfig
 from zoo.layers import build_channel_mixer, build_sequence_mixer
 from zoo.layers.context import MixerContext
 from zoo.layers.norm import build_norm
@@ -211,8 +211,17 @@ class TNLForCausalLM(ZooForCausalLM):
     config_class = TNLConfig
 
 
+class HybridModel(ZooModel):
+    config_class = HybridConfig
+
+
+class HybridForCausalLM(ZooForCausalLM):
+    config_class = HybridConfig
+
+
 # (config class, base model class, causal LM class) for the Auto registration in zoo/__init__.py.
 FAMILIES: tuple[tuple[type[ZooConfig], type[ZooModel], type[ZooForCausalLM]], ...] = (
     (LlamaConfig, LlamaModel, LlamaForCausalLM),
     (TNLConfig, TNLModel, TNLForCausalLM),
+    (HybridConfig, HybridModel, HybridForCausalLM),
 )

@@ -26,7 +26,7 @@ def _no_backend_override(monkeypatch):
 
 def make_inputs(T, batch=B, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    # k scaled by 1/sqrt(K) keeps the undecayed head's output O(1) over ~100 tokens.
+    # Small k keeps the undecayed head's running sum, hence the output, O(1) over ~100 tokens.
     q = torch.randn(batch, T, H, K, generator=g)  # (B, T, H, K)
     k = torch.randn(batch, T, H, K, generator=g) / math.sqrt(K) / 4  # (B, T, H, K)
     v = torch.randn(batch, T, H, V, generator=g)  # (B, T, H, V)
