@@ -19,7 +19,7 @@ from transformers.cache_utils import Cache
 
 from zoo.configuration import ZooConfig
 from zoo.layers.context import MixerContext
-from zoo.layers.rotary import apply_rotary, rotary_cos_sin
+from zoo.layers.rotary import apply_rotary
 
 
 def attention_naive(
@@ -51,7 +51,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
-        cos, sin = rotary_cos_sin(context.position_ids, self.head_dim, self.rotary_base, q.dtype)
+        cos, sin = context.rotary(self.head_dim, self.rotary_base, q.dtype)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def forward(

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from zoo.layers.rotary import rotary_cos_sin
+
 
 @dataclass
 class MixerContext:
@@ -20,6 +22,9 @@ class MixerContext:
     key_mask: torch.Tensor | None = None
     """(B, S) bool over all tokens seen so far (cache + current); None when nothing is padded."""
     _bias: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(
+        default_factory=dict, repr=False
+    )
+    _rotary: dict[tuple[int, float, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False
     )
 
@@ -50,6 +55,15 @@ class MixerContext:
             return cls(position_ids=position_ids)
         key_mask = attention_mask.bool()
         return cls(position_ids=position_ids, token_mask=key_mask[:, -seq_len:], key_mask=key_mask)
+
+    def rotary(
+        self, head_dim: int, base: float, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin (B, T, head_dim) at `position_ids`, computed once per forward."""
+        key = (head_dim, base, dtype)
+        if key not in self._rotary:
+            self._rotary[key] = rotary_cos_sin(self.position_ids, head_dim, base, dtype)
+        return self._rotary[key]
 
     def attention_bias(self, past_len: int, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
         """Additive (B, 1, T, S) mask: causal within the keys, padded keys excluded.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -15,13 +16,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            # Same order as transformers' LlamaRMSNorm: cast back, then scale.
-            return self.weight * x.to(dtype)
-        return x.to(dtype)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)  # one fused kernel
+        # Same order as transformers' LlamaRMSNorm: normalise in fp32, cast back, then scale.
+        y = F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype)
+        return y if self.weight is None else self.weight * y
 
 
 def build_norm(norm_type: str, dim: int, eps: float) -> RMSNorm:
