@@ -40,10 +40,16 @@ test: lint
 bench: $(STAMP)
 	$(PY) benchmarks/cpu_models.py
 
-# On a lent GPU: the gpu-marked tests and every benchmark, JSON under benchmarks/results/.
-bench-gpu: $(STAMP)
-	$(PY) -m pytest -m gpu -q
-	$(PY) benchmarks/cpu_models.py --device cuda
+# On a lent GPU machine: the gpu-marked tests and every benchmark, JSON under benchmarks/results/.
+# That machine has no network and its own python3 with CUDA torch and triton, so nothing is
+# fetched: wheels of our pinned versions travel in .whl/ (benchmarks/README.md says how).
+GPU_PYTHON ?= python3
+bench-gpu:
+	@if ls .whl/*.whl >/dev/null 2>&1; then \
+		$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps .whl/*.whl; fi
+	$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
+	$(GPU_PYTHON) -m pytest -m gpu -q -p no:cacheprovider
+	$(GPU_PYTHON) benchmarks/cpu_models.py --device cuda
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

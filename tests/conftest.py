@@ -23,3 +23,13 @@ def tiny_model(family) -> zoo.ZooForCausalLM:
     # An untrained model may emit </s>; generation must not stop where the reference goes on.
     model.generation_config.eos_token_id = None
     return model
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: without it they are reported as skipped, never silently dropped."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run by `make bench-gpu` on a lent GPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
