@@ -160,3 +160,16 @@ def test_families_register_with_auto_classes():
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
         assert type(config) is config_class
         assert type(AutoModelForCausalLM.from_config(config)).config_class is config_class
+
+
+def test_loads_in_bfloat16_and_generates(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    low = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert all(p.dtype == torch.bfloat16 for p in low.parameters())
+    ids = torch.randint(0, 256, (2, 13))
+    reference = tiny_model(ids).logits
+    logits = low(ids).logits
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float() - reference).abs().max() < 0.05 * reference.abs().max() + 0.05
+    low.generation_config.eos_token_id = None
+    assert low.generate(ids, max_new_tokens=4, do_sample=False).shape == (2, 17)
