@@ -14,6 +14,16 @@ def tiny_config(family: str, **overrides) -> zoo.ZooConfig:
         return zoo.LlamaConfig(**{**TINY, "num_key_value_heads": 2, **overrides})
     if family == "tnl":
         return zoo.TNLConfig(**{**TINY, **overrides})
+    if family == "hgrn2":
+        return zoo.HGRN2Config(**{**TINY, "hgrn2_expand_ratio": 12, **overrides})
+    if family == "cosformer2":
+        return zoo.CosFormer2Config(**{**TINY, **overrides})
+    if family == "mamba":
+        small = {"mamba_d_state": 4, "mamba_chunk_size": 8}
+        return zoo.MambaConfig(**{**TINY, **small, **overrides})
+    if family == "hyena":
+        small = {"hyena_filter_order": 16, "hyena_emb_dim": 5, "max_position_embeddings": 256}
+        return zoo.HyenaConfig(**{**TINY, **small, **overrides})
     if family == "hybrid":
         pattern = {
             "mixers": ["lightning", "attention", "lightning"],

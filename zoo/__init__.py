@@ -6,13 +6,30 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from zoo.configuration import HybridConfig, LlamaConfig, TNLConfig, ZooConfig
+from zoo.configuration import (
+    CosFormer2Config,
+    HGRN2Config,
+    HybridConfig,
+    HyenaConfig,
+    LlamaConfig,
+    MambaConfig,
+    TNLConfig,
+    ZooConfig,
+)
 from zoo.modeling import (
     FAMILIES,
+    CosFormer2ForCausalLM,
+    CosFormer2Model,
+    HGRN2ForCausalLM,
+    HGRN2Model,
     HybridForCausalLM,
     HybridModel,
+    HyenaForCausalLM,
+    HyenaModel,
     LlamaForCausalLM,
     LlamaModel,
+    MambaForCausalLM,
+    MambaModel,
     TNLForCausalLM,
     TNLModel,
     ZooForCausalLM,
@@ -26,12 +43,24 @@ for _config, _model, _lm in FAMILIES:
 
 __version__ = "0.1.0"
 __all__ = [
+    "CosFormer2Config",
+    "CosFormer2ForCausalLM",
+    "CosFormer2Model",
+    "HGRN2Config",
+    "HGRN2ForCausalLM",
+    "HGRN2Model",
     "HybridConfig",
     "HybridForCausalLM",
     "HybridModel",
+    "HyenaConfig",
+    "HyenaForCausalLM",
+    "HyenaModel",
     "LlamaConfig",
     "LlamaForCausalLM",
     "LlamaModel",
+    "MambaConfig",
+    "MambaForCausalLM",
+    "MambaModel",
     "TNLConfig",
     "TNLForCausalLM",
     "TNLModel",

@@ -23,6 +23,11 @@ from transformers import PreTrainedConfig
 SEQUENCE_MIXERS: dict[str, str] = {
     "attention": "full_attention",
     "lightning": "linear_attention",
+    "hgrn2": "linear_attention",
+    "cosformer2": "linear_attention",
+    "mamba": "linear_attention",  # conv state + SSM state
+    # Hyena's long convolution needs the whole input history to decode: it grows like a KV cache.
+    "hyena": "full_attention",
 }
 CHANNEL_MIXERS: tuple[str, ...] = ("swiglu", "glu", "none")
 NORM_TYPES: tuple[str, ...] = ("rmsnorm", "srmsnorm")
@@ -91,6 +96,37 @@ class ZooConfig(PreTrainedConfig):
     lightning_chunk_size: int = 64
     # Rank t of TNL's low-rank sigmoid output gate; None = head dim (arXiv 2406.16690 A.1.2).
     output_gate_rank: int | None = None
+    # HGRN2: forget/query dimension e of each head (state expansion); heads = hidden_size / e.
+    hgrn2_expand_ratio: int = 128
+    # Mamba: SSM state size N per channel.
+    mamba_d_state: int = 16
+    # Mamba: kernel width of the causal depthwise conv.
+    mamba_d_conv: int = 4
+    # Mamba: inner width D_in = expand · hidden_size.
+    mamba_expand: int = 2
+    # Mamba: rank R of the Δ projection; None = ceil(hidden_size / 16).
+    mamba_dt_rank: int | None = None
+    # Mamba: range of the initial Δ (dt_proj bias = softplus⁻¹ of a log-uniform draw) and its floor.
+    mamba_dt_min: float = 1e-3
+    mamba_dt_max: float = 0.1
+    mamba_dt_init_floor: float = 1e-4
+    # Mamba: bias on the depthwise conv (on in the paper) and on in_proj/out_proj (off).
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    # Mamba: chunk length of the chunked selective scan.
+    mamba_chunk_size: int = 64
+    # Hyena: order N (N - 1 long convolutions in the safari form; >= 2).
+    hyena_order: int = 2
+    # Hyena: width of the implicit filter FFN.
+    hyena_filter_order: int = 64
+    # Hyena: kernel width of the short depthwise conv on the projections.
+    hyena_short_filter: int = 3
+    # Hyena: positional-encoding features of the implicit filter (odd, >= 3).
+    hyena_emb_dim: int = 33
+    # Hyena: hidden Sin layers of the filter FFN.
+    hyena_num_inner_mlps: int = 2
+    # Hyena: multiply the filters by the exponential decay window.
+    hyena_modulate: bool = True
     # Kernel backend of the mixer ops: "auto" (Triton on CUDA when built, torch otherwise).
     kernel_backend: str = "auto"
     # Std of the normal init of every Linear and Embedding (TNL/HGRN2 code and LLaMA use 0.02).
@@ -143,10 +179,36 @@ class ZooConfig(PreTrainedConfig):
             "intermediate_size",
             "lightning_chunk_size",
             "max_position_embeddings",
+            "hgrn2_expand_ratio",
+            "mamba_d_state",
+            "mamba_d_conv",
+            "mamba_expand",
+            "mamba_chunk_size",
+            "hyena_filter_order",
+            "hyena_short_filter",
+            "hyena_num_inner_mlps",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.mamba_dt_rank is not None and (
+            not isinstance(self.mamba_dt_rank, int) or self.mamba_dt_rank <= 0
+        ):
+            raise ValueError(f"mamba_dt_rank={self.mamba_dt_rank!r} must be a positive integer")
+        if not 0 < self.mamba_dt_min <= self.mamba_dt_max:
+            raise ValueError(
+                f"mamba_dt_min={self.mamba_dt_min} and mamba_dt_max={self.mamba_dt_max} must "
+                "satisfy 0 < mamba_dt_min <= mamba_dt_max"
+            )
+        if not isinstance(self.hyena_order, int) or self.hyena_order < 2:
+            raise ValueError(f"hyena_order={self.hyena_order!r} must be an integer >= 2")
+        if self.hyena_emb_dim < 3 or self.hyena_emb_dim % 2 == 0:
+            raise ValueError(f"hyena_emb_dim={self.hyena_emb_dim!r} must be odd and >= 3")
+        if "hgrn2" in self.mixers and self.hidden_size % self.hgrn2_expand_ratio:
+            raise ValueError(
+                f"hgrn2_expand_ratio={self.hgrn2_expand_ratio} does not divide "
+                f"hidden_size={self.hidden_size}"
+            )
         if self.output_gate_rank is not None and (
             not isinstance(self.output_gate_rank, int) or self.output_gate_rank <= 0
         ):
@@ -194,6 +256,14 @@ class ZooConfig(PreTrainedConfig):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def mamba_inner_size(self) -> int:
+        return self.mamba_expand * self.hidden_size
+
+    @property
+    def mamba_dt_rank_resolved(self) -> int:
+        return self.mamba_dt_rank or math.ceil(self.hidden_size / 16)
 
     @classmethod
     def from_size(cls, size: str, **overrides: Any) -> ZooConfig:
@@ -263,6 +333,87 @@ class TNLConfig(ZooConfig):
     norm_type: str = "srmsnorm"
 
 
+class HGRN2Config(ZooConfig):
+    """HGRN2 (Qin et al., arXiv 2404.07904) as sized in arXiv 2406.16690.
+
+    Gated linear RNN with outer-product state expansion (head dim `hgrn2_expand_ratio`), a
+    data-dependent forget gate with a learned, depth-increasing lower bound, SRMSNorm and the
+    activation-free GLU channel mixer.
+    """
+
+    model_type = "zoo_hgrn2"
+    default_mixer = "hgrn2"
+    default_channel_mixer = "glu"
+    named_sizes = _SL_SIZES
+
+    norm_type: str = "srmsnorm"
+
+
+class CosFormer2Config(ZooConfig):
+    """cosFormer2 (arXiv 2406.16690 §2.2): linear attention without decay, LRPE re-weighting.
+
+    SiLU feature map, per-channel rotary re-weighting (LRPE), the low-rank sigmoid output gate
+    and output normalisation instead of a denominator; activation-free GLU channel mixer.
+    """
+
+    model_type = "zoo_cosformer2"
+    default_mixer = "cosformer2"
+    default_channel_mixer = "glu"
+    named_sizes: ClassVar[dict[str, NamedSize]] = {
+        **_SL_SIZES,
+        "410m": NamedSize(25, 1024, 8, 2816),
+    }
+
+    norm_type: str = "srmsnorm"
+
+
+# Released Mamba sizes (state-spaces/mamba README: 24x768 ... 64x2560). The MAD paper's scaling
+# table was not available (shared/papers/mamba-hyena.md §3), so these are not from MAD. Heads
+# and intermediate size are unused by a pure Mamba (no attention, no channel mixer).
+_MAMBA_SIZES: dict[str, NamedSize] = {
+    "130m": NamedSize(24, 768, 12, 2048),
+    "370m": NamedSize(48, 1024, 16, 2816),
+    "790m": NamedSize(48, 1536, 24, 4096),
+    "1.4b": NamedSize(48, 2048, 32, 5632),
+    "2.8b": NamedSize(64, 2560, 40, 6912),
+}
+
+
+class MambaConfig(ZooConfig):
+    """Mamba (Gu & Dao, arXiv 2312.00752): selective SSM blocks, no channel mixer, RMSNorm."""
+
+    model_type = "zoo_mamba"
+    default_mixer = "mamba"
+    default_channel_mixer = "none"
+    named_sizes = _MAMBA_SIZES
+
+    rms_norm_eps: float = 1e-5
+
+
+# safari's Pile configs (shared/papers/mamba-hyena.md §2): hyena-small 18x864 and the generic
+# 355M/1.3B/2.7B shapes it shares with H3; not from MAD, whose table was not available.
+_HYENA_SIZES: dict[str, NamedSize] = {
+    "153m": NamedSize(18, 864, 8, 2304),
+    "355m": NamedSize(24, 1024, 8, 2816),
+    "1.3b": NamedSize(24, 2048, 16, 5632),
+    "2.7b": NamedSize(32, 2560, 20, 6912),
+}
+
+
+class HyenaConfig(ZooConfig):
+    """Hyena (Poli et al., arXiv 2302.10866): order-N Hyena operator with a SwiGLU channel mixer.
+
+    The implicit filters are defined over `max_position_embeddings` positions (safari's l_max).
+    """
+
+    model_type = "zoo_hyena"
+    default_mixer = "hyena"
+    default_channel_mixer = "swiglu"
+    named_sizes = _HYENA_SIZES
+
+    max_position_embeddings: int = 2048
+
+
 class HybridConfig(ZooConfig):
     """A striped hybrid: any per-layer pattern of the zoo's mixers, given explicitly.
 
@@ -273,4 +424,12 @@ class HybridConfig(ZooConfig):
     model_type = "zoo_hybrid"
 
 
-PRESETS: tuple[type[ZooConfig], ...] = (LlamaConfig, TNLConfig, HybridConfig)
+PRESETS: tuple[type[ZooConfig], ...] = (
+    LlamaConfig,
+    TNLConfig,
+    HGRN2Config,
+    CosFormer2Config,
+    MambaConfig,
+    HyenaConfig,
+    HybridConfig,
+)

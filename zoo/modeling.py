@@ -22,7 +22,16 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from zoo.cache import new_cache
 from zoo.checkpoint import check_checkpoint_dir
-from zoo.configuration import HybridConfig, LlamaConfig, TNLConfig, ZooConfig
+from zoo.configuration import (
+    CosFormer2Config,
+    HGRN2Config,
+    HybridConfig,
+    HyenaConfig,
+    LlamaConfig,
+    MambaConfig,
+    TNLConfig,
+    ZooConfig,
+)
 from zoo.layers import build_channel_mixer, build_sequence_mixer
 from zoo.layers.context import MixerContext
 from zoo.layers.norm import build_norm
@@ -211,6 +220,38 @@ class TNLForCausalLM(ZooForCausalLM):
     config_class = TNLConfig
 
 
+class HGRN2Model(ZooModel):
+    config_class = HGRN2Config
+
+
+class HGRN2ForCausalLM(ZooForCausalLM):
+    config_class = HGRN2Config
+
+
+class CosFormer2Model(ZooModel):
+    config_class = CosFormer2Config
+
+
+class CosFormer2ForCausalLM(ZooForCausalLM):
+    config_class = CosFormer2Config
+
+
+class MambaModel(ZooModel):
+    config_class = MambaConfig
+
+
+class MambaForCausalLM(ZooForCausalLM):
+    config_class = MambaConfig
+
+
+class HyenaModel(ZooModel):
+    config_class = HyenaConfig
+
+
+class HyenaForCausalLM(ZooForCausalLM):
+    config_class = HyenaConfig
+
+
 class HybridModel(ZooModel):
     config_class = HybridConfig
 
@@ -223,5 +264,9 @@ class HybridForCausalLM(ZooForCausalLM):
 FAMILIES: tuple[tuple[type[ZooConfig], type[ZooModel], type[ZooForCausalLM]], ...] = (
     (LlamaConfig, LlamaModel, LlamaForCausalLM),
     (TNLConfig, TNLModel, TNLForCausalLM),
+    (HGRN2Config, HGRN2Model, HGRN2ForCausalLM),
+    (CosFormer2Config, CosFormer2Model, CosFormer2ForCausalLM),
+    (MambaConfig, MambaModel, MambaForCausalLM),
+    (HyenaConfig, HyenaModel, HyenaForCausalLM),
     (HybridConfig, HybridModel, HybridForCausalLM),
 )

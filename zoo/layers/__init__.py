@@ -10,21 +10,32 @@ recurrent step with one: it reads and writes its own state at `layer_idx`),
 
 from __future__ import annotations
 
+from importlib import import_module
+
 from torch import nn
 
-from zoo.configuration import ZooConfig
-from zoo.layers.attention import Attention
+from zoo.configuration import SEQUENCE_MIXERS, ZooConfig
 from zoo.layers.glu import GLU
-from zoo.layers.lightning import LightningAttention
 
-SEQUENCE_MIXER_CLASSES: dict[str, type[nn.Module]] = {
-    "attention": Attention,
-    "lightning": LightningAttention,
+# name -> (module, class); imported on first use so a model loads only the mixers it stacks.
+_SEQUENCE_MIXER_PATHS: dict[str, tuple[str, str]] = {
+    "attention": ("zoo.layers.attention", "Attention"),
+    "lightning": ("zoo.layers.lightning", "LightningAttention"),
+    "hgrn2": ("zoo.layers.hgrn2", "HGRN2Attention"),
+    "cosformer2": ("zoo.layers.cosformer2", "CosFormer2Attention"),
+    "mamba": ("zoo.layers.mamba", "MambaMixer"),
+    "hyena": ("zoo.layers.hyena", "HyenaOperator"),
 }
+assert set(_SEQUENCE_MIXER_PATHS) == set(SEQUENCE_MIXERS)
+
+
+def sequence_mixer_class(name: str) -> type[nn.Module]:
+    module, cls = _SEQUENCE_MIXER_PATHS[name]
+    return getattr(import_module(module), cls)
 
 
 def build_sequence_mixer(config: ZooConfig, layer_idx: int) -> nn.Module:
-    return SEQUENCE_MIXER_CLASSES[config.mixers[layer_idx]](config, layer_idx)
+    return sequence_mixer_class(config.mixers[layer_idx])(config, layer_idx)
 
 
 def build_channel_mixer(config: ZooConfig, layer_idx: int) -> nn.Module | None:
