@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -37,6 +38,15 @@ from zoo.layers.context import MixerContext
 from zoo.layers.norm import build_norm
 
 logger = logging.getLogger(__name__)
+
+
+def hgrn2_lower_bounds(gamma: torch.Tensor) -> torch.Tensor:
+    """β (L, d) from Γ (L, d): β_l = Σ_{j≤l} softmax(Γ, over layers)_j − softmax(Γ)_0.
+
+    β_0 = 0 and β rises with depth, below 1; with Γ = 0 (the init) β_l = l / L.
+    """
+    probs = gamma.float().softmax(dim=0)
+    return probs.cumsum(dim=0) - probs[0]
 
 
 class ZooBlock(GradientCheckpointingLayer):
@@ -86,6 +96,18 @@ class ZooPreTrainedModel(PreTrainedModel):
         write_remote_code(self.config, save_directory)
         super().save_pretrained(save_directory, *args, **kwargs)
 
+    def _init_weights(self, module: nn.Module) -> None:
+        """transformers' default init (N(0, initializer_range) for Linear/Embedding, norms at 1),
+        then a mixer's own `init_zoo_weights()` where its paper prescribes one (Mamba's A, D and
+        Δ bias). transformers visits children before parents, so the mixer's init wins; it uses
+        `transformers.initialization`, which leaves weights loaded from a checkpoint untouched.
+        """
+        super()._init_weights(module)
+        if hasattr(module, "init_zoo_weights"):
+            module.init_zoo_weights()
+        if isinstance(module, ZooModel) and module.hgrn2_lower_bounds is not None:
+            init.zeros_(module.hgrn2_lower_bounds)
+
     def state_size(self, batch: int = 1, seq_len: int = 1) -> int:
         """Elements of the inference cache after `seq_len` tokens, summed over layers."""
         return sum(block.mixer.state_size(batch, seq_len) for block in self.base_model.layers)
@@ -97,6 +119,13 @@ class ZooModel(ZooPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(ZooBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
+        # HGRN2's forget-gate lower bounds Γ (L, d): one row per layer, shared through a softmax
+        # over depth (arXiv 2404.07904), so they live on the model, not in one mixer.
+        self.hgrn2_lower_bounds = (
+            nn.Parameter(torch.zeros(config.num_hidden_layers, config.hidden_size))
+            if "hgrn2" in config.mixers
+            else None
+        )
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -135,6 +164,8 @@ class ZooModel(ZooPreTrainedModel):
         context = MixerContext.build(
             attention_mask, position_ids, batch, seq_len, past_len, inputs_embeds.device
         )
+        if self.hgrn2_lower_bounds is not None:
+            context.lower_bounds = hgrn2_lower_bounds(self.hgrn2_lower_bounds)
 
         hidden_states = inputs_embeds
         all_hidden_states = []
