@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from zoo.cli import app
-from zoo.demo import DemoSettings, run_demo
+from zoo.demo import DemoSettings, demo_config, run_demo
 
 
 def test_demo_saves_hub_folders_that_reload_and_generate(tmp_path):
@@ -33,6 +33,12 @@ def test_demo_saves_hub_folders_that_reload_and_generate(tmp_path):
     assert tnl.cache_bytes_per_token_2k < llama.cache_bytes_per_token_2k / 10
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["settings"]["steps"] == 3 and len(summary["results"]) == 2
+
+
+def test_hybrid_demo_config_is_a_stripe():
+    config = demo_config("hybrid", DemoSettings())
+    assert config.mixers == ["lightning", "lightning", "lightning", "attention"]
+    assert demo_config("mamba", DemoSettings()).num_hidden_layers == 8
 
 
 def test_demo_cli_rejects_unknown_family():

@@ -20,10 +20,17 @@ def demo(
         "runs/demo"
     ),
     steps: Annotated[int, typer.Option(help="Training steps per model.")] = 300,
-    families: Annotated[str, typer.Option(help="Comma-separated families.")] = "llama,tnl",
+    families: Annotated[
+        str,
+        typer.Option(
+            "--families",
+            "--family",
+            help="Comma-separated families: llama, tnl, hgrn2, cosformer2, mamba, hyena, hybrid.",
+        ),
+    ] = "llama,tnl",
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default).")] = 0,
 ) -> None:
-    """Train a tiny LLaMA and a tiny TNL on the embedded corpus, save, reload, generate."""
+    """Train tiny models (default: LLaMA, TNL) on the embedded corpus; save, reload, generate."""
     import torch
     from rich.console import Console
     from rich.table import Table

@@ -23,7 +23,16 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from zoo.cache import cache_nbytes, new_cache
-from zoo.configuration import LlamaConfig, TNLConfig, ZooConfig
+from zoo.configuration import (
+    CosFormer2Config,
+    HGRN2Config,
+    HybridConfig,
+    HyenaConfig,
+    LlamaConfig,
+    MambaConfig,
+    TNLConfig,
+    ZooConfig,
+)
 from zoo.data import (
     CorpusConfig,
     TokenBatches,
@@ -35,7 +44,15 @@ from zoo.data import (
 from zoo.modeling import ZooForCausalLM
 from zoo.tokenizer import byte_tokenizer
 
-DEMO_FAMILIES: dict[str, type[ZooConfig]] = {"llama": LlamaConfig, "tnl": TNLConfig}
+DEMO_FAMILIES: dict[str, type[ZooConfig]] = {
+    "llama": LlamaConfig,
+    "tnl": TNLConfig,
+    "hgrn2": HGRN2Config,
+    "cosformer2": CosFormer2Config,
+    "mamba": MambaConfig,
+    "hyena": HyenaConfig,
+    "hybrid": HybridConfig,
+}
 PROMPT = "recall: ka=17 mo=3 zu=88 ; mo?"
 
 
@@ -65,6 +82,27 @@ class DemoResult:
     train_tokens_per_s: float
     cache_bytes_per_token_2k: float
     generated: str
+
+
+def demo_config(family: str, settings: DemoSettings) -> ZooConfig:
+    """The tiny model of `family` the demo trains: same width and depth budget for all."""
+    fields = {
+        "hidden_size": settings.hidden_size,
+        "num_hidden_layers": settings.num_hidden_layers,
+        "num_attention_heads": settings.num_attention_heads,
+        "tie_word_embeddings": True,
+    }
+    if family == "hgrn2":
+        fields["hgrn2_expand_ratio"] = settings.hidden_size // settings.num_attention_heads
+    elif family == "mamba":
+        # No channel mixer: two Mamba blocks hold about one Transformer layer's parameters.
+        fields["num_hidden_layers"] = 2 * settings.num_hidden_layers
+    elif family == "hybrid":
+        # Three TNL blocks, then one LLaMA block: MAD's best stripes have ~25% attention.
+        n = settings.num_hidden_layers
+        fields["mixers"] = ["lightning"] * (n - 1) + ["attention"]
+        fields["channel_mixers"] = ["glu"] * (n - 1) + ["swiglu"]
+    return DEMO_FAMILIES[family](**fields)
 
 
 def lr_at(step: int, settings: DemoSettings) -> float:
@@ -157,12 +195,7 @@ def run_demo(
     )
     results = []
     for family in families:
-        config = DEMO_FAMILIES[family](
-            hidden_size=settings.hidden_size,
-            num_hidden_layers=settings.num_hidden_layers,
-            num_attention_heads=settings.num_attention_heads,
-            tie_word_embeddings=True,
-        )
+        config = demo_config(family, settings)
         torch.manual_seed(settings.seed)
         model = AutoModelForCausalLM.from_config(config)
         batches = TokenBatches(
