@@ -1,4 +1,4 @@
-"""Model-level speed of zoo LLaMA and zoo TNL (fp32), against transformers' LlamaForCausalLM.
+"""Model-level speed of zoo LLaMA, TNL and Mamba (fp32), against transformers' own models.
 
 One run, one config (≈14M parameters: hidden 384, 6 layers, 6 heads of dim 64, intermediate
 1024, vocab 4096, untied embeddings) and one set of weights per family, measured three ways:
@@ -15,6 +15,11 @@ One run, one config (≈14M parameters: hidden 384, 6 layers, 6 heads of dim 64,
     single-token steps that feed back the argmax token and reuse the cache (no attention_mask:
     LLaMA derives positions from the cache length). Tokens/s (from the median step) and
     `zoo.cache.cache_nbytes(cache)` after the prefill.
+(d) mamba_vs_transformers: zoo Mamba against transformers' MambaForCausalLM holding the *same*
+    weights (`zoo.convert.to_hf_mamba`; its pure-torch slow path, as mamba-ssm and causal-conv1d
+    are not installed) at ≈13M parameters (hidden 384, 12 layers, state 16, conv 4, expand 2,
+    vocab 4096, tied embeddings): one inference_mode forward with use_cache=False at B=1,
+    T = 256 and 1024, timed round-robin. Milliseconds, HF/ours and the max |logit difference|.
 
 Every number is the median of several repeats after warmup. Run from the repository root:
 
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
+import importlib.util
 import itertools
 import json
 import os
@@ -48,9 +54,9 @@ from transformers import LlamaForCausalLM as HFLlamaForCausalLM
 
 import zoo
 from zoo.cache import cache_nbytes, new_cache
-from zoo.configuration import LlamaConfig, TNLConfig
-from zoo.convert import to_hf_llama
-from zoo.modeling import LlamaForCausalLM, TNLForCausalLM, ZooForCausalLM
+from zoo.configuration import LlamaConfig, MambaConfig, TNLConfig
+from zoo.convert import to_hf_llama, to_hf_mamba
+from zoo.modeling import LlamaForCausalLM, MambaForCausalLM, TNLForCausalLM, ZooForCausalLM
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -66,6 +72,18 @@ FULL = {
     "train": {"batch": 4, "seq_len": 512, "warmup": 2, "repeats": 10},
     "prefill": {"lengths": [512, 2048, 8192], "warmup": 1, "repeats": 5},
     "decode": {"contexts": [1024, 4096, 16384], "warmup": 5, "steps": 32},
+    "mamba": {
+        "model": {
+            "vocab_size": 4096,
+            "hidden_size": 384,
+            "num_hidden_layers": 12,
+            "mamba_d_state": 16,
+            "mamba_d_conv": 4,
+            "mamba_expand": 2,
+        },
+        "lengths": [256, 1024],
+        "repeats": 3,
+    },
 }
 QUICK = {
     "model": {
@@ -78,6 +96,18 @@ QUICK = {
     "train": {"batch": 2, "seq_len": 64, "warmup": 1, "repeats": 2},
     "prefill": {"lengths": [64, 128, 256], "warmup": 1, "repeats": 2},
     "decode": {"contexts": [64, 256, 1024], "warmup": 1, "steps": 4},
+    "mamba": {
+        "model": {
+            "vocab_size": 512,
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "mamba_d_state": 8,
+            "mamba_d_conv": 4,
+            "mamba_expand": 2,
+        },
+        "lengths": [64, 128],
+        "repeats": 2,
+    },
 }
 
 
@@ -256,6 +286,55 @@ def bench_decode(
 
 
 # --------------------------------------------------------------------------------------------
+# (d) Mamba vs transformers
+
+
+@torch.inference_mode()
+def bench_mamba_vs_hf(shape: dict[str, Any], device: torch.device, seed: int) -> dict[str, Any]:
+    """zoo Mamba vs transformers' MambaForCausalLM (same weights): B=1 forward, no cache."""
+    torch.manual_seed(seed)
+    config = MambaConfig(**shape["model"], tie_word_embeddings=True)
+    models: dict[str, torch.nn.Module] = {"zoo_mamba": MambaForCausalLM(config).to(device).eval()}
+    models["hf_mamba"] = to_hf_mamba(models["zoo_mamba"]).to(device).eval()
+    hf_fast = importlib.util.find_spec("mamba_ssm") is not None and device.type == "cuda"
+    out: dict[str, Any] = {
+        "batch": 1,
+        "repeats": shape["repeats"],
+        "config": {**shape["model"], "tie_word_embeddings": True, "dtype": "float32"},
+        "params": {name: _n_params(model) for name, model in models.items()},
+        "hf_conversion": "zoo.convert.to_hf_mamba",
+        "hf_path": "mamba-ssm kernels" if hf_fast else "slow path (pure torch)",
+        "zoo_chunk_size": config.mamba_chunk_size,
+        "zoo_kernel_backend": config.kernel_backend,
+    }
+    for length in shape["lengths"]:
+        gen = torch.Generator().manual_seed(length)
+        ids = torch.randint(0, config.vocab_size, (1, length), generator=gen).to(device)
+        # The first call of each model is the warmup; its logits give the difference.
+        logits = {name: m(input_ids=ids, use_cache=False).logits for name, m in models.items()}
+        diff = (logits["zoo_mamba"] - logits["hf_mamba"]).abs().max().item()
+        scale = logits["hf_mamba"].abs().max().item()
+        del logits
+        # Round-robin repeats, so background load hits both models alike.
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(shape["repeats"]):
+            for name, model in models.items():
+                times[name].append(
+                    _time(lambda m=model, i=ids: m(input_ids=i, use_cache=False), device)
+                )
+        res: dict[str, Any] = {
+            name: {"ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts), "times_s": ts}
+            for name, ts in times.items()
+        }
+        res["hf_over_zoo"] = res["hf_mamba"]["ms"] / res["zoo_mamba"]["ms"]
+        res["logits_max_abs_diff"] = diff
+        res["logits_max_abs"] = scale
+        out[str(length)] = res
+        gc.collect()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Report
 
 
@@ -300,6 +379,7 @@ def _goals(result: dict[str, Any], shapes: dict[str, Any]) -> dict[str, Any]:
     llama_bytes = [llama_dec[c]["cache_nbytes"] for c in contexts]
     falls = all(a > b for a, b in itertools.pairwise(llama_tps))
     grows = all(a < b for a, b in itertools.pairwise(llama_bytes))
+    mamba = result["mamba_vs_transformers"][str(shapes["mamba"]["lengths"][-1])]
     return {
         "llama_train_step_vs_hf >= 1.0": {"value": ratio_train, "met": ratio_train >= 1.0},
         "tnl_prefill_8192_over_2048 <= 4.5": {"value": ratio_prefill, "met": ratio_prefill <= 4.5},
@@ -309,6 +389,15 @@ def _goals(result: dict[str, Any], shapes: dict[str, Any]) -> dict[str, Any]:
         "llama_decode_falls_and_cache_grows": {
             "value": {"tokens_per_s": llama_tps, "cache_nbytes": llama_bytes},
             "met": falls and grows,
+        },
+        "mamba_forward_vs_hf_1024 >= 3": {
+            "value": mamba["hf_over_zoo"],
+            "met": mamba["hf_over_zoo"] >= 3.0,
+        },
+        # Same weights, same function: only summation order may differ.
+        "mamba_logits_match_hf (max abs diff <= 1e-4)": {
+            "value": mamba["logits_max_abs_diff"],
+            "met": mamba["logits_max_abs_diff"] <= 1e-4,
         },
     }
 
@@ -394,11 +483,29 @@ def _table(result: dict[str, Any]) -> str:
                 f"| {label} | {_fmt_len(c)} | {r['tokens_per_s']:.1f} | "
                 f"{r['median_step_ms']:.1f} | {r['cache_nbytes']:,} | {r['prefill_s']:.2f} |"
             )
+    mb = result["mamba_vs_transformers"]
+    mb_cfg = mb["config"]
+    lines += [
+        "",
+        f"### Mamba vs transformers (B=1, forward, use_cache=False; "
+        f"hidden {mb_cfg['hidden_size']}, {mb_cfg['num_hidden_layers']} layers, "
+        f"{mb['params']['zoo_mamba']:,} params; HF {mb['hf_path']}), ms",
+        "",
+        "| T | zoo Mamba | transformers Mamba | HF / zoo | max abs logit diff (max abs logit) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for key, r in mb.items():
+        if key.isdigit():
+            lines.append(
+                f"| {_fmt_len(int(key))} | {r['zoo_mamba']['ms']:.0f} | {r['hf_mamba']['ms']:.0f} "
+                f"| {r['hf_over_zoo']:.1f} | {r['logits_max_abs_diff']:.1e} "
+                f"({r['logits_max_abs']:.2f}) |"
+            )
     lines += ["", "### Goals", "", "| goal | value | met |", "|---|---|---|"]
     for goal, g in result["goals"].items():
         value = g["value"]
         if isinstance(value, float):
-            value = f"{value:.2f}"
+            value = f"{value:.2f}" if abs(value) >= 0.01 else f"{value:.1e}"
         elif isinstance(value, dict):
             value = "; ".join(
                 f"{k}: " + ", ".join(f"{x:,.1f}" if isinstance(x, float) else f"{x:,}" for x in v)
@@ -487,6 +594,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["prefill"] = bench_prefill(zoo_models, vocab, shapes["prefill"], device)
     print("[run] decode ...", flush=True)
     result["decode"] = bench_decode(zoo_models, vocab, shapes["decode"], device)
+    del llama, tnl, zoo_models
+    gc.collect()
+    print("[run] mamba vs transformers ...", flush=True)
+    result["mamba_vs_transformers"] = bench_mamba_vs_hf(shapes["mamba"], device, args.seed)
     result["goals"] = _goals(result, shapes)
     result["wall_s"] = time.perf_counter() - t_start
     result["device"]["loadavg_end"] = _loadavg()

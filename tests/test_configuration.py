@@ -63,27 +63,76 @@ def test_presets_fill_their_family():
     assert llama.norm_type == "rmsnorm"
 
 
-# Non-embedding parameters in millions, arXiv 2406.16690 Table 7 (LLaMA, TNL columns).
+# Non-embedding parameters in millions, arXiv 2406.16690 Table 7.
 PAPER_NON_EMBEDDING_M = {
     "llama": {"70m": 20.5, "160m": 85.0, "410m": 334.1, "1b": 906.2, "3b": 2775.8, "7b": 6476.5},
     "tnl": {"70m": 21.2, "160m": 87.3, "410m": 327.7, "1b": 918.6, "3b": 2798.4, "7b": 6509.6},
+    "hgrn2": {"70m": 20.5, "160m": 84.9, "410m": 334.0, "1b": 906.0, "3b": 2775.5, "7b": 6476.1},
+    "cosformer2": {
+        "70m": 21.3,
+        "160m": 87.5,
+        "410m": 328.0,
+        "1b": 919.1,
+        "3b": 2799.0,
+        "7b": 6511.0,
+    },
+}
+SL_PRESETS = {
+    "llama": zoo.LlamaConfig,
+    "tnl": zoo.TNLConfig,
+    "hgrn2": zoo.HGRN2Config,
+    "cosformer2": zoo.CosFormer2Config,
 }
 
 
-@pytest.mark.parametrize("family", ["llama", "tnl"])
+def _count(config: zoo.ZooConfig, exclude_embeddings: bool) -> int:
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return model.num_parameters(exclude_embeddings=exclude_embeddings)
+
+
+@pytest.mark.parametrize("family", sorted(SL_PRESETS))
 @pytest.mark.parametrize("size", ["70m", "160m", "410m", "1b", "3b", "7b"])
 def test_named_size_parameter_count_matches_the_paper(family, size):
     """Counts the real modules, built on the meta device, against the paper's table (2%).
 
     Where the table is inconsistent (the 1B row lists g = 5632 and 16 heads), the preset uses
     g = 4096 and 12 heads (head dim 128), the values that reproduce its own counts:
-    LLaMA 4ld² + 3ldg and TNL 4ld² + 2ldt + 3ldg with t = d/h = 128.
+    LLaMA 4ld² + 3ldg, HGRN2 4ld² + 3ldg + ld (the lower bounds), TNL and cosFormer2
+    4ld² + 2ldt + 3ldg with t = d/h = 128 (cosFormer2's TPE, d²/h, is not built: < 0.3%).
     """
-    config_class = zoo.LlamaConfig if family == "llama" else zoo.TNLConfig
-    config = config_class.from_size(size, vocab_size=100_280)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    non_embedding = model.num_parameters(exclude_embeddings=True)
+    config = SL_PRESETS[family].from_size(size, vocab_size=100_280)
+    non_embedding = _count(config, exclude_embeddings=True)
     expected = PAPER_NON_EMBEDDING_M[family][size] * 1e6
     assert abs(non_embedding - expected) / expected < 0.02, (non_embedding, expected)
     assert config.tie_word_embeddings and config.head_dim == 128
+
+
+# Released Mamba checkpoints (state-spaces/mamba README), named by their total parameters with
+# the GPT-NeoX vocabulary padded to 50280. The MAD paper's scaling table was not available.
+MAMBA_TOTAL = {"130m": 130e6, "370m": 370e6, "790m": 790e6, "1.4b": 1.4e9, "2.8b": 2.8e9}
+
+
+@pytest.mark.parametrize("size", sorted(MAMBA_TOTAL))
+def test_mamba_named_size_matches_the_released_models(size):
+    """Per layer: in_proj 2dE·d, conv E·d·(K+1), x_proj E·d·(R+2N), dt_proj (R+1)·E·d,
+    A_log E·d·N, D E·d, out_proj E·d·d, norm d; E = 2, N = 16, K = 4, R = ceil(d/16)."""
+    config = zoo.MambaConfig.from_size(size, vocab_size=50_280)
+    total = _count(config, exclude_embeddings=False)
+    assert abs(total - MAMBA_TOTAL[size]) / MAMBA_TOTAL[size] < 0.02, total
+    if size == "130m":
+        assert total == 129_135_360  # mamba-130m-hf, counted by the formula above
+
+
+# safari's Hyena models, named by total parameters with GPT-2's vocabulary padded to 50264.
+HYENA_TOTAL = {"153m": 153e6, "355m": 355e6, "1.3b": 1.3e9, "2.7b": 2.7e9}
+
+
+@pytest.mark.parametrize("size", sorted(HYENA_TOTAL))
+def test_hyena_named_size_matches_safari(size):
+    """Per layer: the operator 4d² + 81d + 10560 at order 2 (in_proj, short conv, filter FFN,
+    skip weights, out_proj; see tests/layers/test_hyena.py) + SwiGLU 3dg + 2 norms."""
+    config = zoo.HyenaConfig.from_size(size, vocab_size=50_264)
+    assert config.max_position_embeddings == 2048
+    total = _count(config, exclude_embeddings=False)
+    assert abs(total - HYENA_TOTAL[size]) / HYENA_TOTAL[size] < 0.02, total

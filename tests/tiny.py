@@ -9,7 +9,9 @@ import zoo
 # Lengths used in tests (13, 37) are not multiples of the chunk size 8.
 TINY = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, lightning_chunk_size=8)
 # ZOO_TEST_FAMILIES=mamba,hyena narrows the model-level tests while developing a family.
-FAMILIES = os.environ.get("ZOO_TEST_FAMILIES", "llama,tnl,hybrid").split(",")
+FAMILIES = os.environ.get(
+    "ZOO_TEST_FAMILIES", "llama,tnl,hgrn2,cosformer2,mamba,hyena,hybrid"
+).split(",")
 
 
 def tiny_config(family: str, **overrides) -> zoo.ZooConfig:
@@ -18,14 +20,14 @@ def tiny_config(family: str, **overrides) -> zoo.ZooConfig:
     if family == "tnl":
         return zoo.TNLConfig(**{**TINY, **overrides})
     if family == "hgrn2":
-        return zoo.HGRN2Config(**{**TINY, "hgrn2_expand_ratio": 12, **overrides})
+        return zoo.HGRN2Config(**{**TINY, "hgrn2_expand_ratio": 16, **overrides})
     if family == "cosformer2":
         return zoo.CosFormer2Config(**{**TINY, **overrides})
     if family == "mamba":
         small = {"mamba_d_state": 4, "mamba_chunk_size": 8}
         return zoo.MambaConfig(**{**TINY, **small, **overrides})
     if family == "hyena":
-        small = {"hyena_filter_order": 16, "hyena_emb_dim": 5, "max_position_embeddings": 256}
+        small = {"hyena_filter_order": 16, "max_position_embeddings": 256}
         return zoo.HyenaConfig(**{**TINY, **small, **overrides})
     if family == "hybrid":
         pattern = {

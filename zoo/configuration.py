@@ -88,7 +88,8 @@ class ZooConfig(PreTrainedConfig):
     rms_norm_eps: float = 1e-6
     # RoPE base wavelength of softmax attention.
     rotary_base: float = 10000.0
-    # Longest context the model was trained for (informational; no mixer is limited by it).
+    # Longest context the model was trained for; Hyena's implicit filters span exactly this many
+    # positions (safari's l_max), every other mixer takes it as information only.
     max_position_embeddings: int = 8192
     # TNL decay: "alibi" (released TransNormerLLM code) or "paper" (TNL paper Eq. 10).
     lightning_decay: str = "alibi"
@@ -98,6 +99,8 @@ class ZooConfig(PreTrainedConfig):
     output_gate_rank: int | None = None
     # HGRN2: forget/query dimension e of each head (state expansion); heads = hidden_size / e.
     hgrn2_expand_ratio: int = 128
+    # HGRN2: chunk length of the chunked gated scan.
+    hgrn2_chunk_size: int = 64
     # Mamba: SSM state size N per channel.
     mamba_d_state: int = 16
     # Mamba: kernel width of the causal depthwise conv.
@@ -180,6 +183,7 @@ class ZooConfig(PreTrainedConfig):
             "lightning_chunk_size",
             "max_position_embeddings",
             "hgrn2_expand_ratio",
+            "hgrn2_chunk_size",
             "mamba_d_state",
             "mamba_d_conv",
             "mamba_expand",
@@ -202,8 +206,16 @@ class ZooConfig(PreTrainedConfig):
             )
         if not isinstance(self.hyena_order, int) or self.hyena_order < 2:
             raise ValueError(f"hyena_order={self.hyena_order!r} must be an integer >= 2")
-        if self.hyena_emb_dim < 3 or self.hyena_emb_dim % 2 == 0:
-            raise ValueError(f"hyena_emb_dim={self.hyena_emb_dim!r} must be odd and >= 3")
+        emb_dim = self.hyena_emb_dim
+        if (
+            not isinstance(emb_dim, int)
+            or isinstance(emb_dim, bool)
+            or emb_dim < 3
+            or emb_dim % 2 == 0
+        ):
+            raise ValueError(f"hyena_emb_dim={emb_dim!r} must be an odd integer >= 3")
+        if not isinstance(self.hyena_modulate, bool):
+            raise ValueError(f"hyena_modulate={self.hyena_modulate!r} must be True or False")
         if "hgrn2" in self.mixers and self.hidden_size % self.hgrn2_expand_ratio:
             raise ValueError(
                 f"hgrn2_expand_ratio={self.hgrn2_expand_ratio} does not divide "
@@ -391,11 +403,13 @@ class MambaConfig(ZooConfig):
 
 
 # safari's Pile configs (shared/papers/mamba-hyena.md §2): hyena-small 18x864 and the generic
-# 355M/1.3B/2.7B shapes it shares with H3; not from MAD, whose table was not available.
+# 355M/1.3B/2.7B shapes it shares with H3; not from MAD, whose table was not available. safari's
+# channel mixer is a GELU MLP (inner 2d for hyena-small, 4d for the others); our SwiGLU width g
+# is chosen so 3dg matches that MLP's parameters (g = 4d/3 and ~8d/3, multiples of 64).
 _HYENA_SIZES: dict[str, NamedSize] = {
-    "153m": NamedSize(18, 864, 8, 2304),
-    "355m": NamedSize(24, 1024, 8, 2816),
-    "1.3b": NamedSize(24, 2048, 16, 5632),
+    "153m": NamedSize(18, 864, 8, 1152),
+    "355m": NamedSize(24, 1024, 8, 2752),
+    "1.3b": NamedSize(24, 2048, 16, 5504),
     "2.7b": NamedSize(32, 2560, 20, 6912),
 }
 
@@ -412,6 +426,11 @@ class HyenaConfig(ZooConfig):
     named_sizes = _HYENA_SIZES
 
     max_position_embeddings: int = 2048
+
+    @classmethod
+    def from_size(cls, size: str, **overrides: Any) -> ZooConfig:
+        # safari's filters span l_max = 2048 positions; 8192 would stretch every decay window 4x.
+        return super().from_size(size, **{"max_position_embeddings": 2048, **overrides})
 
 
 class HybridConfig(ZooConfig):

@@ -1,4 +1,4 @@
-"""Convert between transformers' `LlamaForCausalLM` and zoo's `LlamaForCausalLM`, both ways.
+"""Convert transformers' `LlamaForCausalLM` and `MambaForCausalLM` to zoo's and back.
 
 zoo's LLaMA is the same network as transformers' (pre-norm RMSNorm blocks, RoPE in the
 rotate-half layout, grouped-query softmax attention, SwiGLU, optional tied embeddings), so the
@@ -42,9 +42,39 @@ What cannot be mapped, refused with a `ValueError` naming the field and its valu
   dropped with a warning. zoo-only settings (`kernel_backend`, the lightning-attention fields)
   do not change an all-attention model and are not carried to transformers.
 
+Mamba (transformers `MambaForCausalLM` <-> zoo `MambaForCausalLM`) converts by renaming keys too:
+zoo's Mamba mixer keeps transformers' parameter names and shapes, and both backbones are
+`x + mixer(RMSNorm(x))` blocks with a final RMSNorm. Config fields::
+
+    vocab_size, hidden_size, num_hidden_layers,            same name
+    tie_word_embeddings, initializer_range, use_cache,
+    dtype, bos_token_id, eos_token_id, pad_token_id
+    state_size -> mamba_d_state        conv_kernel -> mamba_d_conv
+    expand -> mamba_expand             time_step_rank -> mamba_dt_rank
+    layer_norm_epsilon -> rms_norm_eps use_bias -> mamba_proj_bias
+    use_conv_bias -> mamba_conv_bias   time_step_min/max/floor -> mamba_dt_min/max/init_floor
+
+State dict keys (layer i)::
+
+    backbone.embeddings (or .embedding) <-> model.embed_tokens
+    backbone.layers.i.norm              <-> model.layers.i.mixer_norm
+    backbone.layers.i.mixer.*           <-> model.layers.i.mixer.*   (in_proj, conv1d, x_proj,
+                                                                      dt_proj, A_log, D, out_proj)
+    backbone.norm_f                     <-> model.norm
+    lm_head                             <-> lm_head
+
+Refused with a `ValueError`: a `hidden_act` other than SiLU, a non-integer `expand`, a
+`model_type` other than "mamba", unknown state dict keys; from zoo, any layer that is not a
+"mamba" mixer without channel mixer, or a gain-free norm. Dropped: the init-only fields
+`time_step_scale`, `time_step_init_scheme` and `rescale_prenorm_residual` (a warning when not
+at their defaults: a converted model is already trained), and the implementation switches
+`use_mambapy` and `use_associative_scan`. `residual_in_fp32` is accepted: zoo keeps the residual
+stream in the parameters' dtype, which is the same thing in fp32 and differs only by rounding
+in bf16/fp16 (zoo -> transformers writes True, transformers' default).
+
 `convert_checkpoint(src, dst)` converts a saved folder (safetensors), dispatching on the
-`model_type` of `src/config.json` ("llama" or "zoo_llama"), and carries the tokenizer along.
-Mixtral and Mamba converters come with the MoE and Mamba families.
+`model_type` of `src/config.json` ("llama", "zoo_llama", "mamba" or "zoo_mamba"), and carries
+the tokenizer along. A Mixtral converter comes with the MoE family.
 """
 
 from __future__ import annotations
@@ -62,7 +92,7 @@ import transformers
 from transformers import AutoTokenizer
 
 import zoo
-from zoo.configuration import LlamaConfig, ZooConfig
+from zoo.configuration import LlamaConfig, MambaConfig, ZooConfig
 
 try:  # builds the target without drawing random weights that the state dict overwrites anyway
     from transformers.initialization import no_init_weights
@@ -74,16 +104,24 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "convert_checkpoint",
     "from_hf_llama",
+    "from_hf_mamba",
     "llama_config_from_hf",
     "llama_config_to_hf",
     "llama_state_dict_from_hf",
     "llama_state_dict_to_hf",
+    "mamba_config_from_hf",
+    "mamba_config_to_hf",
+    "mamba_state_dict_from_hf",
+    "mamba_state_dict_to_hf",
     "to_hf_llama",
+    "to_hf_mamba",
 ]
 
 HF_TO_ZOO = "llama->zoo_llama"
 ZOO_TO_HF = "zoo_llama->llama"
-SUPPORTED_MODEL_TYPES = ("llama", "zoo_llama")
+MAMBA_HF_TO_ZOO = "mamba->zoo_mamba"
+MAMBA_ZOO_TO_HF = "zoo_mamba->mamba"
+SUPPORTED_MODEL_TYPES = ("llama", "zoo_llama", "mamba", "zoo_mamba")
 
 # Per-layer key suffixes, transformers -> zoo (all `.weight`).
 _LAYER_KEYS: dict[str, str] = {
@@ -313,17 +351,218 @@ def to_hf_llama(model: zoo.ZooForCausalLM) -> transformers.LlamaForCausalLM:
     return hf_model
 
 
+# ---------------------------------------------------------------------------------------- Mamba
+
+# Mixer parameters, the same names in transformers' MambaMixer and zoo's (biases when enabled).
+_MAMBA_MIXER_KEYS = frozenset(
+    {
+        "in_proj.weight",
+        "in_proj.bias",
+        "conv1d.weight",
+        "conv1d.bias",
+        "x_proj.weight",
+        "dt_proj.weight",
+        "dt_proj.bias",
+        "A_log",
+        "D",
+        "out_proj.weight",
+        "out_proj.bias",
+    }
+)
+# Keys outside the layers, transformers -> zoo; released mamba_ssm checkpoints say "embedding".
+_MAMBA_SHARED_KEYS = {
+    "backbone.embeddings.weight": _EMBED,
+    "backbone.embedding.weight": _EMBED,
+    "backbone.norm_f.weight": "model.norm.weight",
+    _HEAD: _HEAD,
+}
+_MAMBA_SHARED_KEYS_TO_HF = {
+    _EMBED: "backbone.embeddings.weight",
+    "model.norm.weight": "backbone.norm_f.weight",
+    _HEAD: _HEAD,
+}
+_HF_MAMBA_LAYER_RE = re.compile(r"^backbone\.layers\.(\d+)\.(norm\.weight|mixer\.(.+))$")
+_ZOO_MAMBA_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(mixer_norm\.weight|mixer\.(.+))$")
+# transformers fields that only shape a fresh init, with their defaults.
+_MAMBA_INIT_ONLY = {
+    "time_step_scale": 1.0,
+    "time_step_init_scheme": "random",
+    "rescale_prenorm_residual": False,
+}
+
+
+def mamba_config_from_hf(hf_config: transformers.MambaConfig) -> MambaConfig:
+    """zoo's `MambaConfig` for a transformers `MambaConfig`; `ValueError` for what zoo lacks."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type != "mamba":
+        raise ValueError(
+            f"model_type={model_type!r}: mamba_config_from_hf converts transformers Mamba configs "
+            "(model_type='mamba') only"
+        )
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(
+            f"hidden_act={act!r} cannot be converted: zoo's Mamba mixer uses SiLU ('silu')"
+        )
+    expand = hf_config.expand
+    if not float(expand).is_integer() or expand < 1:
+        raise ValueError(
+            f"expand={expand!r} cannot be converted: zoo's mamba_expand is a positive integer"
+        )
+    for field, default in _MAMBA_INIT_ONLY.items():
+        value = getattr(hf_config, field, default)
+        if value != default:
+            logger.warning(
+                "%s=%r only shapes a fresh init and has no zoo counterpart; dropped", field, value
+            )
+    return MambaConfig(
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        num_hidden_layers=hf_config.num_hidden_layers,
+        # No attention in a pure Mamba; 1 divides any width.
+        num_attention_heads=1,
+        mamba_d_state=hf_config.state_size,
+        mamba_d_conv=hf_config.conv_kernel,
+        mamba_expand=int(expand),
+        mamba_dt_rank=int(hf_config.time_step_rank),
+        mamba_dt_min=float(hf_config.time_step_min),
+        mamba_dt_max=float(hf_config.time_step_max),
+        mamba_dt_init_floor=float(hf_config.time_step_floor),
+        mamba_conv_bias=bool(hf_config.use_conv_bias),
+        mamba_proj_bias=bool(hf_config.use_bias),
+        rms_norm_eps=hf_config.layer_norm_epsilon,
+        tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+        initializer_range=hf_config.initializer_range,
+        use_cache=getattr(hf_config, "use_cache", True),
+        bos_token_id=hf_config.bos_token_id,
+        eos_token_id=hf_config.eos_token_id,
+        pad_token_id=hf_config.pad_token_id,
+        dtype=getattr(hf_config, "dtype", None),
+    )
+
+
+def mamba_config_to_hf(config: ZooConfig) -> transformers.MambaConfig:
+    """transformers' `MambaConfig` for a zoo config whose every layer is a Mamba block."""
+    for field, allowed in (("mixers", "mamba"), ("channel_mixers", "none")):
+        for i, name in enumerate(getattr(config, field)):
+            if name != allowed:
+                raise ValueError(
+                    f"{field}[{i}]={name!r} cannot be converted to a transformers Mamba: every "
+                    f"layer must be {allowed!r} (got {field}={getattr(config, field)!r})"
+                )
+    if config.norm_type != "rmsnorm":
+        raise ValueError(
+            f"norm_type={config.norm_type!r} cannot be converted to a transformers Mamba, whose "
+            "norms are 'rmsnorm' (with a gain)"
+        )
+    return transformers.MambaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        state_size=config.mamba_d_state,
+        conv_kernel=config.mamba_d_conv,
+        expand=config.mamba_expand,
+        time_step_rank=config.mamba_dt_rank_resolved,
+        time_step_min=config.mamba_dt_min,
+        time_step_max=config.mamba_dt_max,
+        time_step_floor=config.mamba_dt_init_floor,
+        use_conv_bias=bool(config.mamba_conv_bias),
+        use_bias=bool(config.mamba_proj_bias),
+        hidden_act="silu",
+        residual_in_fp32=True,
+        layer_norm_epsilon=float(config.rms_norm_eps),
+        tie_word_embeddings=bool(config.tie_word_embeddings),
+        initializer_range=config.initializer_range,
+        use_cache=config.use_cache,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        dtype=getattr(config, "dtype", None),
+    )
+
+
+def _rename_mamba(
+    state_dict: Mapping[str, torch.Tensor],
+    shared: Mapping[str, str],
+    layer_re: re.Pattern[str],
+    layer_prefix: str,
+    norm_key: str,
+    source: str,
+) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        if key in shared:
+            out[shared[key]] = tensor
+            continue
+        match = layer_re.match(key)
+        if match is None or (
+            match.group(3) is not None and match.group(3) not in _MAMBA_MIXER_KEYS
+        ):
+            raise ValueError(
+                f"state dict key {key!r} is not part of a {source} MambaForCausalLM; known keys: "
+                f"{sorted(shared)} and {layer_re.pattern} with mixer.<one of "
+                f"{sorted(_MAMBA_MIXER_KEYS)}>"
+            )
+        leaf = norm_key if match.group(3) is None else f"mixer.{match.group(3)}"
+        out[f"{layer_prefix}.{match.group(1)}.{leaf}"] = tensor
+    return out
+
+
+def mamba_state_dict_from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a transformers MambaForCausalLM state dict to zoo's keys (same tensors)."""
+    return _rename_mamba(
+        state_dict,
+        _MAMBA_SHARED_KEYS,
+        _HF_MAMBA_LAYER_RE,
+        "model.layers",
+        "mixer_norm.weight",
+        "transformers",
+    )
+
+
+def mamba_state_dict_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a zoo MambaForCausalLM state dict to transformers' keys (same tensors)."""
+    return _rename_mamba(
+        state_dict,
+        _MAMBA_SHARED_KEYS_TO_HF,
+        _ZOO_MAMBA_LAYER_RE,
+        "backbone.layers",
+        "norm.weight",
+        "zoo",
+    )
+
+
+def from_hf_mamba(hf_model: transformers.MambaForCausalLM) -> zoo.MambaForCausalLM:
+    """zoo's `MambaForCausalLM` with the weights of a transformers `MambaForCausalLM`."""
+    config = mamba_config_from_hf(hf_model.config)
+    state_dict = mamba_state_dict_from_hf(hf_model.state_dict())
+    with no_init_weights():
+        model = zoo.MambaForCausalLM(config)
+    _load_into(model, hf_model, state_dict)
+    return model
+
+
+def to_hf_mamba(model: zoo.ZooForCausalLM) -> transformers.MambaForCausalLM:
+    """transformers' `MambaForCausalLM` with the weights of a zoo Mamba (`zoo.MambaForCausalLM`)."""
+    hf_config = mamba_config_to_hf(model.config)
+    state_dict = mamba_state_dict_to_hf(model.state_dict())
+    with no_init_weights():
+        hf_model = transformers.MambaForCausalLM(hf_config)
+    _load_into(hf_model, model, state_dict)
+    return hf_model
+
+
 # ---------------------------------------------------------------------------------- checkpoints
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path) -> str:
     """Convert the checkpoint folder `src` into `dst`; returns the direction converted.
 
-    `src/config.json`'s `model_type` picks the direction: "llama" (a transformers Llama) writes a
-    zoo checkpoint, "zoo_llama" writes a transformers Llama; both with `save_pretrained`
-    (safetensors), in the checkpoint's dtype. Weights are read from safetensors only. A tokenizer
-    in `src` is loaded with `AutoTokenizer` and saved into `dst`. Returns "llama->zoo_llama" or
-    "zoo_llama->llama".
+    `src/config.json`'s `model_type` picks the direction: "llama" / "mamba" (a transformers Llama
+    or Mamba) writes a zoo checkpoint, "zoo_llama" / "zoo_mamba" writes the transformers model;
+    all with `save_pretrained` (safetensors), in the checkpoint's dtype. Weights are read from
+    safetensors only. A tokenizer in `src` is loaded with `AutoTokenizer` and saved into `dst`.
+    Returns "llama->zoo_llama", "zoo_llama->llama", "mamba->zoo_mamba" or "zoo_mamba->mamba".
     """
     src, dst = Path(src), Path(dst)
     config_file = src / "config.json"
@@ -340,12 +579,21 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> str:
     elif model_type == "zoo_llama":
         source = zoo.LlamaForCausalLM.from_pretrained(src, dtype="auto", use_safetensors=True)
         target, direction = to_hf_llama(source), ZOO_TO_HF
+    elif model_type == "mamba":
+        source = transformers.MambaForCausalLM.from_pretrained(
+            src, dtype="auto", use_safetensors=True
+        )
+        target, direction = from_hf_mamba(source), MAMBA_HF_TO_ZOO
+    elif model_type == "zoo_mamba":
+        source = zoo.MambaForCausalLM.from_pretrained(src, dtype="auto", use_safetensors=True)
+        target, direction = to_hf_mamba(source), MAMBA_ZOO_TO_HF
     else:
         raise ValueError(
             f"model_type={model_type!r} in {config_file} has no converter; supported: "
-            f"{SUPPORTED_MODEL_TYPES[0]!r} (transformers LlamaForCausalLM -> zoo) and "
-            f"{SUPPORTED_MODEL_TYPES[1]!r} (zoo -> transformers). Mixtral and Mamba converters "
-            "come with the MoE and Mamba families."
+            f"{SUPPORTED_MODEL_TYPES[0]!r} and {SUPPORTED_MODEL_TYPES[2]!r} (transformers "
+            f"LlamaForCausalLM / MambaForCausalLM -> zoo), {SUPPORTED_MODEL_TYPES[1]!r} and "
+            f"{SUPPORTED_MODEL_TYPES[3]!r} (zoo -> transformers). A Mixtral converter comes with "
+            "the MoE family."
         )
     dst.mkdir(parents=True, exist_ok=True)
     target.save_pretrained(dst)

@@ -40,15 +40,6 @@ from zoo.layers.norm import build_norm
 logger = logging.getLogger(__name__)
 
 
-def hgrn2_lower_bounds(gamma: torch.Tensor) -> torch.Tensor:
-    """β (L, d) from Γ (L, d): β_l = Σ_{j≤l} softmax(Γ, over layers)_j − softmax(Γ)_0.
-
-    β_0 = 0 and β rises with depth, below 1; with Γ = 0 (the init) β_l = l / L.
-    """
-    probs = gamma.float().softmax(dim=0)
-    return probs.cumsum(dim=0) - probs[0]
-
-
 class ZooBlock(GradientCheckpointingLayer):
     def __init__(self, config: ZooConfig, layer_idx: int) -> None:
         super().__init__()
@@ -158,14 +149,14 @@ class ZooModel(ZooPreTrainedModel):
 
         batch, seq_len, _ = inputs_embeds.shape
         past_len = 0
-        # Positions only matter to softmax attention, whose cache layers know the length.
+        # Absolute positions only matter to softmax attention, whose cache layers know the length
+        # (cosFormer2's LRPE uses only differences within a call; its state is origin-relative).
         if cache is not None and position_ids is None and not all(cache.is_linear):
             past_len = cache.get_seq_length()
         context = MixerContext.build(
             attention_mask, position_ids, batch, seq_len, past_len, inputs_embeds.device
         )
-        if self.hgrn2_lower_bounds is not None:
-            context.lower_bounds = hgrn2_lower_bounds(self.hgrn2_lower_bounds)
+        context.hgrn2_gamma = self.hgrn2_lower_bounds
 
         hidden_states = inputs_embeds
         all_hidden_states = []

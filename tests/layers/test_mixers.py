@@ -10,11 +10,18 @@ from zoo.cache import new_cache
 from zoo.layers import _SEQUENCE_MIXER_PATHS, build_sequence_mixer
 from zoo.layers.context import MixerContext
 
-MIXER_FAMILY = {"attention": "llama", "lightning": "tnl"}
+MIXER_FAMILY = {
+    "attention": "llama",
+    "lightning": "tnl",
+    "cosformer2": "cosformer2",
+    "hgrn2": "hgrn2",
+    "hyena": "hyena",
+    "mamba": "mamba",
+}
 
 
 def test_every_mixer_is_covered():
-    assert set(MIXER_FAMILY) <= set(_SEQUENCE_MIXER_PATHS)
+    assert set(MIXER_FAMILY) == set(_SEQUENCE_MIXER_PATHS)
 
 
 def _mixer(name: str, layer_idx: int = 1):
@@ -78,5 +85,6 @@ def test_state_size_counts_cache_elements():
         layer = cache.layers[0]
         tensors = [getattr(layer, "keys", None), getattr(layer, "values", None)]
         tensors += list(getattr(layer, "recurrent_states", {}).values())
+        tensors += list(getattr(layer, "conv_states", {}).values())
         held = sum(t.numel() for t in tensors if isinstance(t, torch.Tensor))
         assert held == mixer.state_size(3, 11), name

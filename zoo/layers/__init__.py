@@ -6,6 +6,10 @@ recurrent step with one: it reads and writes its own state at `layer_idx`),
 `reference_forward(hidden_states, context)` (the naive form, for tests) and
 `state_size(batch, seq_len)` (cache elements it keeps). A channel mixer is
 `Mixer(config)` with `forward(hidden_states) -> hidden_states`.
+
+A module whose paper prescribes a special init defines `init_zoo_weights()` on the module that
+owns those parameters directly (transformers skips modules without parameters of their own when
+it initialises custom code).
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ class MixerContext:
     """(B, T) bool, False at padded current tokens; None when nothing is padded."""
     key_mask: torch.Tensor | None = None
     """(B, S) bool over all tokens seen so far (cache + current); None when nothing is padded."""
-    lower_bounds: torch.Tensor | None = None
-    """(L, d) fp32 HGRN2 forget-gate lower bound β of every layer (set by the model)."""
+    hgrn2_gamma: torch.Tensor | None = None
+    """(L, d) HGRN2's shared lower-bound parameter Γ (set by the model); each HGRN2 mixer derives
+    its own β from it, so gradient checkpointing (reentrant too) recomputes it per block."""
     _bias: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(
         default_factory=dict, repr=False
     )

@@ -1,0 +1,126 @@
+"""HGRN2's sequence mixer: a gated linear RNN with outer-product state expansion.
+
+"HGRN2: Gated Linear RNNs with State Expansion" (Qin et al., arXiv 2404.07904), sized as in the
+linear-complexity scaling-law paper (Shen et al., arXiv 2406.16690, App. A.1.3). Per head of
+forget/query dim e = `hgrn2_expand_ratio` (H = d / e heads), with this layer's lower bound β_l:
+
+    f_t = β_l + (1 − β_l) σ(x W_f),  k_t = 1 − f_t,  q_t = SiLU(x W_q),  i_t = x W_i
+    H_t = Diag(f_t) H_{t−1} + k_t i_tᵀ  (e × e),   y_t = q_tᵀ H_t
+    out = W_o Norm(concat_h y)                                          (no output gate)
+
+The recurrence is gated linear attention with q, k = 1 − f, v = i and log decay log f, run by
+`zoo.kernels.hgrn2`. β_l = `hgrn2_lower_bounds(Γ)[layer_idx]` comes from the model's shared Γ
+(L, d), passed as `context.hgrn2_gamma` (softmax over depth, cumsum, minus the first row), so
+β_0 = 0 and deeper layers forget less.
+
+Choices where the sources differ (shared/papers/linear-families.md §2): q = SiLU and i = identity
+(fla `fla/layers/hgrn2.py` and the first author's LM code; the LRA code uses sigmoid/SiLU); the
+value dim per head is e too (fla's head_i_dim = d / H), so the state is e × e per head and d·e per
+layer; no short convolution (off by default in fla); the output norm is `config.norm_type` over
+the full width (SRMSNorm for the preset, as in the author's code; fla uses RMSNorm with gain);
+no q scale (fla's 1/sqrt(e) is absorbed by that norm). log f is formed as fla does,
+logaddexp(log β, log(1 − β) + logsigmoid(x W_f)), which stays finite for any logit; unlike fla,
+which skips layer 0, we take log β = −inf where β = 0 exactly, with a gradient that stays finite.
+A context without Γ (a mixer used outside the model) means β = 0.
+
+Padding never enters the state: at padded tokens log f = 0 (no decay) and i = 0, so a left-padded
+row decodes exactly like the same row unpadded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache
+
+from zoo.cache import recurrent_state
+from zoo.configuration import ZooConfig
+from zoo.kernels.hgrn2 import hgrn2, hgrn2_naive
+from zoo.layers.context import MixerContext
+from zoo.layers.norm import build_norm
+
+# Chunk length of the chunked form, fla's chunk_gla default; the config has no field for it yet.
+
+
+def hgrn2_lower_bounds(gamma: torch.Tensor) -> torch.Tensor:
+    """β (L, d) from Γ (L, d): β_l = Σ_{j≤l} softmax(Γ, over layers)_j − softmax(Γ)_0.
+
+    β_0 = 0 and β rises with depth, below 1; with Γ = 0 (the init) β_l = l / L.
+    """
+    probs = gamma.float().softmax(dim=0)
+    return probs.cumsum(dim=0) - probs[0]
+
+
+def _log_lower_bound(beta: torch.Tensor) -> torch.Tensor:
+    """log β with log 0 = −inf and a finite (zero) gradient there, where a plain log gives NaN."""
+    tiny = torch.finfo(beta.dtype).tiny
+    return beta.clamp(min=tiny).log().masked_fill(beta <= 0, -torch.inf)
+
+
+class HGRN2Attention(nn.Module):
+    def __init__(self, config: ZooConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.hgrn2_expand_ratio
+        self.num_heads = config.hidden_size // self.head_dim
+        self.chunk_size = config.hgrn2_chunk_size
+        self.backend = config.kernel_backend
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.f_proj = nn.Linear(d, d, bias=False)
+        self.i_proj = nn.Linear(d, d, bias=False)
+        self.norm = build_norm(config.norm_type, d, config.rms_norm_eps)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def _gates(
+        self, x: torch.Tensor, context: MixerContext
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, i and log f of the recurrence, each (B, T, H, e); k and log f in fp32."""
+        batch, seq_len, _ = x.shape
+        shape = (batch, seq_len, self.num_heads, self.head_dim)
+        q = F.silu(self.q_proj(x)).view(shape)  # (B, T, H, e)
+        i = self.i_proj(x).view(shape)  # (B, T, H, e)
+        log_f = F.logsigmoid(self.f_proj(x).float()).view(shape)  # (B, T, H, e)
+        if context.hgrn2_gamma is not None:
+            beta = hgrn2_lower_bounds(context.hgrn2_gamma)[self.layer_idx]  # (d,)
+            beta = beta.view(self.num_heads, -1)  # (H, e)
+            log_f = torch.logaddexp(_log_lower_bound(beta), torch.log1p(-beta) + log_f)
+        if context.token_mask is not None:
+            pad = ~context.token_mask[:, :, None, None]  # (B, T, 1, 1)
+            log_f = log_f.masked_fill(pad, 0.0)
+            i = i.masked_fill(pad, 0.0)
+        k = -torch.expm1(log_f)  # 1 − f, exact near f = 1; 0 at padded tokens
+        return q, k, i, log_f
+
+    def _output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(self.norm(y.reshape(x.shape)))
+
+    def forward(
+        self, hidden_states: torch.Tensor, context: MixerContext, cache: Cache | None = None
+    ) -> torch.Tensor:
+        q, k, i, log_f = self._gates(hidden_states, context)
+        state = recurrent_state(cache, self.layer_idx) if cache is not None else None
+        y, final_state = hgrn2(
+            q,
+            k,
+            i,
+            log_f,
+            initial_state=state,
+            output_final_state=cache is not None,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        )
+        if cache is not None:
+            cache.update_recurrent_state(final_state, self.layer_idx)
+        return self._output(y, hidden_states)
+
+    def reference_forward(self, hidden_states: torch.Tensor, context: MixerContext) -> torch.Tensor:
+        """The naive form over a whole sequence: the token-by-token recurrence in fp32."""
+        q, k, i, log_f = self._gates(hidden_states, context)
+        y, _ = hgrn2_naive(q, k, i, log_f)
+        return self._output(y, hidden_states)
+
+    def state_size(self, batch: int, seq_len: int) -> int:
+        """Cache elements: one e × e state per head (d · e per layer), whatever the length."""
+        return batch * self.num_heads * self.head_dim * self.head_dim

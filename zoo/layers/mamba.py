@@ -1,0 +1,181 @@
+"""Mamba's sequence mixer: gated, causal-conv'd selective SSM (the whole Mamba block).
+
+"Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (Gu & Dao, arXiv 2312.00752,
+§3.4 Fig. 3, Alg. 2), with mamba_ssm's `Mamba` module as the reference code:
+
+    [x̃ | z] = in_proj(x)                              d → 2·D_in   (D_in = expand · d)
+    u = SiLU(causal depthwise conv1d(x̃))              kernel K, one filter per channel
+    [δ | B | C] = x_proj(u)                           D_in → R + 2N
+    Δ = softplus(dt_proj(δ)),  A = −exp(A_log)         R → D_in with bias; A is D_in × N
+    h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t,  y_t = h_t C_t + D ⊙ u_t
+    out = out_proj(y ⊙ SiLU(z))                       D_in → d
+
+Parameter names and shapes are transformers' `MambaMixer` (in_proj, conv1d, x_proj, dt_proj,
+A_log, D, out_proj), so converting a transformers checkpoint is a renaming (`zoo.convert`).
+The selective scan itself is `zoo.kernels.selective_scan`.
+
+Choices where the sources differ (shared/papers/mamba-hyena.md §1): Euler B̄ = Δ B as in the
+code, not the paper's ZOH B̄; the conv bias is initialised like PyTorch's Conv1d (as mamba_ssm),
+not zeroed (as transformers); Δ's bias add and softplus run in fp32, as in both kernels.
+
+Padding never enters the state: at padded tokens x̃ is zeroed before the conv and Δ is forced to
+0, so the state neither decays nor takes input there and a left-padded row gives the outputs
+and the decode continuation of the same row alone.
+
+Decode state per layer: the last K conv inputs (B, D_in, K), as transformers keeps them, and the
+SSM state (B, D_in, N) in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+
+from zoo.cache import recurrent_state
+from zoo.configuration import ZooConfig
+from zoo.kernels.selective_scan import selective_scan, selective_scan_naive
+from zoo.layers.context import MixerContext
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, config: ZooConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.d_inner = config.mamba_inner_size
+        self.d_state = config.mamba_d_state
+        self.d_conv = config.mamba_d_conv
+        self.dt_rank = config.mamba_dt_rank_resolved
+        self.dt_min = config.mamba_dt_min
+        self.dt_max = config.mamba_dt_max
+        self.dt_init_floor = config.mamba_dt_init_floor
+        self.chunk_size = config.mamba_chunk_size
+        self.backend = config.kernel_backend
+        d, d_inner = config.hidden_size, self.d_inner
+        self.in_proj = nn.Linear(d, 2 * d_inner, bias=config.mamba_proj_bias)
+        # An nn.Conv1d only to hold transformers' parameter names and shapes (D_in, 1, K); the
+        # forward runs the causal conv itself so that it can take the cached left context.
+        self.conv1d = nn.Conv1d(
+            d_inner,
+            d_inner,
+            kernel_size=self.d_conv,
+            groups=d_inner,
+            padding=self.d_conv - 1,
+            bias=config.mamba_conv_bias,
+        )
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d_inner, self.d_state))
+        self.D = nn.Parameter(torch.empty(d_inner))
+        # Read by optimiser set-ups: like mamba_ssm, A and D take no weight decay.
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(d_inner, d, bias=config.mamba_proj_bias)
+        # A mixer built on its own (outside a model's post_init) must be usable too.
+        self.init_zoo_weights()
+
+    @torch.no_grad()
+    def init_zoo_weights(self) -> None:
+        """mamba_ssm's init (arXiv 2312.00752 §3.6): S4D-real A, D = 1, Δ bias = softplus⁻¹(dt)."""
+        n = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+        init.copy_(self.A_log, torch.log(n).expand(self.d_inner, -1))  # A_n = −n, every channel
+        init.ones_(self.D)
+        bound = self.dt_rank**-0.5
+        init.uniform_(self.dt_proj.weight, -bound, bound)
+        log_min, log_max = math.log(self.dt_min), math.log(self.dt_max)
+        dt = torch.rand(self.d_inner, device=self.dt_proj.bias.device) * (log_max - log_min)
+        dt = torch.exp(dt + log_min).clamp(min=self.dt_init_floor)  # (D_in,) log-uniform
+        init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+        # PyTorch's Conv1d default (mamba_ssm keeps it): kaiming-uniform weight, U(±1/√K) bias.
+        init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
+        if self.conv1d.bias is not None:
+            bound = 1.0 / math.sqrt(self.d_conv)
+            init.uniform_(self.conv1d.bias, -bound, bound)
+
+    def _gated_input(
+        self, hidden_states: torch.Tensor, context: MixerContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, T, D_in) each
+        if context.token_mask is not None:
+            x = x * context.token_mask.unsqueeze(-1).to(x.dtype)
+        return x, z
+
+    def _causal_conv(self, x: torch.Tensor, left: torch.Tensor | None) -> torch.Tensor:
+        """SiLU(depthwise causal conv) in the (B, T, D_in) layout, without transposes.
+
+        ``left`` (B, K-1, D_in) holds the inputs before x (None: zeros, a sequence start).
+        """
+        batch, T, d_inner = x.shape
+        K = self.d_conv
+        if left is None:
+            left = x.new_zeros(batch, K - 1, d_inner)
+        xp = torch.cat([left.to(x.dtype), x], dim=1)  # (B, K-1+T, D_in)
+        weight = self.conv1d.weight[:, 0, :]  # (D_in, K)
+        out = xp[:, K - 1 :] * weight[:, K - 1]
+        for k in range(K - 1):
+            out = torch.addcmul(out, xp[:, k : k + T], weight[:, k])
+        if self.conv1d.bias is not None:
+            out = out + self.conv1d.bias
+        return F.silu(out)
+
+    def _ssm_params(
+        self, u: torch.Tensor, context: MixerContext
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Δ (B, T, D_in) fp32, A (D_in, N) fp32, B and C (B, T, N) from the conv output u."""
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # (B, T, D_in)
+        delta = F.softplus(dt.float() + self.dt_proj.bias.float())
+        if context.token_mask is not None:
+            delta = delta * context.token_mask.unsqueeze(-1)
+        return delta, -torch.exp(self.A_log.float()), B, C
+
+    def _output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(y * F.silu(z))
+
+    def forward(
+        self, hidden_states: torch.Tensor, context: MixerContext, cache: Cache | None = None
+    ) -> torch.Tensor:
+        x, z = self._gated_input(hidden_states, context)
+        left = ssm_state = None
+        if cache is not None:
+            conv_state = cache.get_conv_state(self.layer_idx)  # (B, D_in, K) or None
+            if conv_state is not None:
+                left = conv_state[:, :, 1:].transpose(1, 2)  # (B, K-1, D_in)
+            ssm_state = recurrent_state(cache, self.layer_idx)
+        u = self._causal_conv(x, left)
+        if cache is not None:
+            # Stores the last K inputs (transformers' layout); `left` was read before this.
+            cache.update_conv_state(x.transpose(1, 2), self.layer_idx, conv_kernel_size=self.d_conv)
+        delta, A, B, C = self._ssm_params(u, context)
+        y, final_state = selective_scan(
+            u,
+            delta,
+            A,
+            B,
+            C,
+            self.D,
+            initial_state=ssm_state,
+            output_final_state=cache is not None,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        )
+        if cache is not None:
+            cache.update_recurrent_state(final_state, self.layer_idx)
+        return self._output(y, z)
+
+    def reference_forward(self, hidden_states: torch.Tensor, context: MixerContext) -> torch.Tensor:
+        """The naive form over a whole sequence: nn.Conv1d's own conv, token-by-token fp32 scan."""
+        x, z = self._gated_input(hidden_states, context)
+        T = x.shape[1]
+        u = F.silu(self.conv1d(x.transpose(1, 2))[..., :T].transpose(1, 2))  # (B, T, D_in)
+        delta, A, B, C = self._ssm_params(u, context)
+        y, _ = selective_scan_naive(u, delta, A, B, C, self.D)
+        return self._output(y, z)
+
+    def state_size(self, batch: int, seq_len: int) -> int:
+        """Cache elements: K conv inputs and N SSM states per channel, whatever the length."""
+        return batch * self.d_inner * (self.d_conv + self.d_state)
