@@ -35,14 +35,12 @@ kernel arrives in its own issue).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.utils.checkpoint import checkpoint
+from zoo.kernels.backend import resolve_backend
 
 __all__ = ["hgrn2", "hgrn2_chunk_torch", "hgrn2_naive", "hgrn2_step"]
 
-_BACKENDS = ("auto", "torch", "triton")
 _GROUP_TOKENS = 1024
 # Sub-chunk length c of the secondary chunking. Per token the exact diagonal blocks cost c·K and
 # the re-referenced earlier keys C/(2c)·K elementwise work, so c ≈ sqrt(C/2) balances them for
@@ -201,23 +199,6 @@ def hgrn2_chunk_torch(
     return o, (state if output_final_state else None)
 
 
-def _check_backend(backend: str) -> None:
-    """Reject unknown or unavailable backends; every accepted one runs the torch chunked form."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        env = os.environ.get("ZOO_KERNEL_BACKEND", "").strip()
-        if env:
-            if env not in _BACKENDS:
-                raise ValueError(f"ZOO_KERNEL_BACKEND must be one of {_BACKENDS}, got {env!r}")
-            backend = env
-    if backend == "triton":
-        raise NotImplementedError(
-            "the Triton HGRN2 (GLA) kernel comes in its own issue and is not built yet; "
-            "use backend='torch'"
-        )
-
-
 def _check_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -281,7 +262,7 @@ def hgrn2(
     "triton" (not built yet). The environment variable ``ZOO_KERNEL_BACKEND`` overrides "auto".
     """
     _check_inputs(q, k, v, log_f, initial_state, chunk_size)
-    _check_backend(backend)
+    resolve_backend(backend, "HGRN2 (GLA)")
     if q.shape[1] == 1:
         o, state = hgrn2_step(q[:, 0], k[:, 0], v[:, 0], log_f[:, 0], initial_state)
         return o.unsqueeze(1), (state if output_final_state else None)

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 
 import torch
+from zoo.kernels.backend import resolve_backend
 
 __all__ = [
     "lightning",
@@ -42,7 +42,6 @@ __all__ = [
     "tnl_log_decay",
 ]
 
-_BACKENDS = ("auto", "torch", "triton")
 _DECAY_FORMS = ("alibi", "paper")
 _GROUP_TOKENS = 1024
 
@@ -205,22 +204,6 @@ def lightning_chunk_torch(
     return o, (state if output_final_state else None)
 
 
-def _check_backend(backend: str) -> None:
-    """Reject unknown or unavailable backends; every accepted one runs the torch chunked form."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        env = os.environ.get("ZOO_KERNEL_BACKEND", "").strip()
-        if env:
-            if env not in _BACKENDS:
-                raise ValueError(f"ZOO_KERNEL_BACKEND must be one of {_BACKENDS}, got {env!r}")
-            backend = env
-    if backend == "triton":
-        raise NotImplementedError(
-            "the Triton lightning kernel is not built yet; use backend='torch'"
-        )
-
-
 def _check_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -318,7 +301,7 @@ def lightning(
     variable ``ZOO_KERNEL_BACKEND`` overrides "auto".
     """
     _check_inputs(q, k, v, log_decay, initial_state, cu_seqlens, chunk_size)
-    _check_backend(backend)
+    resolve_backend(backend, "lightning")
 
     if cu_seqlens is None:
         if q.shape[1] == 1:

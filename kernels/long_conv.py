@@ -35,10 +35,9 @@ first T outputs, as in safari; its state is the last K−1 inputs (B, K−1, C).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+from zoo.kernels.backend import resolve_backend
 
 __all__ = [
     "long_conv",
@@ -50,7 +49,6 @@ __all__ = [
     "short_conv_naive",
 ]
 
-_BACKENDS = ("auto", "torch", "triton")
 
 # Dispatch threshold, measured on this repo's 2-core CPU (torch 2.13, one thread, B=2,
 # D ∈ {256, 864}, median of 11 runs, history empty so N = T): forward only, direct and FFT
@@ -181,24 +179,6 @@ def long_conv_fft(
     return _finish(y.transpose(1, 2), u, bias, full, output_final_state)
 
 
-def _resolve_backend(backend: str) -> str:
-    """The backend that runs: "torch" for now; "triton" is refused until its kernel lands."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        env = os.environ.get("ZOO_KERNEL_BACKEND", "").strip()
-        if env:
-            if env not in _BACKENDS:
-                raise ValueError(f"ZOO_KERNEL_BACKEND must be one of {_BACKENDS}, got {env!r}")
-            backend = env
-    if backend == "triton":
-        raise NotImplementedError(
-            "the Triton long-convolution kernel is not built yet (it comes in its own issue); "
-            "use backend='torch'"
-        )
-    return "torch"
-
-
 def _check_inputs(
     u: torch.Tensor,
     k: torch.Tensor,
@@ -253,7 +233,7 @@ def long_conv(
     "triton" is not built yet. ``ZOO_KERNEL_BACKEND`` overrides "auto".
     """
     _check_inputs(u, k, bias, initial_state)
-    _resolve_backend(backend)
+    resolve_backend(backend, "long-convolution")
     T = u.shape[1]
     if T == 1:
         y, full = long_conv_step(u[:, 0], k, bias, initial_state, output_final_state)

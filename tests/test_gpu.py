@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.tiny import tiny_config
+from tests.tiny import FAMILIES, tiny_config
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("family", ["llama", "tnl", "hybrid"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_logits_match_cpu(family):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(family, hidden_size=256)).eval()
@@ -21,7 +21,7 @@ def test_cuda_logits_match_cpu(family):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "tnl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_bf16_is_close_to_fp32(family):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(family, hidden_size=256)).cuda().eval()
@@ -31,7 +31,7 @@ def test_cuda_bf16_is_close_to_fp32(family):
     assert (low - reference).abs().max() < 0.1 * reference.abs().max()
 
 
-@pytest.mark.parametrize("family", ["llama", "tnl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_generate_matches_full_forward(family):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(family)).cuda().eval()
