@@ -41,15 +41,12 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from transformers.cache_utils import Cache
 
 from zoo.cache import recurrent_state
-from zoo.configuration import ZooConfig
 from zoo.kernels.lightning import lightning, lightning_naive
 from zoo.layers.context import MixerContext
-from zoo.layers.norm import build_norm
+from zoo.layers.lightning import LightningAttention
 
 LRPE_BASE = 10000.0
 
@@ -118,52 +115,19 @@ def call_positions(context: MixerContext) -> tuple[torch.Tensor, torch.Tensor]:
     return rel, rel.masked_fill(~mask, -1).amax(dim=1) + 1
 
 
-class CosFormer2Attention(nn.Module):
-    def __init__(self, config: ZooConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.hidden_size = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.head_dim
-        self.chunk_size = config.lightning_chunk_size
-        self.backend = config.kernel_backend
-        d = config.hidden_size
-        rank = config.output_gate_rank or self.head_dim
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
-        self.gate_down = nn.Linear(d, rank, bias=False)
-        self.gate_up = nn.Linear(rank, d, bias=False)
-        self.norm = build_norm(config.norm_type, d, config.rms_norm_eps)
-        self.o_proj = nn.Linear(d, d, bias=False)
+class CosFormer2Attention(LightningAttention):
+    """TNL's projections, feature map, output norm and gate (inherited), with LRPE and no decay."""
 
     def _qkv(
         self, x: torch.Tensor, context: MixerContext
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """SiLU features before LRPE: q, k, v (B, T, H, D), with k and v zero at padding."""
-        batch, seq_len, width = x.shape
-        if width != self.hidden_size:
-            raise ValueError(
-                f"hidden_states has width {width} but the layer's hidden_size is {self.hidden_size}"
-            )
-        if context.position_ids.shape[-1] != seq_len:
+        if context.position_ids.shape[-1] != x.shape[1]:
             raise ValueError(
                 f"context.position_ids covers {context.position_ids.shape[-1]} tokens but "
-                f"hidden_states has {seq_len}"
+                f"hidden_states has {x.shape[1]}"
             )
-        shape = (batch, seq_len, self.num_heads, self.head_dim)
-        q = F.silu(self.q_proj(x)).view(shape)  # (B, T, H, D)
-        k = F.silu(self.k_proj(x)).view(shape)
-        v = self.v_proj(x).view(shape)
-        if context.token_mask is not None:
-            keep = context.token_mask[:, :, None, None].to(k.dtype)
-            k, v = k * keep, v * keep
-        return q, k, v
-
-    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        o = self.norm(o.reshape(x.shape))
-        gate = torch.sigmoid(self.gate_up(self.gate_down(x)))
-        return self.o_proj(o * gate)
+        return super()._qkv(x, context)
 
     def forward(
         self, hidden_states: torch.Tensor, context: MixerContext, cache: Cache | None = None

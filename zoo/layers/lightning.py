@@ -47,6 +47,7 @@ class LightningAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_layers = config.num_hidden_layers
+        self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.decay_form = config.lightning_decay
@@ -70,7 +71,11 @@ class LightningAttention(nn.Module):
     def _qkv(
         self, x: torch.Tensor, context: MixerContext
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        batch, seq_len, _ = x.shape
+        batch, seq_len, width = x.shape
+        if width != self.hidden_size:
+            raise ValueError(
+                f"hidden_states has width {width} but the layer's hidden_size is {self.hidden_size}"
+            )
         shape = (batch, seq_len, self.num_heads, self.head_dim)
         q = F.silu(self.q_proj(x)).view(shape)  # (B, T, H, D)
         k = F.silu(self.k_proj(x)).view(shape)

@@ -43,6 +43,11 @@ from zoo.layers.context import MixerContext
 
 
 class MambaMixer(nn.Module):
+    # Like mamba_ssm, A and D take no weight decay. The `_no_weight_decay` flag set on the
+    # parameters below is mamba_ssm's convention but is lost when `from_pretrained` swaps in
+    # loaded Parameter objects; these names stay valid.
+    no_weight_decay_params: tuple[str, ...] = ("A_log", "D")
+
     def __init__(self, config: ZooConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -57,8 +62,8 @@ class MambaMixer(nn.Module):
         self.backend = config.kernel_backend
         d, d_inner = config.hidden_size, self.d_inner
         self.in_proj = nn.Linear(d, 2 * d_inner, bias=config.mamba_proj_bias)
-        # An nn.Conv1d only to hold transformers' parameter names and shapes (D_in, 1, K); the
-        # forward runs the causal conv itself so that it can take the cached left context.
+        # transformers' names and shapes (D_in, 1, K). `forward` runs the causal conv itself, to
+        # take the cached left context; `reference_forward` runs this module as is.
         self.conv1d = nn.Conv1d(
             d_inner,
             d_inner,
@@ -71,9 +76,8 @@ class MambaMixer(nn.Module):
         self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(d_inner, self.d_state))
         self.D = nn.Parameter(torch.empty(d_inner))
-        # Read by optimiser set-ups: like mamba_ssm, A and D take no weight decay.
-        self.A_log._no_weight_decay = True
-        self.D._no_weight_decay = True
+        for name in self.no_weight_decay_params:
+            getattr(self, name)._no_weight_decay = True
         self.out_proj = nn.Linear(d_inner, d, bias=config.mamba_proj_bias)
         # A mixer built on its own (outside a model's post_init) must be usable too.
         self.init_zoo_weights()
