@@ -20,6 +20,9 @@ One run, one config (≈14M parameters: hidden 384, 6 layers, 6 heads of dim 64,
     are not installed) at ≈13M parameters (hidden 384, 12 layers, state 16, conv 4, expand 2,
     vocab 4096, tied embeddings): one inference_mode forward with use_cache=False at B=1,
     T = 256 and 1024, timed round-robin. Milliseconds, HF/ours and the max |logit difference|.
+    It runs in a fresh interpreter: transformers' slow path allocates ~50 MB per layer and its
+    speed depends on the allocator state earlier sections leave (after (a) it ran ~1.6x faster
+    than in any process that only runs Mamba), so (d) must not inherit that state.
 
 Every number is the median of several repeats after warmup. Run from the repository root:
 
@@ -39,12 +42,14 @@ import gc
 import importlib.util
 import itertools
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +311,7 @@ def bench_mamba_vs_hf(shape: dict[str, Any], device: torch.device, seed: int) ->
         "hf_path": "mamba-ssm kernels" if hf_fast else "slow path (pure torch)",
         "zoo_chunk_size": config.mamba_chunk_size,
         "zoo_kernel_backend": config.kernel_backend,
+        "process": "fresh interpreter (spawn)",
     }
     for length in shape["lengths"]:
         gen = torch.Generator().manual_seed(length)
@@ -332,6 +338,18 @@ def bench_mamba_vs_hf(shape: dict[str, Any], device: torch.device, seed: int) ->
         out[str(length)] = res
         gc.collect()
     return out
+
+
+def _mamba_section(shape: dict[str, Any], device: str, seed: int, threads: int) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    return bench_mamba_vs_hf(shape, torch.device(device), seed)
+
+
+def _in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) in a new interpreter (spawn), so it sees no state left by earlier sections."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(fn, *args).result()
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,7 +615,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     del llama, tnl, zoo_models
     gc.collect()
     print("[run] mamba vs transformers ...", flush=True)
-    result["mamba_vs_transformers"] = bench_mamba_vs_hf(shapes["mamba"], device, args.seed)
+    result["mamba_vs_transformers"] = _in_fresh_process(
+        _mamba_section, shapes["mamba"], str(device), args.seed, args.threads
+    )
     result["goals"] = _goals(result, shapes)
     result["wall_s"] = time.perf_counter() - t_start
     result["device"]["loadavg_end"] = _loadavg()

@@ -27,6 +27,16 @@ import zoo
         ({"lightning_decay": "learned"}, "lightning_decay='learned'"),
         ({"kernel_backend": "cuda"}, "kernel_backend='cuda'"),
         ({"output_gate_rank": 0}, "output_gate_rank=0"),
+        ({"mamba_d_state": 0}, "mamba_d_state=0"),
+        ({"mamba_dt_max": float("inf")}, "mamba_dt_max=inf must be a finite number"),
+        ({"mamba_dt_min": 0.5, "mamba_dt_max": 0.1}, "0 < mamba_dt_min <= mamba_dt_max"),
+        ({"mamba_conv_bias": "yes"}, "mamba_conv_bias='yes' must be True or False"),
+        ({"hyena_order": 1}, "hyena_order=1 must be an integer >= 2"),
+        ({"hyena_emb_dim": 4}, "hyena_emb_dim=4 must be an odd integer >= 3"),
+        (
+            {"mixers": ["hgrn2"] * 4, "hgrn2_expand_ratio": 48},
+            "hgrn2_expand_ratio=48 does not divide",
+        ),
     ],
 )
 def test_bad_config_names_the_field(fields, message):

@@ -100,7 +100,7 @@ def convert(
     src: Annotated[Path, typer.Argument(help="Checkpoint folder to read.")],
     dst: Annotated[Path, typer.Argument(help="Folder to write.")],
 ) -> None:
-    """Convert a checkpoint between transformers' Llama and zoo's LLaMA (either direction)."""
+    """Convert a checkpoint between transformers' Llama/Mamba and zoo's LLaMA/Mamba (both ways)."""
     from zoo.convert import convert_checkpoint
 
     try:

@@ -196,14 +196,29 @@ class ZooConfig(PreTrainedConfig):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if self.mamba_dt_rank is not None and (
-            not isinstance(self.mamba_dt_rank, int) or self.mamba_dt_rank <= 0
+            not isinstance(self.mamba_dt_rank, int)
+            or isinstance(self.mamba_dt_rank, bool)
+            or self.mamba_dt_rank <= 0
         ):
             raise ValueError(f"mamba_dt_rank={self.mamba_dt_rank!r} must be a positive integer")
+        for name in ("mamba_dt_min", "mamba_dt_max", "mamba_dt_init_floor"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
+                raise ValueError(f"{name}={value!r} must be a finite number")
         if not 0 < self.mamba_dt_min <= self.mamba_dt_max:
             raise ValueError(
                 f"mamba_dt_min={self.mamba_dt_min} and mamba_dt_max={self.mamba_dt_max} must "
                 "satisfy 0 < mamba_dt_min <= mamba_dt_max"
             )
+        if self.mamba_dt_init_floor < 0:
+            raise ValueError(f"mamba_dt_init_floor={self.mamba_dt_init_floor!r} must be >= 0")
+        for name in ("mamba_conv_bias", "mamba_proj_bias", "hyena_modulate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if not isinstance(self.hyena_order, int) or self.hyena_order < 2:
             raise ValueError(f"hyena_order={self.hyena_order!r} must be an integer >= 2")
         emb_dim = self.hyena_emb_dim
@@ -214,8 +229,6 @@ class ZooConfig(PreTrainedConfig):
             or emb_dim % 2 == 0
         ):
             raise ValueError(f"hyena_emb_dim={emb_dim!r} must be an odd integer >= 3")
-        if not isinstance(self.hyena_modulate, bool):
-            raise ValueError(f"hyena_modulate={self.hyena_modulate!r} must be True or False")
         if "hgrn2" in self.mixers and self.hidden_size % self.hgrn2_expand_ratio:
             raise ValueError(
                 f"hgrn2_expand_ratio={self.hgrn2_expand_ratio} does not divide "

@@ -117,8 +117,14 @@ def train(
     model: ZooForCausalLM, batches: Iterator[torch.Tensor], settings: DemoSettings, desc: str
 ) -> float:
     """Train in place; returns training tokens per second."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # Weight decay on matrices only, and never on parameters a mixer exempts (Mamba's A and D).
+    exempt = {
+        id(getattr(module, name))
+        for module in model.modules()
+        for name in getattr(module, "no_weight_decay_params", ())
+    }
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in exempt]
+    no_decay = [p for p in model.parameters() if p.dim() < 2 or id(p) in exempt]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
         lr=settings.lr,

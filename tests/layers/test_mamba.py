@@ -163,6 +163,10 @@ def test_loading_keeps_checkpoint_weights(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     for key, tensor in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], tensor), key
+    # The per-parameter flag does not survive loading; the mixer's list of names does.
+    mixer = reloaded.model.layers[0].mixer
+    assert mixer.no_weight_decay_params == ("A_log", "D")
+    assert set(mixer.no_weight_decay_params) <= dict(mixer.named_parameters(recurse=False)).keys()
 
 
 @pytest.mark.parametrize(

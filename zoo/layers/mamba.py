@@ -16,11 +16,16 @@ The selective scan itself is `zoo.kernels.selective_scan`.
 
 Choices where the sources differ (shared/papers/mamba-hyena.md §1): Euler B̄ = Δ B as in the
 code, not the paper's ZOH B̄; the conv bias is initialised like PyTorch's Conv1d (as mamba_ssm),
-not zeroed (as transformers); Δ's bias add and softplus run in fp32, as in both kernels.
+not zeroed (as transformers); Δ's bias add and softplus run in fp32, as in both kernels. The
+projections keep the backbone's N(0, initializer_range) init (transformers does the same), not
+mamba_ssm's PyTorch default with out_proj scaled by 1/√layers; the residual stream stays in the
+model's dtype (no `residual_in_fp32`).
 
 Padding never enters the state: at padded tokens x̃ is zeroed before the conv and Δ is forced to
 0, so the state neither decays nor takes input there and a left-padded row gives the outputs
-and the decode continuation of the same row alone.
+and the decode continuation of the same row alone. (transformers zeroes the block input and u
+there but keeps Δ = softplus(bias) > 0, so its state would decay across padding that follows
+real tokens; for left padding both agree.)
 
 Decode state per layer: the last K conv inputs (B, D_in, K), as transformers keeps them, and the
 SSM state (B, D_in, N) in fp32.
@@ -74,8 +79,11 @@ class MambaMixer(nn.Module):
         )
         self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * self.d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
-        self.A_log = nn.Parameter(torch.empty(d_inner, self.d_state))
-        self.D = nn.Parameter(torch.empty(d_inner))
+        # S4D-real A and D = 1 already here (init_zoo_weights sets them again), so a mixer built
+        # outside a model never runs on uninitialised memory.
+        n = torch.arange(1.0, self.d_state + 1.0)  # default dtype, like every other parameter
+        self.A_log = nn.Parameter(torch.log(n).repeat(d_inner, 1))  # (D_in, N)
+        self.D = nn.Parameter(torch.ones(d_inner))
         for name in self.no_weight_decay_params:
             getattr(self, name)._no_weight_decay = True
         self.out_proj = nn.Linear(d_inner, d, bias=config.mamba_proj_bias)
