@@ -55,13 +55,23 @@ from typing import Any
 
 import torch
 import transformers
+from transformers import AutoModelForCausalLM
 from transformers import LlamaForCausalLM as HFLlamaForCausalLM
 
 import zoo
 from zoo.cache import cache_nbytes, new_cache
-from zoo.configuration import LlamaConfig, MambaConfig, TNLConfig
+from zoo.configuration import (
+    CosFormer2Config,
+    HGRN2Config,
+    HybridConfig,
+    HyenaConfig,
+    LlamaConfig,
+    MambaConfig,
+    TNLConfig,
+    ZooConfig,
+)
 from zoo.convert import to_hf_llama, to_hf_mamba
-from zoo.modeling import LlamaForCausalLM, MambaForCausalLM, TNLForCausalLM, ZooForCausalLM
+from zoo.modeling import MambaForCausalLM, ZooForCausalLM
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -144,10 +154,45 @@ def _median_time(fn: Callable[[], Any], device: torch.device, warmup: int, repea
 # Models
 
 
-def _configs(model: dict[str, int]) -> tuple[LlamaConfig, TNLConfig]:
-    # Same widths for both; untied embeddings for both so the parameter counts compare.
-    common = dict(model, tie_word_embeddings=False, max_position_embeddings=16384)
-    return LlamaConfig(**common), TNLConfig(**common)
+# Families whose prefill and decode are measured, with their table labels.
+LABELS = {
+    "zoo_llama": "zoo LLaMA",
+    "zoo_tnl": "zoo TNL",
+    "zoo_hgrn2": "zoo HGRN2",
+    "zoo_cosformer2": "zoo cosFormer2",
+    "zoo_mamba": "zoo Mamba",
+    "zoo_hyena": "zoo Hyena",
+    "zoo_hybrid": "zoo hybrid (3 TNL : 1 LLaMA)",
+}
+
+
+def _configs(model: dict[str, int]) -> dict[str, ZooConfig]:
+    """One config per family at the same width; untied embeddings so parameter counts compare.
+
+    Mamba stacks twice the layers (it has no channel mixer: two Mamba blocks ≈ one layer);
+    the hybrid stripes one LLaMA block after every three TNL blocks.
+    """
+    # Room for the 16K decode context plus its prefill and decode steps (Hyena needs it).
+    common = dict(model, tie_word_embeddings=False, max_position_embeddings=16384 + 256)
+    layers = common["num_hidden_layers"]
+    stripe = ["lightning", "lightning", "lightning", "attention"] * (layers // 4 + 1)
+    channel = {"lightning": "glu", "attention": "swiglu"}
+    return {
+        "zoo_llama": LlamaConfig(**common),
+        "zoo_tnl": TNLConfig(**common),
+        # HGRN2's state expansion e = the head dim of the other families.
+        "zoo_hgrn2": HGRN2Config(
+            **common, hgrn2_expand_ratio=common["hidden_size"] // common["num_attention_heads"]
+        ),
+        "zoo_cosformer2": CosFormer2Config(**common),
+        "zoo_mamba": MambaConfig(**{**common, "num_hidden_layers": 2 * layers}),
+        "zoo_hyena": HyenaConfig(**common),
+        "zoo_hybrid": HybridConfig(
+            **common,
+            mixers=stripe[:layers],
+            channel_mixers=[channel[m] for m in stripe[:layers]],
+        ),
+    }
 
 
 def _n_params(model: torch.nn.Module) -> int:
@@ -481,8 +526,8 @@ def _table(result: dict[str, Any]) -> str:
         "| model | " + " | ".join(f"T={_fmt_len(n)}" for n in lengths) + f" | {hi}/{lo} |",
         "|---|" + "---:|" * (len(lengths) + 1),
     ]
-    for name, label in (("zoo_llama", "zoo LLaMA"), ("zoo_tnl", "zoo TNL")):
-        r = pf[name]
+    for name in (name for name in LABELS if name in pf):
+        label, r = LABELS[name], pf[name]
         cells = " | ".join(f"{r[str(n)]['ms']:.0f}" for n in lengths)
         lines.append(f"| {label} | {cells} | {r[f'ratio_{hi}_over_{lo}']:.2f} |")
     dc = result["decode"]
@@ -494,7 +539,8 @@ def _table(result: dict[str, Any]) -> str:
         "| model | context | tokens/s | step (ms) | cache bytes | prefill (s) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, label in (("zoo_llama", "zoo LLaMA"), ("zoo_tnl", "zoo TNL")):
+    for name in (name for name in LABELS if name in dc):
+        label = LABELS[name]
         for c in contexts:
             r = dc[name][str(c)]
             lines.append(
@@ -559,9 +605,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
-    llama_cfg, tnl_cfg = _configs(shapes["model"])
-    llama = LlamaForCausalLM(llama_cfg).to(device).eval()
-    tnl = TNLForCausalLM(tnl_cfg).to(device).eval()
+    configs = _configs(shapes["model"])
+    llama_cfg, tnl_cfg = configs["zoo_llama"], configs["zoo_tnl"]
+    zoo_models = {
+        name: AutoModelForCausalLM.from_config(config).to(device).eval()
+        for name, config in configs.items()
+    }
+    llama, tnl = zoo_models["zoo_llama"], zoo_models["zoo_tnl"]
     hf, conversion = _to_hf(llama)
     hf = hf.to(device=device, dtype=torch.float32).eval()
     vocab = llama_cfg.vocab_size
@@ -595,9 +645,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "notes": "timings are medians after warmup; train step repeats run round-robin",
         },
         "params": {
-            "zoo_llama": _n_params(llama),
             "hf_llama": _n_params(hf),
-            "zoo_tnl": _n_params(tnl),
+            **{name: _n_params(model) for name, model in zoo_models.items()},
         },
     }
 
@@ -607,7 +656,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     del hf
     gc.collect()
-    zoo_models = {"zoo_llama": llama, "zoo_tnl": tnl}
     print("[run] prefill ...", flush=True)
     result["prefill"] = bench_prefill(zoo_models, vocab, shapes["prefill"], device)
     print("[run] decode ...", flush=True)
