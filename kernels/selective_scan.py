@@ -40,9 +40,9 @@ own issue).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+from zoo.kernels.backend import resolve_backend
 
 __all__ = [
     "selective_scan",
@@ -51,7 +51,6 @@ __all__ = [
     "selective_scan_step",
 ]
 
-_BACKENDS = ("auto", "torch", "triton")
 # State elements (B · tokens · D_in · N) of one group of chunks: 2^20 fp32 values = 4 MiB per
 # tensor, so a group's few such tensors stay in a CPU's L3 cache (2^21 and up measured slower).
 _GROUP_ELEMENTS = 1 << 20
@@ -207,23 +206,6 @@ def selective_scan_chunk_torch(
     return y.to(u.dtype), (state if output_final_state else None)
 
 
-def _check_backend(backend: str) -> None:
-    """Reject unknown or unavailable backends; every accepted one runs the torch form."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        env = os.environ.get("ZOO_KERNEL_BACKEND", "").strip()
-        if env:
-            if env not in _BACKENDS:
-                raise ValueError(f"ZOO_KERNEL_BACKEND must be one of {_BACKENDS}, got {env!r}")
-            backend = env
-    if backend == "triton":
-        raise NotImplementedError(
-            "the Triton selective-scan kernel is not built yet (it comes in its own issue); "
-            "use backend='torch'"
-        )
-
-
 def _check_inputs(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -299,7 +281,7 @@ def selective_scan(
     variable ``ZOO_KERNEL_BACKEND`` overrides "auto".
     """
     _check_inputs(u, delta, A, B, C, D, initial_state, chunk_size)
-    _check_backend(backend)
+    resolve_backend(backend, "selective-scan")
     if u.shape[1] == 1:
         # Decode: a single token needs no chunk machinery.
         y, state = selective_scan_step(u[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], D, initial_state)

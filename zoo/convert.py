@@ -237,20 +237,25 @@ def llama_config_from_hf(hf_config: transformers.LlamaConfig) -> LlamaConfig:
     )
 
 
-def llama_config_to_hf(config: ZooConfig) -> transformers.LlamaConfig:
-    """transformers' `LlamaConfig` for a zoo config whose every layer is LLaMA's."""
-    for field, allowed in (("mixers", "attention"), ("channel_mixers", "swiglu")):
+def _require_uniform(config: ZooConfig, mixer: str, channel_mixer: str, target: str) -> None:
+    """Refuse a zoo config that a transformers `target` model cannot hold, naming the field."""
+    for field, allowed in (("mixers", mixer), ("channel_mixers", channel_mixer)):
         for i, name in enumerate(getattr(config, field)):
             if name != allowed:
                 raise ValueError(
-                    f"{field}[{i}]={name!r} cannot be converted to a transformers Llama: every "
+                    f"{field}[{i}]={name!r} cannot be converted to a transformers {target}: every "
                     f"layer must be {allowed!r} (got {field}={getattr(config, field)!r})"
                 )
     if config.norm_type != "rmsnorm":
         raise ValueError(
-            f"norm_type={config.norm_type!r} cannot be converted to a transformers Llama, whose "
-            "norms are 'rmsnorm' (with a gain)"
+            f"norm_type={config.norm_type!r} cannot be converted to a transformers {target}, "
+            "whose norms are 'rmsnorm' (with a gain)"
         )
+
+
+def llama_config_to_hf(config: ZooConfig) -> transformers.LlamaConfig:
+    """transformers' `LlamaConfig` for a zoo config whose every layer is LLaMA's."""
+    _require_uniform(config, "attention", "swiglu", "Llama")
     return transformers.LlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -443,18 +448,7 @@ def mamba_config_from_hf(hf_config: transformers.MambaConfig) -> MambaConfig:
 
 def mamba_config_to_hf(config: ZooConfig) -> transformers.MambaConfig:
     """transformers' `MambaConfig` for a zoo config whose every layer is a Mamba block."""
-    for field, allowed in (("mixers", "mamba"), ("channel_mixers", "none")):
-        for i, name in enumerate(getattr(config, field)):
-            if name != allowed:
-                raise ValueError(
-                    f"{field}[{i}]={name!r} cannot be converted to a transformers Mamba: every "
-                    f"layer must be {allowed!r} (got {field}={getattr(config, field)!r})"
-                )
-    if config.norm_type != "rmsnorm":
-        raise ValueError(
-            f"norm_type={config.norm_type!r} cannot be converted to a transformers Mamba, whose "
-            "norms are 'rmsnorm' (with a gain)"
-        )
+    _require_uniform(config, "mamba", "none", "Mamba")
     return transformers.MambaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
