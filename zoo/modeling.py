@@ -36,6 +36,7 @@ from zoo.configuration import (
 from zoo.layers import build_channel_mixer, build_sequence_mixer
 from zoo.layers.context import MixerContext
 from zoo.layers.norm import build_norm
+from zoo.remote import write_remote_code
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +83,6 @@ class ZooPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained` plus the remote-code shim (see `zoo.remote`)."""
-        from zoo.remote import write_remote_code
-
         write_remote_code(self.config, save_directory)
         super().save_pretrained(save_directory, *args, **kwargs)
 
