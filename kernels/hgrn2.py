@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 from zoo.kernels.backend import resolve_backend
+from zoo.kernels.layout import check_qkv
 
 __all__ = ["hgrn2", "hgrn2_chunk_torch", "hgrn2_naive", "hgrn2_step"]
 
@@ -207,30 +208,10 @@ def _check_inputs(
     initial_state: torch.Tensor | None,
     chunk_size: int,
 ) -> None:
-    if q.dim() != 4:
-        raise ValueError(f"q must be (B, T, H, K) but has shape {tuple(q.shape)}")
-    B, T, H, K = q.shape
-    if k.shape != q.shape:
-        raise ValueError(f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}")
+    check_qkv("hgrn2", q, k, v, chunk_size, log_f=log_f)
+    B, _, H, K = q.shape
     if log_f.shape != q.shape:
         raise ValueError(f"log_f has shape {tuple(log_f.shape)} but q has {tuple(q.shape)}")
-    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"v has shape {tuple(v.shape)} but must be (B, T, H, V) with (B, T, H) = {(B, T, H)} "
-            "from q"
-        )
-    for name, t in (("q", q), ("k", k), ("v", v), ("log_f", log_f)):
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
-    if len({t.device for t in (q, k, v, log_f)}) > 1:
-        raise ValueError(
-            f"q, k, v and log_f must share a device, got {q.device}, {k.device}, {v.device} "
-            f"and {log_f.device}"
-        )
-    if T == 0:
-        raise ValueError("q has T=0 tokens; hgrn2 needs at least one")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if initial_state is not None:
         expected = (B, H, K, v.shape[-1])
         if tuple(initial_state.shape) != expected:

@@ -33,6 +33,7 @@ import math
 
 import torch
 from zoo.kernels.backend import resolve_backend
+from zoo.kernels.layout import check_qkv
 
 __all__ = [
     "lightning",
@@ -213,41 +214,18 @@ def _check_inputs(
     cu_seqlens: torch.Tensor | None,
     chunk_size: int,
 ) -> None:
-    if q.dim() != 4:
-        raise ValueError(f"q must be (B, T, H, K) but has shape {tuple(q.shape)}")
+    check_qkv("lightning", q, k, v, chunk_size, log_decay=log_decay)
     B, T, H, K = q.shape
-    if k.shape != q.shape:
-        raise ValueError(f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}")
-    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"v has shape {tuple(v.shape)} but must be (B, T, H, V) with (B, T, H) = {(B, T, H)} "
-            "from q"
-        )
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
-    if k.device != q.device or v.device != q.device or log_decay.device != q.device:
-        raise ValueError(
-            f"q, k, v and log_decay must share a device, got {q.device}, {k.device}, {v.device} "
-            f"and {log_decay.device}"
-        )
-    if T == 0:
-        raise ValueError("q has T=0 tokens; lightning needs at least one")
     if log_decay.shape != (H,):
         raise ValueError(
             f"log_decay has shape {tuple(log_decay.shape)} but must be (H,) = ({H},) from q"
         )
-    if not log_decay.is_floating_point():
-        raise ValueError(f"log_decay must be a floating tensor, got dtype {log_decay.dtype}")
     if not bool(torch.isfinite(log_decay).all()):
         raise ValueError(f"log_decay must be finite, got {log_decay.tolist()}")
     if bool((log_decay > 0).any()):
         raise ValueError(
             f"log_decay must be <= 0 (decay in (0, 1]) but its max is {log_decay.max().item()}"
         )
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-
     n_states = B
     if cu_seqlens is not None:
         if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or cu_seqlens.numel() < 2:
