@@ -38,6 +38,10 @@ def test_demo_saves_hub_folders_that_reload_and_generate(tmp_path):
 def test_hybrid_demo_config_is_a_stripe():
     config = demo_config("hybrid", DemoSettings())
     assert config.mixers == ["lightning", "lightning", "lightning", "attention"]
+    assert config.channel_mixers == ["moe"] * 4 and config.sparsity == 0.5
+    # Iso-active: two experts of half the dense width.
+    dense = demo_config("llama", DemoSettings())
+    assert 2 * config.moe_intermediate_size == dense.intermediate_size
     assert demo_config("mamba", DemoSettings()).num_hidden_layers == 8
 
 

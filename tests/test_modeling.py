@@ -183,3 +183,26 @@ def test_loads_in_bfloat16_and_generates(tiny_model, tmp_path):
     assert (logits.float() - reference).abs().max() < 0.05 * reference.abs().max() + 0.05
     low.generation_config.eos_token_id = None
     assert low.generate(ids, max_new_tokens=4, do_sample=False).shape == (2, 17)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients(family, reentrant):
+    """Recomputing blocks in backward changes nothing, reentrant checkpointing included (its
+    forward runs without grad, so anything a block stashed instead of returning, such as MoE
+    router logits, would lose its gradient)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family)).train()
+    ids = torch.randint(0, 256, (2, 13))
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.activation_checkpointing_enable({"use_reentrant": reentrant})
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    assert len(plain) == sum(1 for p in model.parameters() if p.requires_grad)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)

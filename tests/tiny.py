@@ -30,10 +30,17 @@ def tiny_config(family: str, **overrides) -> zoo.ZooConfig:
         small = {"hyena_filter_order": 16, "max_position_embeddings": 256}
         return zoo.HyenaConfig(**{**TINY, **small, **overrides})
     if family == "hybrid":
+        # Striped: a KV cache and two kinds of recurrent state in one cache, MoE and dense
+        # channel mixers (4 experts, top-2, one shared expert).
         pattern = {
-            "mixers": ["lightning", "attention", "lightning"],
-            "channel_mixers": ["glu", "swiglu", "none"],
+            "mixers": ["lightning", "attention", "mamba"],
+            "channel_mixers": ["moe", "swiglu", "moe"],
             "num_key_value_heads": 2,
+            "num_experts": 4,
+            "moe_intermediate_size": 32,
+            "num_shared_experts": 1,
+            "mamba_d_state": 4,
+            "mamba_chunk_size": 8,
         }
         return zoo.HybridConfig(**{**TINY, **pattern, **overrides})
     raise ValueError(f"unknown family {family!r}")

@@ -13,6 +13,7 @@ value and what is allowed.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,10 +30,13 @@ SEQUENCE_MIXERS: dict[str, str] = {
     # Hyena's long convolution needs the whole input history to decode: it grows like a KV cache.
     "hyena": "full_attention",
 }
-CHANNEL_MIXERS: tuple[str, ...] = ("swiglu", "glu", "none")
+CHANNEL_MIXERS: tuple[str, ...] = ("swiglu", "glu", "moe", "none")
 NORM_TYPES: tuple[str, ...] = ("rmsnorm", "srmsnorm")
 LIGHTNING_DECAY_FORMS: tuple[str, ...] = ("alibi", "paper")
 KERNEL_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
+# Implementations of the MoE experts (zoo/layers/moe.py); all compute the same function.
+MOE_BACKENDS: tuple[str, ...] = ("auto", "torch", "torch_grouped_mm", "triton", "megablocks")
+ROUTER_SCORING_FUNCS: tuple[str, ...] = ("softmax", "sigmoid")
 
 # The byte tokenizer's ids (zoo/tokenizer.py): 256 bytes, then <s>, </s>, <pad>.
 _BYTE_VOCAB, _BOS, _EOS, _PAD = 259, 256, 257, 258
@@ -40,12 +44,82 @@ _BYTE_VOCAB, _BOS, _EOS, _PAD = 259, 256, 257, 258
 
 @dataclass(frozen=True)
 class NamedSize:
-    """One row of the scaling-law paper's size table (arXiv 2406.16690, Tables 2 and 7)."""
+    """One named size: a row of the scaling-law paper's table (arXiv 2406.16690, Tables 2 and 7)
+    or, with `num_experts`, a MoE size whose every channel mixer is a MoE layer."""
 
     num_hidden_layers: int
     hidden_size: int
     num_attention_heads: int
     intermediate_size: int
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    # Width of one expert; None = intermediate_size (Mixtral: experts as wide as the dense MLP).
+    moe_intermediate_size: int | None = None
+    # Layer pattern (see `parse_layer_pattern`) of a hybrid size; None = the family's default.
+    pattern: str | None = None
+
+
+_GROUP = re.compile(r"\(([^()]*)\)\s*\*\s*(\d+)")
+_LAYER = re.compile(r"^([a-z0-9_]+)(?::([a-z0-9_]+))?(?:\*(\d+))?$")
+
+
+def parse_layer_pattern(pattern: str) -> tuple[list[str], list[str]]:
+    """Per-layer (mixers, channel_mixers) of a compact pattern.
+
+    A layer is `mixer:channel_mixer` (`attention:moe`); `:channel_mixer` defaults to `swiglu`.
+    `layer*N` repeats one layer, `(layers)*N` a group; layers are separated by spaces or commas.
+    `"(lightning:moe*3 attention:moe)*2"` is 8 layers: three TNL blocks, then one attention
+    block, twice, every channel mixer a MoE layer.
+    """
+    text = pattern
+    while match := _GROUP.search(text):
+        text = (
+            f"{text[: match.start()]} {' '.join([match.group(1)] * int(match.group(2)))} "
+            + (text[match.end() :])
+        )
+    if "(" in text or ")" in text:
+        raise ValueError(f"pattern {pattern!r}: unbalanced or unrepeated group; write (...)*N")
+    mixers: list[str] = []
+    channel_mixers: list[str] = []
+    for token in re.split(r"[\s,]+", text.strip()):
+        if not token:
+            continue
+        match = _LAYER.match(token)
+        if match is None:
+            raise ValueError(
+                f"pattern {pattern!r}: cannot read layer {token!r}; write mixer:channel_mixer"
+            )
+        mixer, channel, repeat = match.group(1), match.group(2) or "swiglu", match.group(3)
+        if mixer not in SEQUENCE_MIXERS:
+            raise ValueError(
+                f"pattern {pattern!r}: {mixer!r} is not a sequence mixer; "
+                f"allowed: {sorted(SEQUENCE_MIXERS)}"
+            )
+        if channel not in CHANNEL_MIXERS:
+            raise ValueError(
+                f"pattern {pattern!r}: {channel!r} is not a channel mixer; "
+                f"allowed: {list(CHANNEL_MIXERS)}"
+            )
+        count = int(repeat) if repeat else 1
+        mixers += [mixer] * count
+        channel_mixers += [channel] * count
+    if not mixers:
+        raise ValueError(f"pattern {pattern!r} has no layers")
+    return mixers, channel_mixers
+
+
+def format_layer_pattern(mixers: list[str], channel_mixers: list[str]) -> str:
+    """The compact pattern of per-layer lists (runs of equal layers written `layer*N`)."""
+    layers = [f"{m}:{c}" for m, c in zip(mixers, channel_mixers, strict=True)]
+    parts: list[str] = []
+    i = 0
+    while i < len(layers):
+        j = i
+        while j < len(layers) and layers[j] == layers[i]:
+            j += 1
+        parts.append(layers[i] if j - i == 1 else f"{layers[i]}*{j - i}")
+        i = j
+    return " ".join(parts)
 
 
 def _round_up(x: float, multiple: int) -> int:
@@ -132,6 +206,34 @@ class ZooConfig(PreTrainedConfig):
     hyena_modulate: bool = True
     # Kernel backend of the mixer ops: "auto" (Triton on CUDA when built, torch otherwise).
     kernel_backend: str = "auto"
+    # MoE (layers whose channel mixer is "moe"; names follow transformers' MoE models).
+    # Routed experts E per MoE layer.
+    num_experts: int = 8
+    # Experts k each token is sent to; sparsity = 1 - k/E (Abnar et al., arXiv 2501.12370).
+    num_experts_per_tok: int = 2
+    # Width of one SwiGLU expert; None = intermediate_size. Smaller experts with more of them is
+    # DeepSeekMoE's fine-grained segmentation.
+    moe_intermediate_size: int | None = None
+    # Always-on shared experts (DeepSeekMoE), run as one SwiGLU of width
+    # num_shared_experts * moe_intermediate_size; 0 = none (Mixtral, OLMoE).
+    num_shared_experts: int = 0
+    # Router scores: "softmax" over experts (Mixtral, OLMoE) or per-expert "sigmoid" (DeepSeek-V3).
+    router_scoring_func: str = "softmax"
+    # Rescale the k selected scores to sum to 1 (Mixtral: yes; OLMoE: no).
+    norm_topk_prob: bool = True
+    # Weight of the Switch load-balancing loss in the training loss (0 turns it off).
+    router_aux_loss_coef: float = 0.01
+    # Weight of the router z-loss (ST-MoE, arXiv 2202.08906; Abnar et al. use 1e-3).
+    router_z_loss_coef: float = 0.001
+    # Capacity factor c: each expert takes at most ceil(c * tokens * k / E) tokens per call and
+    # drops the rest (first choices first, then in token order); None = dropless (the default).
+    moe_capacity_factor: float | None = None
+    # Experts implementation: "auto" (torch_grouped_mm where the build has it, else torch),
+    # "torch" (reference), "torch_grouped_mm", "triton", "megablocks" (GPU, optional extra).
+    moe_backend: str = "auto"
+    # Return the router logits of every MoE layer in the output (the loss includes the aux losses
+    # whenever labels are given, whatever this says).
+    output_router_logits: bool = False
     # Std of the normal init of every Linear and Embedding (TNL/HGRN2 code and LLaMA use 0.02).
     initializer_range: float = 0.02
     # Share the input embedding and the LM head.
@@ -171,6 +273,8 @@ class ZooConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.intermediate_size is None and isinstance(self.hidden_size, int):
             self.intermediate_size = _round_up(8 * self.hidden_size / 3, 256)
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
 
     def _validate(self) -> None:
         for name in (
@@ -191,10 +295,14 @@ class ZooConfig(PreTrainedConfig):
             "hyena_filter_order",
             "hyena_short_filter",
             "hyena_num_inner_mlps",
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        self._validate_moe()
         if self.mamba_dt_rank is not None and (
             not isinstance(self.mamba_dt_rank, int)
             or isinstance(self.mamba_dt_rank, bool)
@@ -278,6 +386,52 @@ class ZooConfig(PreTrainedConfig):
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size={self.vocab_size} must be at least 2")
 
+    def _validate_moe(self) -> None:
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be <= "
+                f"num_experts={self.num_experts}: a token cannot visit more experts than exist"
+            )
+        shared = self.num_shared_experts
+        if not isinstance(shared, int) or isinstance(shared, bool) or shared < 0:
+            raise ValueError(f"num_shared_experts={shared!r} must be an integer >= 0")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name}={value!r} must be a number >= 0")
+        factor = self.moe_capacity_factor
+        if factor is not None and (
+            isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0
+        ):
+            raise ValueError(
+                f"moe_capacity_factor={factor!r} must be a positive number, or None for "
+                "dropless routing"
+            )
+        for name in ("norm_topk_prob", "output_router_logits"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        for name, allowed in (
+            ("router_scoring_func", ROUTER_SCORING_FUNCS),
+            ("moe_backend", MOE_BACKENDS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+
+    @property
+    def layer_pattern(self) -> str:
+        """The layers in `parse_layer_pattern`'s compact syntax, e.g. "lightning:glu*24"."""
+        return format_layer_pattern(self.mixers, self.channel_mixers)
+
+    @property
+    def has_moe(self) -> bool:
+        """Whether any layer's channel mixer is a MoE layer."""
+        return "moe" in self.channel_mixers
+
+    @property
+    def sparsity(self) -> float:
+        """1 - k/E as Abnar et al. define it (arXiv 2501.12370 Eq. 7); 0.0 for a dense model."""
+        return 1 - self.num_experts_per_tok / self.num_experts if self.has_moe else 0.0
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -312,6 +466,15 @@ class ZooConfig(PreTrainedConfig):
             "tie_word_embeddings": True,
             "max_position_embeddings": 8192,
         }
+        if row.num_experts:
+            fields.update(
+                num_experts=row.num_experts,
+                num_experts_per_tok=row.num_experts_per_tok,
+                moe_intermediate_size=row.moe_intermediate_size,
+                channel_mixers=["moe"] * row.num_hidden_layers,
+            )
+        if row.pattern is not None:
+            fields["mixers"], fields["channel_mixers"] = parse_layer_pattern(row.pattern)
         fields.update(overrides)
         return cls(**fields)
 
@@ -329,15 +492,35 @@ _SL_SIZES: dict[str, NamedSize] = {
 }
 
 
+def _moe_sizes(dense: dict[str, NamedSize], names: dict[str, str]) -> dict[str, NamedSize]:
+    """Mixtral-style MoE versions of dense rows: every MLP becomes 8 experts as wide as the
+    dense MLP, top-2. `names` maps a dense size to the MoE name, "<total>-a<active>" (as in
+    Qwen3-30B-A3B) counted with the scaling-law paper's vocabulary (100,280)."""
+    return {
+        moe_name: NamedSize(**{**vars(dense[size]), "num_experts": 8, "num_experts_per_tok": 2})
+        for size, moe_name in names.items()
+    }
+
+
 class LlamaConfig(ZooConfig):
     """LLaMA (Touvron et al., arXiv 2302.13971): RMSNorm, RoPE, GQA softmax attention, SwiGLU."""
 
     model_type = "zoo_llama"
     default_mixer = "attention"
     default_channel_mixer = "swiglu"
-    named_sizes = _SL_SIZES
+    # Dense sizes, then Mixtral-like MoE sizes named by total and active parameters.
+    named_sizes: ClassVar[dict[str, NamedSize]] = {
+        **_SL_SIZES,
+        **_moe_sizes(
+            _SL_SIZES,
+            {"70m": "170m-a86m", "160m": "560m-a220m", "410m": "2b-a660m", "1b": "5.3b-a1.7b"},
+        ),
+    }
 
     tie_word_embeddings: bool = False
+
+
+_TNL_SIZES = {**_SL_SIZES, "410m": NamedSize(25, 1024, 8, 2816)}
 
 
 class TNLConfig(ZooConfig):
@@ -351,8 +534,11 @@ class TNLConfig(ZooConfig):
     default_mixer = "lightning"
     default_channel_mixer = "glu"
     named_sizes: ClassVar[dict[str, NamedSize]] = {
-        **_SL_SIZES,
-        "410m": NamedSize(25, 1024, 8, 2816),
+        **_TNL_SIZES,
+        **_moe_sizes(
+            _TNL_SIZES,
+            {"70m": "170m-a87m", "160m": "560m-a220m", "410m": "1.9b-a650m", "1b": "5.3b-a1.7b"},
+        ),
     }
 
     norm_type: str = "srmsnorm"
@@ -384,10 +570,7 @@ class CosFormer2Config(ZooConfig):
     model_type = "zoo_cosformer2"
     default_mixer = "cosformer2"
     default_channel_mixer = "glu"
-    named_sizes: ClassVar[dict[str, NamedSize]] = {
-        **_SL_SIZES,
-        "410m": NamedSize(25, 1024, 8, 2816),
-    }
+    named_sizes = _TNL_SIZES
 
     norm_type: str = "srmsnorm"
 
@@ -446,14 +629,41 @@ class HyenaConfig(ZooConfig):
         return super().from_size(size, **{"max_position_embeddings": 2048, **overrides})
 
 
-class HybridConfig(ZooConfig):
-    """A striped hybrid: any per-layer pattern of the zoo's mixers, given explicitly.
+# MAD's best striped designs (arXiv 2403.17844 §6): one attention layer in four (the optimal
+# hybridisation ratio of its IsoFLOP sweep) striped with Hyena, Mamba or TNL, every channel mixer
+# a top-2-of-8 MoE layer with experts as wide as a dense SwiGLU (Mixtral-style).
+_HYBRID_SIZES: dict[str, NamedSize] = {
+    "striped-hyena-moe-520m-a180m": NamedSize(
+        12, 768, 6, 2048, 8, 2, pattern="(hyena:moe*3 attention:moe)*3"
+    ),
+    "striped-mamba-moe-530m-a190m": NamedSize(
+        12, 768, 6, 2048, 8, 2, pattern="(mamba:moe*3 attention:moe)*3"
+    ),
+    "striped-tnl-moe-520m-a180m": NamedSize(
+        12, 768, 6, 2048, 8, 2, pattern="(lightning:moe*3 attention:moe)*3"
+    ),
+}
 
-    `HybridConfig(num_hidden_layers=4, mixers=["lightning"] * 3 + ["attention"],
-    channel_mixers=["glu"] * 3 + ["swiglu"])` is three TNL blocks and one LLaMA block.
+
+class HybridConfig(ZooConfig):
+    """A striped hybrid: any per-layer pattern of the zoo's mixers.
+
+    `HybridConfig.from_pattern("(lightning:moe*3 attention:moe)*2")` is eight blocks, every
+    fourth one softmax attention, every channel mixer a MoE layer; config.json keeps the
+    expanded per-layer lists. The named sizes are the MAD paper's best striped designs
+    (arXiv 2403.17844: striped hybrids with MoE channel mixers, 25% attention layers), named by
+    total and active parameters with the GPT-NeoX vocabulary (50,280), as in MAD's Pile runs.
     """
 
     model_type = "zoo_hybrid"
+    named_sizes: ClassVar[dict[str, NamedSize]] = _HYBRID_SIZES
+
+    @classmethod
+    def from_pattern(cls, pattern: str, **overrides: Any) -> HybridConfig:
+        """A hybrid whose layers follow `pattern` (see `parse_layer_pattern`)."""
+        mixers, channel_mixers = parse_layer_pattern(pattern)
+        fields = {"num_hidden_layers": len(mixers), **overrides}
+        return cls(mixers=mixers, channel_mixers=channel_mixers, **fields)
 
 
 PRESETS: tuple[type[ZooConfig], ...] = (

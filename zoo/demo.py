@@ -77,6 +77,7 @@ class DemoResult:
     family: str
     path: str
     params: int
+    active_params: int
     heldout_loss: float
     unigram_entropy: float
     train_tokens_per_s: float
@@ -98,10 +99,15 @@ def demo_config(family: str, settings: DemoSettings) -> ZooConfig:
         # No channel mixer: two Mamba blocks hold about one Transformer layer's parameters.
         fields["num_hidden_layers"] = 2 * settings.num_hidden_layers
     elif family == "hybrid":
-        # Three TNL blocks, then one LLaMA block: MAD's best stripes have ~25% attention.
+        # MAD's best stripes: three TNL blocks, then one attention block (25% attention), every
+        # channel mixer a MoE layer. Top-2 of 4 experts of half the dense width: the active
+        # channel-mixer compute of one dense SwiGLU (iso-active), twice its parameters.
         n = settings.num_hidden_layers
+        dense = LlamaConfig(**fields)
         fields["mixers"] = ["lightning"] * (n - 1) + ["attention"]
-        fields["channel_mixers"] = ["glu"] * (n - 1) + ["swiglu"]
+        fields["channel_mixers"] = ["moe"] * n
+        fields["num_experts"], fields["num_experts_per_tok"] = 4, 2
+        fields["moe_intermediate_size"] = dense.intermediate_size // 2
     return DEMO_FAMILIES[family](**fields)
 
 
@@ -224,6 +230,7 @@ def run_demo(
             family=family,
             path=str(path),
             params=model.num_parameters(),
+            active_params=model.num_parameters(active=True),
             heldout_loss=loss,
             unigram_entropy=entropy,
             train_tokens_per_s=tokens_per_s,

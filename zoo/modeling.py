@@ -3,6 +3,10 @@
     h = h + mixer(norm(h), context, cache)
     h = h + channel_mixer(norm(h))            (skipped where the layer's channel mixer is "none")
 
+A MoE channel mixer also returns its router logits; the block passes them up (returned, not
+stashed on the module, so gradient checkpointing, reentrant too, keeps their gradient) and the
+causal LM adds the load-balancing and z-losses to its loss.
+
 Families are presets of `ZooConfig` and differ only in the mixers they stack; the classes at the
 end of this file only bind a preset's config class, so that the Auto classes can find them.
 """
@@ -18,7 +22,12 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+)
 from transformers.utils.deprecation import deprecate_kwarg
 
 from zoo.cache import new_cache
@@ -35,6 +44,7 @@ from zoo.configuration import (
 )
 from zoo.layers import build_channel_mixer, build_sequence_mixer
 from zoo.layers.context import MixerContext
+from zoo.layers.moe import Experts, MoE, Router, load_balancing_loss, router_z_loss
 from zoo.layers.norm import build_norm
 from zoo.remote import write_remote_code
 
@@ -56,11 +66,18 @@ class ZooBlock(GradientCheckpointingLayer):
 
     def forward(
         self, hidden_states: torch.Tensor, context: MixerContext, cache: Cache | None = None
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states, router logits [B·T, E] of a MoE channel mixer, else None)."""
         hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), context, cache)
-        if self.channel_mixer is not None:
+        router_logits = None
+        if isinstance(self.channel_mixer, MoE):
+            out, router_logits = self.channel_mixer(
+                self.channel_norm(hidden_states), context.token_mask
+            )
+            hidden_states = hidden_states + out
+        elif self.channel_mixer is not None:
             hidden_states = hidden_states + self.channel_mixer(self.channel_norm(hidden_states))
-        return hidden_states
+        return hidden_states, router_logits
 
 
 class ZooPreTrainedModel(PreTrainedModel):
@@ -93,10 +110,29 @@ class ZooPreTrainedModel(PreTrainedModel):
         `transformers.initialization`, which leaves weights loaded from a checkpoint untouched.
         """
         super()._init_weights(module)
+        if isinstance(module, (Router, Experts)):  # stacked weights, not nn.Linear
+            for param in module.parameters(recurse=False):
+                init.normal_(param, mean=0.0, std=self.config.initializer_range)
         if hasattr(module, "init_zoo_weights"):
             module.init_zoo_weights()
         if isinstance(module, ZooModel) and module.hgrn2_lower_bounds is not None:
             init.zeros_(module.hgrn2_lower_bounds)
+
+    def num_parameters(
+        self, only_trainable: bool = False, exclude_embeddings: bool = False, active: bool = False
+    ) -> int:
+        """transformers' count; `active=True` counts only what one token runs: k of the E routed
+        experts of every MoE layer (Abnar et al.'s N_a: always-on parameters included)."""
+        total = super().num_parameters(only_trainable, exclude_embeddings)
+        if not active:
+            return total
+        for module in self.modules():
+            if isinstance(module, Experts):
+                inactive = 1 - self.config.num_experts_per_tok / module.num_experts
+                for param in module.parameters():
+                    if param.requires_grad or not only_trainable:
+                        total -= round(param.numel() * inactive)
+        return total
 
     def state_size(self, batch: int = 1, seq_len: int = 1) -> int:
         """Elements of the inference cache after `seq_len` tokens, summed over layers."""
@@ -130,7 +166,7 @@ class ZooModel(ZooPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPast | MoeModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -159,18 +195,24 @@ class ZooModel(ZooPreTrainedModel):
 
         hidden_states = inputs_embeds
         all_hidden_states = []
+        router_logits = []
         for block in self.layers:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
-            hidden_states = block(hidden_states, context, cache=cache)
+            hidden_states, logits = block(hidden_states, context, cache=cache)
+            if logits is not None:
+                router_logits.append(logits)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            cache=cache,
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-        )
+        outputs = {
+            "last_hidden_state": hidden_states,
+            "cache": cache,
+            "hidden_states": tuple(all_hidden_states) if output_hidden_states else None,
+        }
+        if self.config.has_moe:
+            return MoeModelOutputWithPast(**outputs, router_logits=tuple(router_logits))
+        return BaseModelOutputWithPast(**outputs)
 
 
 class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
@@ -194,11 +236,18 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_router_logits: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | MoeCausalLMOutputWithPast:
         """Next-token logits; with `labels` (same shape as input_ids, -100 = ignore), the loss.
 
         Labels are shifted inside, as in transformers: position t is scored on token t + 1.
+        A model with MoE layers returns `MoeCausalLMOutputWithPast`: with labels, its loss
+        includes `router_aux_loss_coef` × the load-balancing loss (`aux_loss`) and
+        `router_z_loss_coef` × the router z-loss, whatever `output_router_logits` says (unlike
+        Mixtral, whose loss leaves them out unless it returns router logits, an easy way to
+        train a collapsed router); `output_router_logits` only decides whether the per-layer
+        logits are returned.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -220,8 +269,42 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
             )
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        if not self.config.has_moe:
+            return CausalLMOutputWithPast(
+                loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+            )
+
+        output_router_logits = (
+            self.config.output_router_logits
+            if output_router_logits is None
+            else output_router_logits
+        )
+        aux_loss = None
+        if labels is not None or output_router_logits:
+            token_mask = None
+            if attention_mask is not None:  # the current tokens' columns
+                token_mask = attention_mask[:, -outputs.last_hidden_state.shape[1] :].bool()
+            config = self.config
+            aux_loss = load_balancing_loss(
+                outputs.router_logits,
+                config.num_experts_per_tok,
+                config.router_scoring_func,
+                token_mask,
+            )
+            if loss is not None:
+                z_loss = router_z_loss(outputs.router_logits, token_mask)
+                loss = (
+                    loss
+                    + config.router_aux_loss_coef * aux_loss.to(loss.device)
+                    + config.router_z_loss_coef * z_loss.to(loss.device)
+                )
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            router_logits=outputs.router_logits if output_router_logits else None,
         )
 
 

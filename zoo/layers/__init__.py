@@ -5,7 +5,8 @@ A sequence mixer is `Mixer(config, layer_idx)` with
 recurrent step with one: it reads and writes its own state at `layer_idx`),
 `reference_forward(hidden_states, context)` (the naive form, for tests) and
 `state_size(batch, seq_len)` (cache elements it keeps). A channel mixer is
-`Mixer(config)` with `forward(hidden_states) -> hidden_states`.
+`Mixer(config)` with `forward(hidden_states) -> hidden_states`; the MoE channel mixer
+(`zoo.layers.moe.MoE`) also takes the token mask and returns `(hidden_states, router_logits)`.
 
 A module whose paper prescribes a special init defines `init_zoo_weights()` on the module that
 owns those parameters directly (transformers skips modules without parameters of their own when
@@ -20,6 +21,7 @@ from torch import nn
 
 from zoo.configuration import SEQUENCE_MIXERS, ZooConfig
 from zoo.layers.glu import GLU
+from zoo.layers.moe import MoE
 
 # name -> (module, class); imported on first use so a model loads only the mixers it stacks.
 _SEQUENCE_MIXER_PATHS: dict[str, tuple[str, str]] = {
@@ -46,4 +48,6 @@ def build_channel_mixer(config: ZooConfig, layer_idx: int) -> nn.Module | None:
     name = config.channel_mixers[layer_idx]
     if name == "none":
         return None
+    if name == "moe":
+        return MoE(config)
     return GLU(config, activation="silu" if name == "swiglu" else "identity")

@@ -15,9 +15,11 @@ from zoo.configuration import ZooConfig
 
 
 class GLU(nn.Module):
-    def __init__(self, config: ZooConfig, activation: str) -> None:
+    def __init__(
+        self, config: ZooConfig, activation: str, intermediate_size: int | None = None
+    ) -> None:
         super().__init__()
-        d, g = config.hidden_size, config.intermediate_size
+        d, g = config.hidden_size, intermediate_size or config.intermediate_size
         self.gate_proj = nn.Linear(d, g, bias=False)
         self.up_proj = nn.Linear(d, g, bias=False)
         self.down_proj = nn.Linear(g, d, bias=False)
