@@ -14,10 +14,13 @@ from zoo.convert import (
     HF_TO_ZOO,
     MAMBA_HF_TO_ZOO,
     MAMBA_ZOO_TO_HF,
+    MIXTRAL_HF_TO_ZOO,
+    MIXTRAL_ZOO_TO_HF,
     ZOO_TO_HF,
     convert_checkpoint,
     from_hf_llama,
     from_hf_mamba,
+    from_hf_mixtral,
     llama_config_from_hf,
     llama_config_to_hf,
     llama_state_dict_from_hf,
@@ -26,8 +29,11 @@ from zoo.convert import (
     mamba_config_to_hf,
     mamba_state_dict_from_hf,
     mamba_state_dict_to_hf,
+    mixtral_config_from_hf,
+    mixtral_config_to_hf,
     to_hf_llama,
     to_hf_mamba,
+    to_hf_mixtral,
 )
 from zoo.tokenizer import byte_tokenizer
 
@@ -271,7 +277,7 @@ def test_unknown_model_type_refused(tmp_path):
         convert_checkpoint(tmp_path, tmp_path / "out")
     message = str(info.value)
     assert str(tmp_path / "config.json") in message
-    assert "'llama'" in message and "'zoo_llama'" in message and "Mixtral" in message
+    assert "'llama'" in message and "'zoo_llama'" in message and "'mixtral'" in message
 
 
 def test_missing_config_json(tmp_path):
@@ -596,3 +602,111 @@ def test_non_mamba_zoo_configs_refused():
         mamba_config_to_hf(hybrid)
     with pytest.raises(ValueError, match="norm_type='srmsnorm'"):
         mamba_config_to_hf(zoo.MambaConfig(**SIZES, norm_type="srmsnorm"))
+
+
+# ---------------------------------------------------------------------------------------- Mixtral
+
+MIXTRAL_SIZES = dict(SIZES, num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)
+
+
+def hf_mixtral(seed: int = 0, **overrides) -> transformers.MixtralForCausalLM:
+    torch.manual_seed(seed)
+    config = transformers.MixtralConfig(
+        **MIXTRAL_SIZES,
+        initializer_range=0.1,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+        pad_token_id=0,
+        **overrides,
+    )
+    model = transformers.MixtralForCausalLM(config).eval()
+    _perturb_norms(model, seed)
+    return model
+
+
+def test_mixtral_to_zoo_same_logits_and_router_logits():
+    hf = hf_mixtral()
+    model = from_hf_mixtral(hf)
+    assert isinstance(model, zoo.LlamaForCausalLM)
+    assert model.config.channel_mixers == ["moe", "moe"] and model.config.num_experts == 4
+    assert model.config.moe_intermediate_size == 48 and model.config.router_z_loss_coef == 0
+    ids = random_ids()
+    with torch.no_grad():
+        expected = hf(ids, output_router_logits=True)
+        got = model(ids, output_router_logits=True)
+    assert_close(got.logits, expected.logits)
+    assert len(got.router_logits) == len(expected.router_logits) == 2
+    for ours, theirs in zip(got.router_logits, expected.router_logits, strict=True):
+        assert_close(ours, theirs)
+
+
+def test_mixtral_to_zoo_greedy_generate():
+    hf = hf_mixtral(seed=3)
+    model = from_hf_mixtral(hf)
+    ids = random_ids(seed=4, length=7)
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **kwargs), hf.generate(ids, **kwargs))
+
+
+def test_zoo_moe_llama_to_mixtral_and_back():
+    torch.manual_seed(1)
+    config = zoo.LlamaConfig(
+        **SIZES,
+        channel_mixers=["moe"] * 2,
+        num_experts=4,
+        moe_intermediate_size=40,
+        router_z_loss_coef=0.0,
+        initializer_range=0.1,
+    )
+    model = zoo.LlamaForCausalLM(config).eval()
+    _perturb_norms(model, 1)
+    hf = to_hf_mixtral(model)
+    assert isinstance(hf, transformers.MixtralForCausalLM)
+    assert hf.config.num_local_experts == 4 and hf.config.intermediate_size == 40
+    ids = random_ids()
+    with torch.no_grad():
+        ours, theirs = model(ids, output_router_logits=True), hf(ids, output_router_logits=True)
+    assert_close(theirs.logits, ours.logits)
+    for a, b in zip(ours.router_logits, theirs.router_logits, strict=True):
+        assert_close(a, b)
+    back = from_hf_mixtral(hf)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], tensor), key
+
+
+def test_mixtral_convert_checkpoint_both_ways(tmp_path):
+    hf = hf_mixtral(seed=5)
+    src, zoo_dir, hf_dir = tmp_path / "hf", tmp_path / "zoo", tmp_path / "hf_again"
+    hf.save_pretrained(src)
+    ids = random_ids(seed=6)
+    expected = logits(hf, ids)
+    assert convert_checkpoint(src, zoo_dir) == MIXTRAL_HF_TO_ZOO
+    model = AutoModelForCausalLM.from_pretrained(zoo_dir)
+    assert isinstance(model, zoo.LlamaForCausalLM) and model.config.has_moe
+    assert_close(logits(model.eval(), ids), expected)
+    assert convert_checkpoint(zoo_dir, hf_dir) == MIXTRAL_ZOO_TO_HF
+    again = AutoModelForCausalLM.from_pretrained(hf_dir)
+    assert type(again) is transformers.MixtralForCausalLM
+    assert_close(logits(again.eval(), ids), expected)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(router_scoring_func="sigmoid"), "router_scoring_func='sigmoid'"),
+        (dict(norm_topk_prob=False), "norm_topk_prob=False"),
+        (dict(num_shared_experts=1), "num_shared_experts=1"),
+        (dict(moe_capacity_factor=1.25), "moe_capacity_factor=1.25"),
+        (dict(channel_mixers=["moe", "swiglu"]), r"channel_mixers\[1\]='swiglu'"),
+    ],
+)
+def test_zoo_moe_that_mixtral_cannot_hold_refused(overrides, message):
+    fields = {**SIZES, "channel_mixers": ["moe"] * 2, "num_experts": 4, **overrides}
+    with pytest.raises(ValueError, match=message):
+        mixtral_config_to_hf(zoo.LlamaConfig(**fields))
+
+
+def test_mixtral_sliding_window_refused():
+    config = transformers.MixtralConfig(**MIXTRAL_SIZES, sliding_window=16)
+    with pytest.raises(ValueError, match="sliding_window=16"):
+        mixtral_config_from_hf(config)

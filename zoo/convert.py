@@ -1,4 +1,5 @@
-"""Convert transformers' `LlamaForCausalLM` and `MambaForCausalLM` to zoo's and back.
+"""Convert transformers' `LlamaForCausalLM`, `MixtralForCausalLM` and `MambaForCausalLM` to
+zoo's and back.
 
 zoo's LLaMA is the same network as transformers' (pre-norm RMSNorm blocks, RoPE in the
 rotate-half layout, grouped-query softmax attention, SwiGLU, optional tied embeddings), so the
@@ -72,9 +73,24 @@ at their defaults: a converted model is already trained), and the implementation
 stream in the parameters' dtype, which is the same thing in fp32 and differs only by rounding
 in bf16/fp16 (zoo -> transformers writes True, transformers' default).
 
+Mixtral (transformers `MixtralForCausalLM` <-> zoo's MoE LLaMA, a `LlamaConfig` whose every
+channel mixer is "moe") is LLaMA's attention and norms with the MLP replaced by a router and
+stacked experts, whose layout zoo shares, so it converts by renaming keys too::
+
+    model.layers.i.mlp.gate.weight             <-> model.layers.i.channel_mixer.gate.weight
+    model.layers.i.mlp.experts.gate_up_proj    <-> model.layers.i.channel_mixer.experts.gate_up_proj
+    model.layers.i.mlp.experts.down_proj       <-> model.layers.i.channel_mixer.experts.down_proj
+    num_local_experts -> num_experts           intermediate_size -> moe_intermediate_size
+    num_experts_per_tok, router_aux_loss_coef, output_router_logits: same name
+
+Mixtral's router is a softmax with renormalised top-k and no z-loss (zoo's router_z_loss_coef
+becomes 0). Refused: a `sliding_window` (zoo's attention is global); from zoo, a sigmoid router,
+unnormalised top-k, shared experts or a capacity factor. `router_jitter_noise` is dropped with
+a warning (training only).
+
 `convert_checkpoint(src, dst)` converts a saved folder (safetensors), dispatching on the
-`model_type` of `src/config.json` ("llama", "zoo_llama", "mamba" or "zoo_mamba"), and carries
-the tokenizer along. A Mixtral converter comes with the MoE family.
+`model_type` of `src/config.json` ("llama", "mixtral", "zoo_llama", "mamba" or "zoo_mamba"), and
+carries the tokenizer along.
 """
 
 from __future__ import annotations
@@ -105,6 +121,7 @@ __all__ = [
     "convert_checkpoint",
     "from_hf_llama",
     "from_hf_mamba",
+    "from_hf_mixtral",
     "llama_config_from_hf",
     "llama_config_to_hf",
     "llama_state_dict_from_hf",
@@ -113,15 +130,22 @@ __all__ = [
     "mamba_config_to_hf",
     "mamba_state_dict_from_hf",
     "mamba_state_dict_to_hf",
+    "mixtral_config_from_hf",
+    "mixtral_config_to_hf",
+    "mixtral_state_dict_from_hf",
+    "mixtral_state_dict_to_hf",
     "to_hf_llama",
     "to_hf_mamba",
+    "to_hf_mixtral",
 ]
 
 HF_TO_ZOO = "llama->zoo_llama"
 ZOO_TO_HF = "zoo_llama->llama"
 MAMBA_HF_TO_ZOO = "mamba->zoo_mamba"
 MAMBA_ZOO_TO_HF = "zoo_mamba->mamba"
-SUPPORTED_MODEL_TYPES = ("llama", "zoo_llama", "mamba", "zoo_mamba")
+MIXTRAL_HF_TO_ZOO = "mixtral->zoo_llama"
+MIXTRAL_ZOO_TO_HF = "zoo_llama->mixtral"
+SUPPORTED_MODEL_TYPES = ("llama", "zoo_llama", "mamba", "zoo_mamba", "mixtral")
 
 # Per-layer key suffixes, transformers -> zoo (all `.weight`).
 _LAYER_KEYS: dict[str, str] = {
@@ -136,6 +160,15 @@ _LAYER_KEYS: dict[str, str] = {
     "post_attention_layernorm.weight": "channel_norm.weight",
 }
 _LAYER_KEYS_TO_HF = {zoo_key: hf_key for hf_key, zoo_key in _LAYER_KEYS.items()}
+# Mixtral: LLaMA's attention and norms, the MLP replaced by a router and stacked experts whose
+# layout zoo shares (gate [E, d], gate_up_proj [E, 2f, d], down_proj [E, d, f]).
+_MIXTRAL_LAYER_KEYS: dict[str, str] = {
+    **{hf: z for hf, z in _LAYER_KEYS.items() if not hf.startswith("mlp.")},
+    "mlp.gate.weight": "channel_mixer.gate.weight",
+    "mlp.experts.gate_up_proj": "channel_mixer.experts.gate_up_proj",
+    "mlp.experts.down_proj": "channel_mixer.experts.down_proj",
+}
+_MIXTRAL_LAYER_KEYS_TO_HF = {z: hf for hf, z in _MIXTRAL_LAYER_KEYS.items()}
 _SHARED_KEYS = frozenset({"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"})
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # RoPE buffers of old transformers checkpoints (per layer) and of the current model (shared).
@@ -182,14 +215,8 @@ def _rope_theta(hf_config: Any) -> float:
     return float(params.get("rope_theta", 10000.0))
 
 
-def llama_config_from_hf(hf_config: transformers.LlamaConfig) -> LlamaConfig:
-    """zoo's `LlamaConfig` for a transformers `LlamaConfig`; `ValueError` for what zoo lacks."""
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type != "llama":
-        raise ValueError(
-            f"model_type={model_type!r}: llama_config_from_hf converts transformers Llama configs "
-            "(model_type='llama') only"
-        )
+def _llama_fields_from_hf(hf_config: Any) -> dict[str, Any]:
+    """zoo config fields of the LLaMA parts of a transformers Llama or Mixtral config."""
     for field in ("attention_bias", "mlp_bias"):
         if getattr(hf_config, field, False):
             raise ValueError(
@@ -217,7 +244,7 @@ def llama_config_from_hf(hf_config: transformers.LlamaConfig) -> LlamaConfig:
             dropout,
         )
     num_kv = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-    return LlamaConfig(
+    return dict(
         vocab_size=hf_config.vocab_size,
         hidden_size=hf_config.hidden_size,
         num_hidden_layers=hf_config.num_hidden_layers,
@@ -237,6 +264,51 @@ def llama_config_from_hf(hf_config: transformers.LlamaConfig) -> LlamaConfig:
     )
 
 
+def _check_model_type(hf_config: Any, expected: str, function: str) -> None:
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type != expected:
+        raise ValueError(
+            f"model_type={model_type!r}: {function} converts transformers "
+            f"{expected.capitalize()} configs (model_type={expected!r}) only"
+        )
+
+
+def llama_config_from_hf(hf_config: transformers.LlamaConfig) -> LlamaConfig:
+    """zoo's `LlamaConfig` for a transformers `LlamaConfig`; `ValueError` for what zoo lacks."""
+    _check_model_type(hf_config, "llama", "llama_config_from_hf")
+    return LlamaConfig(**_llama_fields_from_hf(hf_config))
+
+
+def mixtral_config_from_hf(hf_config: transformers.MixtralConfig) -> LlamaConfig:
+    """zoo's MoE LLaMA (`LlamaConfig`, every channel mixer "moe") for a transformers
+    `MixtralConfig`; `ValueError` for what zoo lacks."""
+    _check_model_type(hf_config, "mixtral", "mixtral_config_from_hf")
+    window = getattr(hf_config, "sliding_window", None)
+    if window is not None:
+        raise ValueError(
+            f"sliding_window={window!r} cannot be converted: zoo's attention is global "
+            "(sliding_window=None)"
+        )
+    jitter = getattr(hf_config, "router_jitter_noise", 0.0) or 0.0
+    if jitter:
+        logger.warning(
+            "router_jitter_noise=%s has no zoo counterpart and is dropped (training only)", jitter
+        )
+    fields = _llama_fields_from_hf(hf_config)
+    return LlamaConfig(
+        **fields,
+        channel_mixers=["moe"] * fields["num_hidden_layers"],
+        num_experts=hf_config.num_local_experts,
+        num_experts_per_tok=hf_config.num_experts_per_tok,
+        moe_intermediate_size=hf_config.intermediate_size,
+        router_scoring_func="softmax",
+        norm_topk_prob=True,
+        router_aux_loss_coef=float(hf_config.router_aux_loss_coef),
+        router_z_loss_coef=0.0,  # Mixtral trains without one; keep the same objective
+        output_router_logits=bool(getattr(hf_config, "output_router_logits", False)),
+    )
+
+
 def _require_uniform(config: ZooConfig, mixer: str, channel_mixer: str, target: str) -> None:
     """Refuse a zoo config that a transformers `target` model cannot hold, naming the field."""
     for field, allowed in (("mixers", mixer), ("channel_mixers", channel_mixer)):
@@ -253,20 +325,15 @@ def _require_uniform(config: ZooConfig, mixer: str, channel_mixer: str, target: 
         )
 
 
-def llama_config_to_hf(config: ZooConfig) -> transformers.LlamaConfig:
-    """transformers' `LlamaConfig` for a zoo config whose every layer is LLaMA's."""
-    _require_uniform(config, "attention", "swiglu", "Llama")
-    return transformers.LlamaConfig(
+def _llama_fields_to_hf(config: ZooConfig) -> dict[str, Any]:
+    return dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         num_hidden_layers=config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_key_value_heads,
-        intermediate_size=config.intermediate_size,
         head_dim=config.head_dim,
         hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
         rms_norm_eps=float(config.rms_norm_eps),
         rope_parameters={"rope_type": "default", "rope_theta": float(config.rotary_base)},
         max_position_embeddings=config.max_position_embeddings,
@@ -280,11 +347,56 @@ def llama_config_to_hf(config: ZooConfig) -> transformers.LlamaConfig:
     )
 
 
+def llama_config_to_hf(config: ZooConfig) -> transformers.LlamaConfig:
+    """transformers' `LlamaConfig` for a zoo config whose every layer is LLaMA's."""
+    _require_uniform(config, "attention", "swiglu", "Llama")
+    return transformers.LlamaConfig(
+        **_llama_fields_to_hf(config),
+        intermediate_size=config.intermediate_size,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+
+
+def mixtral_config_to_hf(config: ZooConfig) -> transformers.MixtralConfig:
+    """transformers' `MixtralConfig` for a zoo MoE LLaMA (attention + "moe" in every layer)."""
+    _require_uniform(config, "attention", "moe", "Mixtral")
+    for field, allowed in (
+        ("router_scoring_func", "softmax"),
+        ("norm_topk_prob", True),
+        ("num_shared_experts", 0),
+        ("moe_capacity_factor", None),
+    ):
+        if getattr(config, field) != allowed:
+            raise ValueError(
+                f"{field}={getattr(config, field)!r} cannot be converted to a transformers "
+                f"Mixtral, whose router needs {field}={allowed!r}"
+            )
+    if config.router_z_loss_coef:
+        logger.warning(
+            "router_z_loss_coef=%s has no Mixtral counterpart and is dropped (training only)",
+            config.router_z_loss_coef,
+        )
+    return transformers.MixtralConfig(
+        **_llama_fields_to_hf(config),
+        intermediate_size=config.moe_intermediate_size,
+        num_local_experts=config.num_experts,
+        num_experts_per_tok=config.num_experts_per_tok,
+        router_aux_loss_coef=float(config.router_aux_loss_coef),
+        output_router_logits=bool(config.output_router_logits),
+        router_jitter_noise=0.0,
+        sliding_window=None,
+    )
+
+
 # ----------------------------------------------------------------------------------- state dict
 
 
 def _rename(
-    state_dict: Mapping[str, torch.Tensor], layer_keys: Mapping[str, str], source: str
+    state_dict: Mapping[str, torch.Tensor],
+    layer_keys: Mapping[str, str],
+    source: str,
+    model: str = "LlamaForCausalLM",
 ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
@@ -296,7 +408,7 @@ def _rename(
             match = _LAYER_RE.match(key)
             if match is None or match.group(2) not in layer_keys:
                 raise ValueError(
-                    f"state dict key {key!r} is not part of a {source} LlamaForCausalLM; "
+                    f"state dict key {key!r} is not part of a {source} {model}; "
                     f"known keys: {sorted(_SHARED_KEYS)} and model.layers.<i>.<one of "
                     f"{sorted(layer_keys)}>"
                 )
@@ -313,6 +425,18 @@ def llama_state_dict_from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str
 def llama_state_dict_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a zoo LlamaForCausalLM state dict to transformers' keys (same tensors)."""
     return _rename(state_dict, _LAYER_KEYS_TO_HF, "zoo")
+
+
+def mixtral_state_dict_from_hf(
+    state_dict: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Rename a transformers MixtralForCausalLM state dict to zoo's keys (same tensors)."""
+    return _rename(state_dict, _MIXTRAL_LAYER_KEYS, "transformers", "MixtralForCausalLM")
+
+
+def mixtral_state_dict_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a zoo MoE LLaMA state dict to transformers Mixtral's keys (same tensors)."""
+    return _rename(state_dict, _MIXTRAL_LAYER_KEYS_TO_HF, "zoo", "MoE LLaMA")
 
 
 # ------------------------------------------------------------------------------------- modules
@@ -352,6 +476,26 @@ def to_hf_llama(model: zoo.ZooForCausalLM) -> transformers.LlamaForCausalLM:
     state_dict = llama_state_dict_to_hf(model.state_dict())
     with no_init_weights():
         hf_model = transformers.LlamaForCausalLM(hf_config)
+    _load_into(hf_model, model, state_dict)
+    return hf_model
+
+
+def from_hf_mixtral(hf_model: transformers.MixtralForCausalLM) -> zoo.LlamaForCausalLM:
+    """zoo's MoE LLaMA with the weights of a transformers `MixtralForCausalLM`."""
+    config = mixtral_config_from_hf(hf_model.config)
+    state_dict = mixtral_state_dict_from_hf(hf_model.state_dict())
+    with no_init_weights():
+        model = zoo.LlamaForCausalLM(config)
+    _load_into(model, hf_model, state_dict)
+    return model
+
+
+def to_hf_mixtral(model: zoo.ZooForCausalLM) -> transformers.MixtralForCausalLM:
+    """transformers' `MixtralForCausalLM` with the weights of a zoo MoE LLaMA."""
+    hf_config = mixtral_config_to_hf(model.config)
+    state_dict = mixtral_state_dict_to_hf(model.state_dict())
+    with no_init_weights():
+        hf_model = transformers.MixtralForCausalLM(hf_config)
     _load_into(hf_model, model, state_dict)
     return hf_model
 
@@ -552,11 +696,13 @@ def to_hf_mamba(model: zoo.ZooForCausalLM) -> transformers.MambaForCausalLM:
 def convert_checkpoint(src: str | Path, dst: str | Path) -> str:
     """Convert the checkpoint folder `src` into `dst`; returns the direction converted.
 
-    `src/config.json`'s `model_type` picks the direction: "llama" / "mamba" (a transformers Llama
-    or Mamba) writes a zoo checkpoint, "zoo_llama" / "zoo_mamba" writes the transformers model;
-    all with `save_pretrained` (safetensors), in the checkpoint's dtype. Weights are read from
+    `src/config.json`'s `model_type` picks the direction: "llama" / "mixtral" / "mamba" (a
+    transformers model) writes a zoo checkpoint; "zoo_llama" writes a transformers Llama, or a
+    Mixtral when its channel mixers are MoE layers, and "zoo_mamba" a transformers Mamba; all
+    with `save_pretrained` (safetensors), in the checkpoint's dtype. Weights are read from
     safetensors only. A tokenizer in `src` is loaded with `AutoTokenizer` and saved into `dst`.
-    Returns "llama->zoo_llama", "zoo_llama->llama", "mamba->zoo_mamba" or "zoo_mamba->mamba".
+    Returns one of "llama->zoo_llama", "zoo_llama->llama", "mixtral->zoo_llama",
+    "zoo_llama->mixtral", "mamba->zoo_mamba", "zoo_mamba->mamba".
     """
     src, dst = Path(src), Path(dst)
     config_file = src / "config.json"
@@ -564,30 +710,32 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> str:
         raise FileNotFoundError(f"no checkpoint config at {config_file} (looked for config.json)")
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"dst {dst} is the source folder; convert into a different folder")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    fields = json.loads(config_file.read_text())
+    model_type = fields.get("model_type")
+    load = {"dtype": "auto", "use_safetensors": True}
     if model_type == "llama":
-        source = transformers.LlamaForCausalLM.from_pretrained(
-            src, dtype="auto", use_safetensors=True
-        )
+        source = transformers.LlamaForCausalLM.from_pretrained(src, **load)
         target, direction = from_hf_llama(source), HF_TO_ZOO
+    elif model_type == "mixtral":
+        source = transformers.MixtralForCausalLM.from_pretrained(src, **load)
+        target, direction = from_hf_mixtral(source), MIXTRAL_HF_TO_ZOO
+    elif model_type == "zoo_llama" and "moe" in (fields.get("channel_mixers") or []):
+        source = zoo.LlamaForCausalLM.from_pretrained(src, **load)
+        target, direction = to_hf_mixtral(source), MIXTRAL_ZOO_TO_HF
     elif model_type == "zoo_llama":
-        source = zoo.LlamaForCausalLM.from_pretrained(src, dtype="auto", use_safetensors=True)
+        source = zoo.LlamaForCausalLM.from_pretrained(src, **load)
         target, direction = to_hf_llama(source), ZOO_TO_HF
     elif model_type == "mamba":
-        source = transformers.MambaForCausalLM.from_pretrained(
-            src, dtype="auto", use_safetensors=True
-        )
+        source = transformers.MambaForCausalLM.from_pretrained(src, **load)
         target, direction = from_hf_mamba(source), MAMBA_HF_TO_ZOO
     elif model_type == "zoo_mamba":
-        source = zoo.MambaForCausalLM.from_pretrained(src, dtype="auto", use_safetensors=True)
+        source = zoo.MambaForCausalLM.from_pretrained(src, **load)
         target, direction = to_hf_mamba(source), MAMBA_ZOO_TO_HF
     else:
         raise ValueError(
             f"model_type={model_type!r} in {config_file} has no converter; supported: "
-            f"{SUPPORTED_MODEL_TYPES[0]!r} and {SUPPORTED_MODEL_TYPES[2]!r} (transformers "
-            f"LlamaForCausalLM / MambaForCausalLM -> zoo), {SUPPORTED_MODEL_TYPES[1]!r} and "
-            f"{SUPPORTED_MODEL_TYPES[3]!r} (zoo -> transformers). A Mixtral converter comes with "
-            "the MoE family."
+            "'llama', 'mixtral' and 'mamba' (transformers -> zoo), 'zoo_llama' and 'zoo_mamba' "
+            "(zoo -> transformers)"
         )
     dst.mkdir(parents=True, exist_ok=True)
     target.save_pretrained(dst)
