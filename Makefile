@@ -39,6 +39,7 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) benchmarks/cpu_models.py
+	$(PY) benchmarks/moe_layer.py
 
 # On a lent GPU machine: the gpu-marked tests and every benchmark, JSON under benchmarks/results/.
 # That machine has no network and its own python3 with CUDA torch and triton, so nothing is
@@ -50,6 +51,7 @@ bench-gpu:
 	$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
 	$(GPU_PYTHON) -m pytest -m gpu -q -p no:cacheprovider
 	$(GPU_PYTHON) benchmarks/cpu_models.py --device cuda
+	$(GPU_PYTHON) benchmarks/moe_layer.py --device cuda
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -41,10 +41,7 @@ import datetime as dt
 import gc
 import importlib.util
 import itertools
-import json
 import multiprocessing
-import os
-import platform
 import statistics
 import sys
 import time
@@ -54,11 +51,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
+from common import (
+    RESULTS,
+    device_info,
+    finish,
+    load_note,
+    median_time,
+    sync,
+    time_once,
+    versions,
+)
 from transformers import AutoModelForCausalLM
 from transformers import LlamaForCausalLM as HFLlamaForCausalLM
 
-import zoo
 from zoo.cache import cache_nbytes, new_cache
 from zoo.configuration import (
     CosFormer2Config,
@@ -72,8 +77,6 @@ from zoo.configuration import (
 )
 from zoo.convert import to_hf_llama, to_hf_mamba
 from zoo.modeling import MambaForCausalLM, ZooForCausalLM
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # Shapes of the full run and of the --quick smoke run.
 FULL = {
@@ -128,26 +131,6 @@ QUICK = {
 
 # --------------------------------------------------------------------------------------------
 # Timing helpers
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds of one call of fn, synchronized on CUDA before and after."""
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def _median_time(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    return statistics.median(_time(fn, device) for _ in range(repeats))
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +226,7 @@ def bench_train(
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(shape["repeats"]):
         for name, step in steps.items():
-            times[name].append(_time(step, device))
+            times[name].append(time_once(step, device))
     out: dict[str, Any] = {"batch": batch, "seq_len": seq_len, "repeats": shape["repeats"]}
     for name, ts in times.items():
         med = statistics.median(ts)
@@ -279,7 +262,7 @@ def bench_prefill(
         for length in shape["lengths"]:
             gen = torch.Generator().manual_seed(length)
             ids = torch.randint(0, vocab, (1, length), generator=gen).to(device)
-            sec = _median_time(
+            sec = median_time(
                 lambda model=model, ids=ids: _prefill(model, ids),
                 device,
                 shape["warmup"],
@@ -303,10 +286,10 @@ def bench_decode(
         for context in shape["contexts"]:
             gen = torch.Generator().manual_seed(context)
             ids = torch.randint(0, vocab, (1, context), generator=gen).to(device)
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             logits, cache = _prefill(model, ids)
-            _sync(device)
+            sync(device)
             prefill_s = time.perf_counter() - start
             nbytes = cache_nbytes(cache)
             state = {"token": logits[:, -1].argmax(-1, keepdim=True)}
@@ -319,7 +302,7 @@ def bench_decode(
 
             for _ in range(shape["warmup"]):
                 step()
-            times = [_time(step, device) for _ in range(shape["steps"])]
+            times = [time_once(step, device) for _ in range(shape["steps"])]
             med = statistics.median(times)
             res[str(context)] = {
                 "tokens_per_s": 1.0 / med,
@@ -371,7 +354,7 @@ def bench_mamba_vs_hf(shape: dict[str, Any], device: torch.device, seed: int) ->
         for _ in range(shape["repeats"]):
             for name, model in models.items():
                 times[name].append(
-                    _time(lambda m=model, i=ids: m(input_ids=i, use_cache=False), device)
+                    time_once(lambda m=model, i=ids: m(input_ids=i, use_cache=False), device)
                 )
         res: dict[str, Any] = {
             name: {"ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts), "times_s": ts}
@@ -399,35 +382,6 @@ def _in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
 
 # --------------------------------------------------------------------------------------------
 # Report
-
-
-def _loadavg() -> list[float] | None:
-    """1/5/15-minute load averages (Linux): other processes on the machine skew CPU timings."""
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except (OSError, ValueError):
-        return None
-
-
-def _device_info(device: torch.device, threads: int) -> dict[str, Any]:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or "unknown CPU"
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-    return {
-        "type": device.type,
-        "name": name,
-        "threads": threads,
-        "cpu_count": os.cpu_count(),
-        "loadavg_start": _loadavg(),
-    }
 
 
 def _goals(result: dict[str, Any], shapes: dict[str, Any]) -> dict[str, Any]:
@@ -465,23 +419,6 @@ def _goals(result: dict[str, Any], shapes: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _load_note(dev: dict[str, Any]) -> str:
-    start, end = dev.get("loadavg_start"), dev.get("loadavg_end")
-    if not start:
-        return ""
-    note = f"Load average (1 min) at start {start[0]:.2f}" + (
-        f", at end {end[0]:.2f}" if end else ""
-    )
-    # Our own run adds about `threads` to the end figure.
-    busy = start[0] > 1.0 or (end is not None and end[0] > dev["threads"] + 1.0)
-    if dev["type"] == "cpu" and busy:
-        note += (
-            " — other processes were running: with every core in use, each multi-threaded op can"
-            " wait a scheduler slice, so these timings are pessimistic and noisy"
-        )
-    return note + "\n"
-
-
 def _fmt_len(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
@@ -493,7 +430,7 @@ def _table(result: dict[str, Any]) -> str:
         f"fp32, torch {result['versions']['torch']}, transformers "
         f"{result['versions']['transformers']}" + (" — QUICK" if result["quick"] else ""),
         "",
-        _load_note(dev),
+        load_note(dev),
         "Config: " + ", ".join(f"{k}={v}" for k, v in result["config"].items() if k != "notes"),
         "Params: " + ", ".join(f"{k} {v:,}" for k, v in result["params"].items()),
         "",
@@ -624,13 +561,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "cpu_models",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "quick": args.quick,
-        "device": _device_info(device, args.threads),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "zoo": zoo.__version__,
-        },
+        "device": device_info(device, args.threads),
+        "versions": versions(),
         "config": {
             **shapes["model"],
             "head_dim": llama_cfg.head_dim,
@@ -668,14 +600,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     result["goals"] = _goals(result, shapes)
     result["wall_s"] = time.perf_counter() - t_start
-    result["device"]["loadavg_end"] = _loadavg()
-
     print()
-    print(_table(result))
-    print(f"\n(wall {result['wall_s']:.0f} s)")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out_path}")
+    finish(result, out_path, lambda r: f"{_table(r)}\n\n(wall {r['wall_s']:.0f} s)")
     return result
 
 

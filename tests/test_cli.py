@@ -40,3 +40,39 @@ def test_convert_names_an_unsupported_architecture(tmp_path):
     result = runner.invoke(app, ["convert", str(tmp_path), str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "gpt2" in result.output
+
+
+def test_describe_a_pattern_counts_total_and_active_parameters(tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "describe",
+            "(lightning:moe*3 attention:moe)*2",
+            "--hidden-size",
+            "64",
+            "--save",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "lightning:moe*3 attention:moe lightning:moe*3 attention:moe" in result.output
+    assert "sparsity 1 - k/E = 0.750" in result.output
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "zoo_hybrid"
+    assert saved["channel_mixers"] == ["moe"] * 8
+
+
+def test_describe_a_named_size():
+    result = runner.invoke(
+        app, ["describe", "llama", "--size", "560m-a220m", "--vocab-size", "100280"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "558.40M total, 218.67M active" in result.output
+
+
+def test_describe_names_a_bad_pattern():
+    result = runner.invoke(app, ["describe", "attention:mlp"])
+    assert result.exit_code != 0
+    # typer boxes and wraps the message: compare without the frame.
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "'mlp' is not a channel mixer" in text

@@ -47,18 +47,26 @@ def demo(
         raise typer.BadParameter(f"steps={steps} must be positive", param_hint="--steps")
     if threads > 0:
         torch.set_num_threads(threads)
-    console = Console()
+    console = Console(width=max(Console().width, 110))  # the table stays whole in logs
     results = run_demo(out, DemoSettings(steps=steps), names, echo=console.print)
     table = Table(
         title=f"hybrid-zoo demo ({steps} steps each, CPU, {torch.get_num_threads()} threads)"
     )
-    columns = ("model", "params", "held-out loss", "unigram H", "train tok/s", "cache B/tok @2K")
+    columns = (
+        "model",
+        "params (active)",
+        "held-out loss",
+        "unigram H",
+        "train tok/s",
+        "cache B/tok @2K",
+    )
     for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
     for r in results:
         table.add_row(
             r.family,
-            f"{r.params / 1e6:.2f}M",
+            f"{r.params / 1e6:.2f}M"
+            + (f" ({r.active_params / 1e6:.2f}M)" if r.active_params != r.params else ""),
             f"{r.heldout_loss:.3f}",
             f"{r.unigram_entropy:.3f}",
             f"{r.train_tokens_per_s:,.0f}",
@@ -100,7 +108,7 @@ def convert(
     src: Annotated[Path, typer.Argument(help="Checkpoint folder to read.")],
     dst: Annotated[Path, typer.Argument(help="Folder to write.")],
 ) -> None:
-    """Convert a checkpoint between transformers' Llama/Mamba and zoo's LLaMA/Mamba (both ways)."""
+    """Convert a checkpoint between transformers' Llama/Mixtral/Mamba and zoo's (both ways)."""
     from zoo.convert import convert_checkpoint
 
     try:
@@ -109,6 +117,69 @@ def convert(
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"converted {src} -> {dst} ({direction})")
+
+
+@app.command()
+def describe(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A family (llama, tnl, hgrn2, cosformer2, mamba, hyena, hybrid) or a layer "
+            "pattern such as '(lightning:moe*3 attention:moe)*2'."
+        ),
+    ],
+    size: Annotated[str | None, typer.Option(help="A named size of the family.")] = None,
+    hidden_size: Annotated[int | None, typer.Option(help="Width (default: the size's).")] = None,
+    vocab_size: Annotated[int | None, typer.Option(help="Vocabulary (default: bytes).")] = None,
+    save: Annotated[Path | None, typer.Option(help="Write the config.json here.")] = None,
+) -> None:
+    """Layers, parameters (total and active), MoE sparsity and decode state of a config."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+    from transformers import AutoModelForCausalLM
+
+    from zoo.configuration import PRESETS, HybridConfig
+
+    families = {cls.model_type.removeprefix("zoo_"): cls for cls in PRESETS}
+    overrides = {
+        name: value
+        for name, value in (("hidden_size", hidden_size), ("vocab_size", vocab_size))
+        if value is not None
+    }
+    try:
+        if model in families:
+            cls = families[model]
+            config = cls.from_size(size, **overrides) if size else cls(**overrides)
+        else:
+            if size:
+                raise ValueError("--size names a size of a family, not of a layer pattern")
+            config = HybridConfig.from_pattern(model, **overrides)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="MODEL / --size") from None
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config)
+    console = Console(width=max(Console().width, 100))
+    table = Table(title=f"{type(config).__name__}: {config.num_hidden_layers} layers")
+    for column in ("layer", "sequence mixer", "channel mixer", "cache"):
+        table.add_column(column)
+    for i, (mixer, channel) in enumerate(zip(config.mixers, config.channel_mixers, strict=True)):
+        table.add_row(str(i), mixer, channel, config.layer_types[i])
+    console.print(table)
+    total, active = lm.num_parameters(), lm.num_parameters(active=True)
+    console.print(f"pattern     {config.layer_pattern}")
+    console.print(f"width       {config.hidden_size}, vocab {config.vocab_size}")
+    console.print(f"parameters  {total / 1e6:,.2f}M total, {active / 1e6:,.2f}M active")
+    if config.has_moe:
+        console.print(
+            f"MoE         {config.num_experts} experts of width {config.moe_intermediate_size}, "
+            f"top-{config.num_experts_per_tok}, sparsity 1 - k/E = {config.sparsity:.3f}"
+        )
+    state = [lm.state_size(1, n) for n in (1024, 8192)]
+    console.print(f"decode state {state[0]:,} elements at 1K tokens, {state[1]:,} at 8K")
+    if save is not None:
+        config.save_pretrained(save)
+        console.print(f"wrote {save / 'config.json'}")
 
 
 if __name__ == "__main__":

@@ -460,44 +460,45 @@ def _load_into(
     target.train(source.training)
 
 
+def _converted(
+    model_class: type[torch.nn.Module],
+    config: Any,
+    source: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+) -> torch.nn.Module:
+    """A `model_class(config)` holding `state_dict`, on `source`'s device and dtype."""
+    with no_init_weights():  # no random init of weights the state dict overwrites anyway
+        target = model_class(config)
+    _load_into(target, source, state_dict)
+    return target
+
+
 def from_hf_llama(hf_model: transformers.LlamaForCausalLM) -> zoo.LlamaForCausalLM:
     """zoo's `LlamaForCausalLM` with the weights of a transformers `LlamaForCausalLM`."""
     config = llama_config_from_hf(hf_model.config)
     state_dict = llama_state_dict_from_hf(hf_model.state_dict())
-    with no_init_weights():
-        model = zoo.LlamaForCausalLM(config)
-    _load_into(model, hf_model, state_dict)
-    return model
+    return _converted(zoo.LlamaForCausalLM, config, hf_model, state_dict)
 
 
 def to_hf_llama(model: zoo.ZooForCausalLM) -> transformers.LlamaForCausalLM:
     """transformers' `LlamaForCausalLM` with the weights of a zoo LLaMA (`zoo.LlamaForCausalLM`)."""
-    hf_config = llama_config_to_hf(model.config)
+    config = llama_config_to_hf(model.config)
     state_dict = llama_state_dict_to_hf(model.state_dict())
-    with no_init_weights():
-        hf_model = transformers.LlamaForCausalLM(hf_config)
-    _load_into(hf_model, model, state_dict)
-    return hf_model
+    return _converted(transformers.LlamaForCausalLM, config, model, state_dict)
 
 
 def from_hf_mixtral(hf_model: transformers.MixtralForCausalLM) -> zoo.LlamaForCausalLM:
     """zoo's MoE LLaMA with the weights of a transformers `MixtralForCausalLM`."""
     config = mixtral_config_from_hf(hf_model.config)
     state_dict = mixtral_state_dict_from_hf(hf_model.state_dict())
-    with no_init_weights():
-        model = zoo.LlamaForCausalLM(config)
-    _load_into(model, hf_model, state_dict)
-    return model
+    return _converted(zoo.LlamaForCausalLM, config, hf_model, state_dict)
 
 
 def to_hf_mixtral(model: zoo.ZooForCausalLM) -> transformers.MixtralForCausalLM:
     """transformers' `MixtralForCausalLM` with the weights of a zoo MoE LLaMA."""
-    hf_config = mixtral_config_to_hf(model.config)
+    config = mixtral_config_to_hf(model.config)
     state_dict = mixtral_state_dict_to_hf(model.state_dict())
-    with no_init_weights():
-        hf_model = transformers.MixtralForCausalLM(hf_config)
-    _load_into(hf_model, model, state_dict)
-    return hf_model
+    return _converted(transformers.MixtralForCausalLM, config, model, state_dict)
 
 
 # ---------------------------------------------------------------------------------------- Mamba
@@ -674,20 +675,14 @@ def from_hf_mamba(hf_model: transformers.MambaForCausalLM) -> zoo.MambaForCausal
     """zoo's `MambaForCausalLM` with the weights of a transformers `MambaForCausalLM`."""
     config = mamba_config_from_hf(hf_model.config)
     state_dict = mamba_state_dict_from_hf(hf_model.state_dict())
-    with no_init_weights():
-        model = zoo.MambaForCausalLM(config)
-    _load_into(model, hf_model, state_dict)
-    return model
+    return _converted(zoo.MambaForCausalLM, config, hf_model, state_dict)
 
 
 def to_hf_mamba(model: zoo.ZooForCausalLM) -> transformers.MambaForCausalLM:
     """transformers' `MambaForCausalLM` with the weights of a zoo Mamba (`zoo.MambaForCausalLM`)."""
-    hf_config = mamba_config_to_hf(model.config)
+    config = mamba_config_to_hf(model.config)
     state_dict = mamba_state_dict_to_hf(model.state_dict())
-    with no_init_weights():
-        hf_model = transformers.MambaForCausalLM(hf_config)
-    _load_into(hf_model, model, state_dict)
-    return hf_model
+    return _converted(transformers.MambaForCausalLM, config, model, state_dict)
 
 
 # ---------------------------------------------------------------------------------- checkpoints

@@ -302,17 +302,15 @@ def torch_experts(
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def grouped_mm_experts(
+def _grouped_experts(
     experts: nn.Module,
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
+    gemm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """The same permutation, one grouped GEMM per projection (no host sync, no Python loop)."""
-    if _grouped_mm is None:
-        raise NotImplementedError(
-            f"torch {torch.__version__} has no grouped_mm; use moe_backend='torch'"
-        )
+    """Sort by expert, `gemm(x, w, offsets)` = x_e @ w[e]ᵀ for each expert's block of rows
+    (no host sync, no Python loop), SwiGLU, the down projection, un-permute."""
     num_experts = experts.num_experts
     order, tokens, counts = sort_by_expert(top_k_index, num_experts)
     offsets = counts.cumsum(0, dtype=torch.int32)
@@ -321,10 +319,28 @@ def grouped_mm_experts(
     invalid = _sentinel_rows(top_k_index, offsets)
     if invalid is not None:
         x = x.masked_fill(invalid, 0.0)
-    hidden = swiglu(_grouped_mm(x, w_gate_up.transpose(-2, -1), offs=offsets), experts.act_fn)
-    expert_out = _grouped_mm(hidden, w_down.transpose(-2, -1), offs=offsets)
+    hidden = swiglu(gemm(x, w_gate_up, offsets), experts.act_fn)
+    expert_out = gemm(hidden, w_down, offsets)
     out = _unpermute(expert_out, order, top_k_weights, invalid)
     return out.to(hidden_states.dtype)
+
+
+def _torch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return _grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+
+
+def grouped_mm_experts(
+    experts: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The torch reference's permutation, one `torch.nn.functional.grouped_mm` per projection."""
+    if _grouped_mm is None:
+        raise NotImplementedError(
+            f"torch {torch.__version__} has no grouped_mm; use moe_backend='torch'"
+        )
+    return _grouped_experts(experts, hidden_states, top_k_index, top_k_weights, _torch_grouped_gemm)
 
 
 def triton_experts(
@@ -333,20 +349,13 @@ def triton_experts(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
+    """The same with zoo's Triton grouped GEMM."""
     from zoo.kernels.grouped_gemm import grouped_gemm  # built in its own issue
 
-    num_experts = experts.num_experts
-    order, tokens, counts = sort_by_expert(top_k_index, num_experts)
-    offsets = counts.cumsum(0, dtype=torch.int32)
-    w_gate_up, w_down = experts.gate_up_proj, experts.down_proj
-    x = hidden_states.index_select(0, tokens).to(w_gate_up.dtype)
-    invalid = _sentinel_rows(top_k_index, offsets)
-    if invalid is not None:
-        x = x.masked_fill(invalid, 0.0)
-    hidden = swiglu(grouped_gemm(x, w_gate_up, offsets, trans_b=True), experts.act_fn)
-    expert_out = grouped_gemm(hidden, w_down, offsets, trans_b=True)
-    out = _unpermute(expert_out, order, top_k_weights, invalid)
-    return out.to(hidden_states.dtype)
+    def gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return grouped_gemm(x, w, offsets, trans_b=True)
+
+    return _grouped_experts(experts, hidden_states, top_k_index, top_k_weights, gemm)
 
 
 def megablocks_experts(

@@ -1,0 +1,106 @@
+"""Helpers every benchmark script shares: timing, device and version records, the load note.
+
+The scripts run as `python benchmarks/<name>.py`, so this module imports as `common`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+import zoo
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call of fn, synchronized on CUDA before and after."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def median_time(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    return statistics.median(time_once(fn, device) for _ in range(repeats))
+
+
+def loadavg() -> list[float] | None:
+    """1/5/15-minute load averages (Linux): other processes on the machine skew CPU timings."""
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
+def device_info(device: torch.device, threads: int) -> dict[str, Any]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or "unknown CPU"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return {
+        "type": device.type,
+        "name": name,
+        "threads": threads,
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": loadavg(),
+    }
+
+
+def load_note(dev: dict[str, Any]) -> str:
+    start, end = dev.get("loadavg_start"), dev.get("loadavg_end")
+    if not start:
+        return ""
+    note = f"Load average (1 min) at start {start[0]:.2f}" + (
+        f", at end {end[0]:.2f}" if end else ""
+    )
+    # Our own run adds about `threads` to the end figure.
+    busy = start[0] > 1.0 or (end is not None and end[0] > dev["threads"] + 1.0)
+    if dev["type"] == "cpu" and busy:
+        note += (
+            " — other processes were running: with every core in use, each multi-threaded op can"
+            " wait a scheduler slice, so these timings are pessimistic and noisy"
+        )
+    return note + "\n"
+
+
+def versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "zoo": zoo.__version__,
+    }
+
+
+def finish(result: dict[str, Any], out_path: Path, table: Callable[[dict[str, Any]], str]) -> None:
+    """Record the end load, print the table, write the JSON."""
+    result["device"]["loadavg_end"] = loadavg()
+    print(table(result))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out_path}")
