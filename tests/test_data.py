@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,9 +16,12 @@ from zoo.data import (
     _NOUNS,
     _TRANSITIVE_VERBS,
     CorpusConfig,
+    PackedSequences,
+    StreamedSequences,
     TokenBatches,
     _document,
     _inflect,
+    cached_token_stream,
     load_documents,
     pack_tokens,
     sequential_windows,
@@ -322,3 +326,92 @@ def test_default_stream_batches_end_to_end(default_streams) -> None:
     batch = next(TokenBatches(train, batch_size=2, seq_len=64))
     assert batch.shape == (2, 65) and batch.min() >= 0 and batch.max() < VOCAB_SIZE
     assert sum(w.shape[1] - 1 for w in sequential_windows(validation, 64)) == len(validation) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Training data: packed sequences, token caches, streams
+
+
+def test_packed_sequences_shard_disjointly_and_cover_what_one_process_sees():
+    stream = torch.arange(1000)
+    single = PackedSequences(stream, seq_len=10, micro_batch_size=4, seed=3)
+    ranks = [PackedSequences(stream, 10, 2, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(30):  # several epochs of 99 windows
+        expected = next(single)
+        got = torch.cat([next(r) for r in ranks])
+        assert torch.equal(got, expected)
+    window = expected[0]
+    assert window.numel() == 11 and torch.equal(window, torch.arange(window[0], window[0] + 11))
+    assert int(window[0]) % 10 == 0  # windows start on the seq_len grid
+
+
+def test_packed_sequences_visit_each_window_once_per_epoch():
+    data = PackedSequences(torch.arange(101), seq_len=10, micro_batch_size=5, seed=0)
+    starts = [int(row[0]) for _ in range(2) for row in next(data)]
+    assert sorted(starts) == list(range(0, 100, 10))
+    assert data.epoch == 0 and data.epochs_done == 1.0
+    next(data)
+    assert data.epoch == 1
+
+
+def test_packed_sequences_resume_mid_epoch():
+    stream = torch.arange(5000)
+    data = PackedSequences(stream, 16, 4, seed=1)
+    for _ in range(37):
+        next(data)
+    state = data.state_dict()
+    expected = [next(data) for _ in range(90)]
+    resumed = PackedSequences(stream, 16, 4, seed=1)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, next(resumed)) for a in expected)
+    with pytest.raises(ValueError, match="seed 1, this run uses 2"):
+        PackedSequences(stream, 16, 4, seed=2).load_state_dict(state)
+
+
+def test_packed_sequences_need_one_global_batch():
+    with pytest.raises(ValueError, match="fewer than one global micro-batch"):
+        PackedSequences(torch.arange(50), seq_len=10, micro_batch_size=4, world_size=2)
+
+
+def test_token_cache_is_written_once_and_follows_the_file(tmp_path):
+    tokenizer = byte_tokenizer()
+    data = tmp_path / "docs.jsonl"
+    data.write_text('{"text": "hello"}\n{"text": "world"}\n')
+    cache = tmp_path / "cache"
+    stream = cached_token_stream([data], tokenizer, cache)
+    assert stream.dtype == np.uint16
+    expected = pack_tokens(["hello", "world"], tokenizer)
+    assert torch.equal(torch.from_numpy(np.asarray(stream, dtype=np.int64)), expected)
+    (entry,) = cache.glob("*.npy")
+    mtime = entry.stat().st_mtime_ns
+    cached_token_stream([data], tokenizer, cache)
+    assert entry.stat().st_mtime_ns == mtime and len(list(cache.glob("*.npy"))) == 1
+    data.write_text('{"text": "changed"}\n')
+    changed = cached_token_stream([data], tokenizer, cache)
+    assert len(list(cache.glob("*.npy"))) == 2 and len(changed) == len("changed") + 2
+    with pytest.raises(FileNotFoundError, match=r"missing\.txt: no such data file"):
+        cached_token_stream([tmp_path / "missing.txt"], tokenizer, cache)
+
+
+def test_streamed_sequences_pack_shard_and_resume():
+    tokenizer = byte_tokenizer()
+    texts = [f"document number {i} " * 3 for i in range(40)]
+    make = lambda rank=0, world=1: StreamedSequences(
+        lambda: iter(texts), tokenizer, seq_len=16, micro_batch_size=2, rank=rank, world_size=world
+    )
+    single, ranks = make(), [make(0, 2), make(1, 2)]
+    first, second = next(single), next(single)  # windows 0, 1 and 2, 3
+    # Window i goes to process i mod 2: rank 0 gets windows 0 and 2, rank 1 gets 1 and 3.
+    assert torch.equal(next(ranks[0]), torch.stack([first[0], second[0]]))
+    assert torch.equal(next(ranks[1]), torch.stack([first[1], second[1]]))
+    data = make()
+    for _ in range(3):
+        next(data)
+    state = data.state_dict()
+    upcoming = [next(data) for _ in range(4)]
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, next(resumed)) for a in upcoming)
+    stream = pack_tokens(texts, tokenizer)
+    first = make()
+    assert torch.equal(next(first)[0], stream[:17])

@@ -80,6 +80,42 @@ def demo(
         raise typer.Exit(1)
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def train(
+    ctx: typer.Context,
+    recipe: Annotated[
+        Path, typer.Argument(help="A YAML recipe, e.g. recipes/configs/tiny-tnl.yaml.")
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print parameters, tokens, FLOPs and steps only.")
+    ] = False,
+    resume: Annotated[
+        str, typer.Option(help="auto (newest checkpoint in output_dir), never, or a folder.")
+    ] = "auto",
+    world_size: Annotated[
+        int | None, typer.Option(help="Processes to plan for in --dry-run.")
+    ] = None,
+) -> None:
+    """Train from a recipe in this process (key=value arguments override recipe keys).
+
+    Several processes or GPUs: `accelerate launch recipes/train.py RECIPE ...` runs the same loop.
+    """
+    from zoo.training import main as train_main
+
+    argv = [str(recipe), *ctx.args, "--resume", resume]
+    if dry_run:
+        argv.append("--dry-run")
+    if world_size is not None:
+        argv += ["--world-size", str(world_size)]
+    try:
+        train_main(argv)
+    except SystemExit as exit_:
+        if exit_.code:
+            raise typer.Exit(int(exit_.code)) from None
+
+
 @app.command()
 def generate(
     path: Annotated[str, typer.Argument(help="A checkpoint folder or Hub id.")],

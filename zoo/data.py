@@ -33,16 +33,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import math
+import os
 import random
 import re
 import string
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -425,3 +428,195 @@ def unigram_entropy(stream: torch.Tensor) -> float:
     counts = torch.bincount(stream.flatten().long())
     probs = counts[counts > 0].double() / stream.numel()
     return float(-(probs * probs.log()).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Training data: packed sequences in epochs, sharded across processes, resumable
+# ---------------------------------------------------------------------------------------------
+
+
+class PackedSequences:
+    """Endless micro-batches of packed (seq_len + 1)-token windows, epoch by epoch.
+
+    The stream (documents joined with bos/eos boundaries, see `pack_tokens`) is cut into
+    non-overlapping windows ``stream[i·T : i·T + T + 1]`` (consecutive windows share one boundary
+    token, so every token is a target exactly once per epoch). Each epoch visits the windows in a
+    fresh order drawn from (seed, epoch). One *global* micro-batch is `micro_batch_size ×
+    world_size` consecutive windows of that order; process `rank` takes its own slice, so the
+    processes see disjoint data and together see what one process with a world-sized batch
+    would. An epoch's tail shorter than one global micro-batch is skipped.
+
+    The position (epoch, windows consumed) is the whole state: `state_dict` / `load_state_dict`
+    resume mid-epoch exactly, and the state is the same on every rank. `stream` may be a torch
+    tensor or a numpy array (e.g. a memory-mapped token cache); only the windows drawn are read.
+    """
+
+    def __init__(
+        self,
+        stream: Any,
+        seq_len: int,
+        micro_batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if seq_len < 1 or micro_batch_size < 1:
+            raise ValueError(
+                f"seq_len={seq_len} and micro_batch_size={micro_batch_size} must be >= 1"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.stream = stream
+        self.seq_len = seq_len
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.num_windows = (len(stream) - 1) // seq_len
+        self.global_batch = micro_batch_size * world_size
+        if self.num_windows < self.global_batch:
+            raise ValueError(
+                f"the token stream has {len(stream):,} tokens: {self.num_windows} windows of "
+                f"{seq_len} + 1, fewer than one global micro-batch of micro_batch_size × "
+                f"processes = {self.global_batch}; give more data or a smaller batch"
+            )
+        self.epoch = 0
+        self.position = 0
+        self._order: torch.Tensor | None = None
+
+    def _epoch_order(self) -> torch.Tensor:
+        if self._order is None:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._order = torch.randperm(self.num_windows, generator=generator)
+        return self._order
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.position + self.global_batch > self.num_windows:
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        start = self.position + self.rank * self.micro_batch_size
+        windows = self._epoch_order()[start : start + self.micro_batch_size].tolist()
+        self.position += self.global_batch
+        rows = [self._window(i) for i in windows]
+        return torch.stack(rows)
+
+    def _window(self, index: int) -> torch.Tensor:
+        start = index * self.seq_len
+        window = self.stream[start : start + self.seq_len + 1]
+        if isinstance(window, torch.Tensor):
+            return window.long()
+        return torch.from_numpy(np.asarray(window, dtype=np.int64))
+
+    @property
+    def epochs_done(self) -> float:
+        return self.epoch + self.position / self.num_windows
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if int(state["seed"]) != self.seed:
+            raise ValueError(
+                f"data state was saved with seed {state['seed']}, this run uses {self.seed}"
+            )
+        self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+
+
+def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_token_stream(
+    files: Sequence[str | Path],
+    tokenizer: PreTrainedTokenizerBase,
+    cache_dir: str | Path,
+    text_field: str = "text",
+) -> np.ndarray:
+    """The packed token stream of local .txt/.jsonl `files`, tokenized once.
+
+    The first call writes ``<cache_dir>/<key>.npy`` (uint16 when the vocabulary fits, else
+    uint32; written to a temporary name and renamed, so a crash never leaves half a cache) and
+    every call returns it memory-mapped. The key hashes the files' paths, sizes and modification
+    times and the tokenizer, so an edited file or another tokenizer makes a new cache.
+    """
+    paths = [Path(f) for f in files]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such data file")
+    key_parts = [_tokenizer_fingerprint(tokenizer), text_field]
+    for path in paths:
+        stat = path.stat()
+        key_parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    key = hashlib.sha256("\n".join(key_parts).encode()).hexdigest()[:24]
+    cache_dir = Path(cache_dir).expanduser()
+    target = cache_dir / f"{key}.npy"
+    if not target.is_file():
+        documents = [doc for path in paths for doc in load_documents(path, text_field)]
+        stream = pack_tokens(documents, tokenizer).numpy()
+        dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_dir / f".{key}.{os.getpid()}.tmp.npy"
+        np.save(tmp, stream.astype(dtype))
+        os.replace(tmp, target)
+    return np.load(target, mmap_mode="r")
+
+
+class StreamedSequences:
+    """Packed (micro_batch_size, seq_len + 1) windows from an iterable of texts (e.g. a streamed
+    HF `datasets` split), for corpora too large to cache.
+
+    Documents are tokenized and packed on the fly into windows of seq_len + 1 with stride seq_len;
+    window i goes to process i mod world_size. The state is the number of windows this process
+    has consumed; resuming re-reads the (seeded, hence identical) stream and skips them, which
+    costs tokenization time but no storage.
+    """
+
+    def __init__(
+        self,
+        texts: Callable[[], Iterable[str]],
+        tokenizer: PreTrainedTokenizerBase,
+        seq_len: int,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.texts, self.tokenizer = texts, tokenizer
+        self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
+        self.rank, self.world_size = rank, world_size
+        self.consumed = 0
+        self._windows: Iterator[torch.Tensor] | None = None
+
+    def _all_windows(self) -> Iterator[torch.Tensor]:
+        buffer: list[int] = []
+        index = 0
+        while True:
+            for text in self.texts():
+                buffer.extend(pack_tokens([text], self.tokenizer).tolist())
+                while len(buffer) > self.seq_len:
+                    window = torch.tensor(buffer[: self.seq_len + 1])
+                    del buffer[: self.seq_len]
+                    if index % self.world_size == self.rank:
+                        yield window
+                    index += 1
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._windows is None:
+            self._windows = self._all_windows()
+            for _ in range(self.consumed):
+                next(self._windows)
+        rows = [next(self._windows) for _ in range(self.micro_batch_size)]
+        self.consumed += self.micro_batch_size
+        return torch.stack(rows)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.consumed, self._windows = int(state["consumed"]), None

@@ -18,6 +18,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from zoo.configuration import ZooConfig
+from zoo.flops import linear_flops
 from zoo.layers.context import MixerContext
 from zoo.layers.rotary import apply_rotary
 
@@ -97,6 +98,10 @@ class Attention(nn.Module):
             bias = bias.expand(batch, 1, seq_len, seq_len)
         o = attention_naive(q, k, v, bias)
         return self.o_proj(o.transpose(1, 2).reshape(batch, seq_len, -1))
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Projections, then scores and values over the full context: 2 · 2 · T · h · d_h."""
+        return linear_flops(self) + 4 * seq_len * self.num_heads * self.head_dim
 
     def state_size(self, batch: int, seq_len: int) -> int:
         """Cache elements after `seq_len` tokens: keys and values of every kv head."""

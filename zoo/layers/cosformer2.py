@@ -44,6 +44,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from zoo.cache import recurrent_state
+from zoo.flops import linear_flops
 from zoo.kernels.lightning import lightning, lightning_naive
 from zoo.layers.context import MixerContext
 from zoo.layers.lightning import LightningAttention
@@ -166,6 +167,10 @@ class CosFormer2Attention(LightningAttention):
             q.new_zeros(self.num_heads, dtype=torch.float32),
         )
         return self._output(o, hidden_states)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """As lightning attention, with LRPE's cos and sin halves doubling the key width."""
+        return linear_flops(self) + 8 * self.num_heads * self.head_dim * self.head_dim
 
     def state_size(self, batch: int, seq_len: int) -> int:
         """Cache elements: one 2d_h × d_h state per head, whatever the length."""

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.configuration import ZooConfig
+from zoo.flops import linear_flops
 
 
 class GLU(nn.Module):
@@ -24,6 +25,10 @@ class GLU(nn.Module):
         self.up_proj = nn.Linear(d, g, bias=False)
         self.down_proj = nn.Linear(g, d, bias=False)
         self.activation = activation
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Three projections: 2 · 3 · d · g."""
+        return linear_flops(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.gate_proj(x)

@@ -36,6 +36,7 @@ from transformers.cache_utils import Cache
 
 from zoo.cache import recurrent_state
 from zoo.configuration import ZooConfig
+from zoo.flops import linear_flops
 from zoo.kernels.hgrn2 import hgrn2, hgrn2_naive
 from zoo.layers.context import MixerContext
 from zoo.layers.norm import build_norm
@@ -120,6 +121,10 @@ class HGRN2Attention(nn.Module):
         q, k, i, log_f = self._gates(hidden_states, context)
         y, _ = hgrn2_naive(q, k, i, log_f)
         return self._output(y, hidden_states)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Projections, then per head the gated state update and the read-out: 4 · d · e."""
+        return linear_flops(self) + 4 * self.num_heads * self.head_dim * self.head_dim
 
     def state_size(self, batch: int, seq_len: int) -> int:
         """Cache elements: one e × e state per head (d · e per layer), whatever the length."""

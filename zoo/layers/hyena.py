@@ -69,6 +69,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicLayer
 
 from zoo.configuration import ZooConfig
+from zoo.flops import linear_flops
 from zoo.kernels.long_conv import long_conv, long_conv_naive, short_conv, short_conv_naive
 from zoo.layers.context import MixerContext
 
@@ -277,6 +278,17 @@ class HyenaOperator(nn.Module):
         """The naive form over a whole sequence: tap-by-tap short conv, the long convolution's
         definition position by position, both in fp32."""
         return self._mix(hidden_states, context, None, naive=True)[0]
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Projections, the short conv and N − 1 FFT long convolutions of d channels. An FFT
+        convolution of length T (padded to 2T: three transforms of ~5 · 2T · log2(2T) real
+        FLOPs, a pointwise product) costs ~15 · 2 · log2(2T) per channel per token. The implicit
+        filters depend on positions only (computed once per forward, not per token): left out."""
+        d = self.out_proj.in_features
+        width = self.in_proj.out_features
+        short = 2 * width * self.short_filter.kernel_size
+        fft = (self.order - 1) * d * (30 * max(1, (2 * seq_len - 1).bit_length()) + 6)
+        return linear_flops(self.in_proj, self.out_proj) + short + fft
 
     def state_size(self, batch: int, seq_len: int) -> int:
         """Cache elements after `seq_len` tokens: (N−1)·d long-conv inputs and (N+1)·d

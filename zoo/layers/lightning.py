@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache
 
 from zoo.cache import recurrent_state
 from zoo.configuration import ZooConfig
+from zoo.flops import linear_flops
 from zoo.kernels.lightning import lightning, lightning_naive, tnl_log_decay
 from zoo.layers.context import MixerContext
 from zoo.layers.norm import build_norm
@@ -114,6 +115,11 @@ class LightningAttention(nn.Module):
         q, k, v = self._qkv(hidden_states, context)
         o, _ = lightning_naive(q, k, v, self.log_decay(q.device))
         return self._output(o, hidden_states)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Projections and output gate, then per head the state update k vᵀ and the read-out
+        q S: 2 · 2 · d_h² each, 4 · d · d_h per token."""
+        return linear_flops(self) + 4 * self.num_heads * self.head_dim * self.head_dim
 
     def state_size(self, batch: int, seq_len: int) -> int:
         """Cache elements: one d_h × d_h state per head, whatever the length."""

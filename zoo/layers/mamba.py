@@ -43,6 +43,7 @@ from transformers.cache_utils import Cache
 
 from zoo.cache import recurrent_state
 from zoo.configuration import ZooConfig
+from zoo.flops import linear_flops
 from zoo.kernels.selective_scan import selective_scan, selective_scan_naive
 from zoo.layers.context import MixerContext
 
@@ -187,6 +188,12 @@ class MambaMixer(nn.Module):
         delta, A, B, C = self._ssm_params(u, context)
         y, _ = selective_scan_naive(u, delta, A, B, C, self.D)
         return self._output(y, z)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Projections, the depthwise conv (2 · D_in · K) and the selective scan, 9 · D_in · N
+        (the Mamba paper's count: discretisation, state update and read-out)."""
+        conv = 2 * self.d_inner * self.d_conv
+        return linear_flops(self) + conv + 9 * self.d_inner * self.d_state
 
     def state_size(self, batch: int, seq_len: int) -> int:
         """Cache elements: K conv inputs and N SSM states per channel, whatever the length."""

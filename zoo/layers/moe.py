@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.configuration import ZooConfig
+from zoo.flops import linear_flops
 from zoo.layers.glu import GLU
 
 ExpertsFunction = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -144,6 +145,13 @@ class MoE(nn.Module):
             if config.num_shared_experts
             else None
         )
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Router (2 · d · E), the k active experts (2 · 3 · d · f each), shared experts."""
+        experts = self.experts
+        per_expert = 2 * (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel())
+        router = 2 * self.gate.weight.numel()
+        return router + self.gate.top_k * per_expert + linear_flops(self.shared_experts)
 
     def forward(
         self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None

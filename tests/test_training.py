@@ -1,0 +1,231 @@
+"""The training loop: every tiny recipe trains, DDP on CPU, exact resume, checkpoints, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import zoo
+from zoo.recipe import RecipeError, load_recipe
+from zoo.training import Checkpoints, NonFiniteLossError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "recipes" / "configs"
+TINY = sorted(p.name for p in CONFIGS.glob("tiny-*.yaml"))
+
+
+def _recipe(name: str, tmp_path: Path, *overrides: str):
+    return load_recipe(CONFIGS / name, [f"output_dir={tmp_path / 'run'}", *overrides])
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_every_family_has_a_tiny_recipe():
+    families = {load_recipe(CONFIGS / name).model.preset for name in TINY}
+    assert families == set(zoo.recipe.FAMILIES)
+    assert "tiny-striped-moe.yaml" in TINY
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_recipe_trains(name, tmp_path):
+    recipe = _recipe(name, tmp_path, "logging.checkpoint_every=null")
+    result = train(recipe, echo=lambda _: None)
+    records = [r for r in _records(result.output_dir) if "loss" in r]
+    first, last = records[0]["loss"], records[-1]["loss"]
+    # From ~ln(259) = 5.6 nats at init: every family is well down after 60 steps.
+    assert last < 0.8 * first and last < 3.6, (first, last)
+    assert result.eval_loss is not None and result.eval_loss < 3.6
+    model = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    assert model.config.model_type == f"zoo_{recipe.model.preset}"
+    assert (result.output_dir / "loss.png").stat().st_size > 1000
+    if "moe" in name:
+        loads = records[-1]["expert_load_max_over_mean"]
+        assert len(loads) == 3 and all(1.0 <= x <= 2.0 for x in loads)
+        assert records[-1]["aux_loss"] > 0
+
+
+def _run_script(tmp_path: Path, *args: str, launcher: tuple[str, ...] = (), env=None):
+    command = [*launcher, str(ROOT / "recipes" / "train.py"), *args]
+    if not launcher:
+        command = [sys.executable, *command]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=full_env
+    )
+
+
+def test_ddp_on_cpu_with_accelerate_launch(tmp_path):
+    """Two processes (gloo) see disjoint halves of each step's data; the step is the same as one
+    process's, so the losses match a single-process run of the same recipe."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    args = (str(CONFIGS / "tiny-tnl.yaml"), "logging.checkpoint_every=null")
+    ddp = _run_script(
+        tmp_path,
+        *args,
+        "output_dir=ddp",
+        launcher=(
+            str(accelerate),
+            "launch",
+            "--config_file",
+            str(ROOT / "recipes/accelerate/cpu_ddp.yaml"),
+        ),
+        env={"ACCELERATE_USE_CPU": "1"},
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "on each of 2 process(es)" in ddp.stdout
+    single = _run_script(tmp_path, *args, "output_dir=single")
+    assert single.returncode == 0, single.stderr[-3000:]
+    losses = {
+        run: [r["loss"] for r in _records(tmp_path / run) if "loss" in r]
+        for run in ("ddp", "single")
+    }
+    assert losses["ddp"][-1] < 0.8 * losses["ddp"][0]
+    assert losses["ddp"] == pytest.approx(losses["single"], rel=1e-4)
+
+
+def test_killed_run_resumes_bit_identically(tmp_path):
+    """SIGKILL mid-run, resume: the same loss and weights at the last step as an uninterrupted
+    run (fp32, CPU)."""
+    args = (
+        str(CONFIGS / "tiny-llama.yaml"),
+        "training.steps=16",
+        "logging.checkpoint_every=2",
+        "logging.log_every=1",
+        "logging.keep_last=3",
+    )
+    reference = _run_script(tmp_path, *args, "output_dir=reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    command = [sys.executable, str(ROOT / "recipes/train.py"), *args, "output_dir=killed"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    checkpoints = Checkpoints(tmp_path / "killed", keep_last=3)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        latest = checkpoints.latest()
+        if latest is not None and latest.name >= "step-00000006":
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = checkpoints.latest()
+    assert killed_at is not None and killed_at.name < "step-00000016"
+
+    resumed = _run_script(tmp_path, *args, "output_dir=killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {killed_at.relative_to(tmp_path)}" in resumed.stdout
+    a = load_file(tmp_path / "reference/final/model.safetensors")
+    b = load_file(tmp_path / "killed/final/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ref, res = _records(tmp_path / "reference"), _records(tmp_path / "killed")
+    exact = ("loss", "grad_norm", "eval_loss", "lr")
+
+    def last(records):
+        return {k: r[k] for r in records if r["step"] == 16 for k in exact if k in r}
+
+    assert last(res) == last(ref) and len(last(ref)) == 4
+    # The resumed log has each step once, in order.
+    steps = [r["step"] for r in res if "loss" in r]
+    assert steps == sorted(set(steps)) == list(range(1, 17))
+
+
+def test_a_crash_while_checkpointing_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    recipe = _recipe("tiny-llama.yaml", tmp_path, "training.steps=4", "logging.checkpoint_every=2")
+    from accelerate import Accelerator
+
+    original = Accelerator.save_state
+
+    def crash_on_second(self, output_dir, **kwargs):
+        if output_dir.endswith("step-00000004"):
+            Path(output_dir, "model.safetensors").write_bytes(b"half a file")
+            raise KeyboardInterrupt("killed while writing")
+        return original(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, echo=lambda _: None)
+    checkpoints = Checkpoints(recipe.output_dir, keep_last=2)
+    assert [p.name for p in checkpoints.complete()] == ["step-00000002"]
+    monkeypatch.setattr(Accelerator, "save_state", original)
+    messages = []
+    train(recipe, echo=messages.append)
+    assert any("resuming from" in m and "step-00000002" in m for m in messages)
+    assert [p.name for p in checkpoints.complete()] == ["step-00000002", "step-00000004"]
+    assert not list(checkpoints.root.glob(".tmp-*"))
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    recipe = _recipe("tiny-llama.yaml", tmp_path, "training.steps=2", "logging.checkpoint_every=2")
+    train(recipe, echo=lambda _: None)
+    wider = _recipe(
+        "tiny-llama.yaml",
+        tmp_path,
+        "training.steps=4",
+        "logging.checkpoint_every=2",
+        "model.overrides.hidden_size=96",
+    )
+    with pytest.raises(RecipeError, match=r"model config differs in \['hidden_size'"):
+        train(wider, echo=lambda _: None)
+    other_batch = _recipe("tiny-llama.yaml", tmp_path, "training.steps=4", "training.seq_len=32")
+    with pytest.raises(RecipeError, match=r"training\.seq_len was 64, is now 32"):
+        train(other_batch, echo=lambda _: None)
+
+
+def test_non_finite_loss_names_its_step(tmp_path):
+    recipe = _recipe(
+        "tiny-llama.yaml", tmp_path, "training.steps=5", "logging.checkpoint_every=null"
+    )
+    model = AutoModelForCausalLM.from_config(recipe.build_config())
+    calls = {"n": 0}
+    forward = model.forward
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 4 * 2:  # 4 micro-batches per step: step 3 goes NaN
+            out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = poisoned
+    with pytest.raises(NonFiniteLossError, match="at step 3"):
+        train(recipe, model=model, echo=lambda _: None)
+
+
+@pytest.mark.gpu
+def test_fsdp_launch_config_trains_on_gpus(tmp_path):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    result = _run_script(
+        tmp_path,
+        str(CONFIGS / "tiny-tnl.yaml"),
+        "training.steps=6",
+        "logging.checkpoint_every=3",
+        "output_dir=fsdp",
+        launcher=(
+            str(accelerate),
+            "launch",
+            "--config_file",
+            str(ROOT / "recipes/accelerate/fsdp.yaml"),
+            "--num_processes",
+            str(torch.cuda.device_count()),
+        ),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: FSDP was requested" not in result.stdout
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp/final")
+    assert math.isfinite(float(next(model.parameters()).sum()))

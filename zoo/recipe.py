@@ -1,0 +1,299 @@
+"""Training recipes: one YAML file per run, validated on load, errors naming file and key.
+
+A recipe names a model (a family preset, a named size or a layer pattern, plus config
+overrides), the data, the tokenizer, the optimizer and its schedule, the token budget, batch and
+sequence length, precision, and the log/eval/checkpoint intervals. `base: other.yaml` (relative
+to the file) inherits another recipe; keys given here win, nested sections merge key by key.
+Command-line overrides are dotted `key=value` pairs parsed as YAML scalars, e.g.
+`training.steps=20 optimizer.lr=1e-3 model.overrides.hidden_size=64`.
+
+    recipe = load_recipe("recipes/configs/tiny-tnl.yaml", ["training.steps=20"])
+    config = recipe.build_config()          # a validated ZooConfig
+    plan = recipe.plan(world_size=2)        # steps, gradient accumulation, tokens
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from zoo.configuration import PRESETS, HybridConfig, ZooConfig
+from zoo.data import CorpusConfig
+
+FAMILIES: dict[str, type[ZooConfig]] = {cls.model_type.removeprefix("zoo_"): cls for cls in PRESETS}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    preset: str = Field(description=f"family: one of {sorted(FAMILIES)}")
+    size: str | None = Field(None, description="a named size of the family")
+    pattern: str | None = Field(None, description="hybrid layer pattern (preset: hybrid)")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="ZooConfig fields")
+
+    @model_validator(mode="after")
+    def _known_preset(self) -> ModelSection:
+        if self.preset not in FAMILIES:
+            raise ValueError(f"preset={self.preset!r} is not one of {sorted(FAMILIES)}")
+        if self.pattern is not None and self.preset != "hybrid":
+            raise ValueError("pattern needs preset: hybrid")
+        if self.pattern is not None and self.size is not None:
+            raise ValueError("give a size or a pattern, not both")
+        return self
+
+
+class SyntheticData(_Section):
+    """The embedded corpus (zoo.data.CorpusConfig fields)."""
+
+    seed: int = 0
+    train_docs: int = Field(CorpusConfig.train_docs, gt=0)
+    validation_docs: int = Field(CorpusConfig.validation_docs, gt=0)
+
+
+class HFData(_Section):
+    """A `datasets` dataset, streamed (needs `datasets` and the network)."""
+
+    path: str
+    name: str | None = None
+    split: str = "train"
+    validation_split: str | None = None
+    text_field: str = "text"
+    shuffle_buffer: int = Field(10_000, gt=0)
+
+
+class DataSection(_Section):
+    source: Literal["synthetic", "files", "hf"] = "synthetic"
+    train_files: list[Path] = Field(default_factory=list, description=".txt or .jsonl files")
+    validation_files: list[Path] = Field(default_factory=list)
+    text_field: str = "text"
+    synthetic: SyntheticData = SyntheticData()
+    hf: HFData | None = None
+    cache_dir: Path = Field(
+        Path("~/.cache/hybrid-zoo/tokens"), description="memory-mapped token caches"
+    )
+
+    @model_validator(mode="after")
+    def _source_has_what_it_needs(self) -> DataSection:
+        if self.source == "files" and not self.train_files:
+            raise ValueError("source: files needs train_files")
+        if self.source == "hf" and self.hf is None:
+            raise ValueError("source: hf needs an hf section (path, split, ...)")
+        return self
+
+
+class OptimizerSection(_Section):
+    """AdamW; weight decay on matrices only (never norms, biases or a mixer's exempt params)."""
+
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    fused: bool | None = Field(None, description="None: fused where the device supports it")
+
+
+class ScheduleSection(_Section):
+    """Learning rate as a function of the optimizer step."""
+
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_fraction: float = Field(0.01, ge=0, le=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="floor of cosine / end of WSD decay")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: share of steps decaying")
+
+
+class TrainingSection(_Section):
+    steps: int | None = Field(None, gt=0, description="optimizer steps (or give tokens)")
+    tokens: int | None = Field(None, gt=0, description="token budget (or give steps)")
+    global_batch_tokens: int = Field(gt=0, description="tokens per optimizer step, all ranks")
+    micro_batch_size: int = Field(gt=0, description="sequences per forward, per process")
+    seq_len: int = Field(gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_clip: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    peak_tflops: float | None = Field(
+        None, gt=0, description="device peak for MFU; None: known GPUs only"
+    )
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainingSection:
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("give exactly one of steps and tokens")
+        return self
+
+
+class LoggingSection(_Section):
+    log_every: int = Field(10, gt=0)
+    eval_every: int | None = Field(None, gt=0, description="None: only at the end")
+    eval_batches: int = Field(8, gt=0)
+    checkpoint_every: int | None = Field(None, gt=0, description="None: no checkpoints")
+    keep_last: int = Field(2, gt=0)
+    tensorboard: bool = Field(True, description="when tensorboard is installed")
+
+
+class Recipe(_Section):
+    model: ModelSection
+    tokenizer: str | None = Field(None, description="None: the embedded byte tokenizer")
+    data: DataSection = DataSection()
+    optimizer: OptimizerSection = OptimizerSection()
+    schedule: ScheduleSection = ScheduleSection()
+    training: TrainingSection
+    logging: LoggingSection = LoggingSection()
+    output_dir: Path
+    source: str | None = Field(None, description="the file it was read from (set on load)")
+
+    def build_config(self) -> ZooConfig:
+        """The validated model config; unknown override fields and bad values name the key."""
+        section = self.model
+        cls = FAMILIES[section.preset]
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in section.overrides:
+            if key not in known:
+                raise RecipeError(
+                    f"{self.source}: model.overrides.{key}: not a field of {cls.__name__}"
+                )
+        try:
+            if section.pattern is not None:
+                return HybridConfig.from_pattern(section.pattern, **section.overrides)
+            if section.size is not None:
+                return cls.from_size(section.size, **section.overrides)
+            return cls(**section.overrides)
+        except (ValueError, TypeError) as error:
+            raise RecipeError(f"{self.source}: model: {error}") from None
+
+    def plan(self, world_size: int = 1) -> TrainingPlan:
+        """Steps, gradient accumulation and token counts for `world_size` processes."""
+        t = self.training
+        per_micro_step = t.micro_batch_size * t.seq_len * world_size
+        if t.global_batch_tokens % per_micro_step:
+            raise RecipeError(
+                f"{self.source}: training.global_batch_tokens={t.global_batch_tokens} is not a "
+                f"multiple of training.micro_batch_size × training.seq_len × processes = "
+                f"{t.micro_batch_size} × {t.seq_len} × {world_size} = {per_micro_step}"
+            )
+        steps = t.steps if t.steps is not None else math.ceil(t.tokens / t.global_batch_tokens)
+        s = self.schedule
+        warmup = s.warmup_steps if s.warmup_steps is not None else round(s.warmup_fraction * steps)
+        return TrainingPlan(
+            steps=steps,
+            accumulation=t.global_batch_tokens // per_micro_step,
+            world_size=world_size,
+            warmup_steps=min(warmup, steps),
+            tokens=steps * t.global_batch_tokens,
+            sequences_per_step=t.global_batch_tokens // t.seq_len,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPlan:
+    steps: int
+    accumulation: int
+    """Micro-batches per process per optimizer step."""
+    world_size: int
+    warmup_steps: int
+    tokens: int
+    sequences_per_step: int
+
+
+def lr_factor(step: int, plan: TrainingPlan, schedule: ScheduleSection) -> float:
+    """Multiplier of the peak learning rate before optimizer step `step` (0-based).
+
+    Linear warmup over `warmup_steps`, then: cosine from 1 to `min_lr_ratio` at the last step;
+    WSD (warmup-stable-decay, MiniCPM) constant at 1 until the last `decay_fraction` of the
+    steps, then linear to `min_lr_ratio`; or constant 1 (the scaling-law paper's schedule).
+    """
+    warmup, total = plan.warmup_steps, plan.steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule.kind == "constant":
+        return 1.0
+    floor = schedule.min_lr_ratio
+    if schedule.kind == "cosine":
+        progress = (step - warmup) / max(1, total - 1 - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_steps = max(1, round(schedule.decay_fraction * total))
+    decay_start = total - decay_steps
+    if step < decay_start:
+        return 1.0
+    progress = (step - decay_start + 1) / decay_steps
+    return 1.0 - (1.0 - floor) * min(1.0, progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "overrides":
+            out[key] = _merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):  # model.overrides
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    if path.resolve() in seen:
+        raise RecipeError(f"{path}: base recipes form a cycle: {[str(p) for p in seen]}")
+    try:
+        fields = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(fields, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(fields).__name__}")
+    base = fields.pop("base", None)
+    if base is None:
+        return fields
+    return _merge(_read_yaml(path.parent / base, (*seen, path.resolve())), fields)
+
+
+def _apply_override(fields: dict[str, Any], assignment: str, source: str) -> None:
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"{source}: override {assignment!r} is not key=value")
+    *parents, leaf = key.split(".")
+    node = fields
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"{source}: override {key}: {part} is not a section")
+    node[leaf] = yaml.safe_load(text)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, merge (`base:`), override and validate a recipe; `RecipeError` names file and key.
+
+    Relative data paths and `output_dir` are taken as given (relative to the working directory,
+    where `accelerate launch` runs), like every other training tool.
+    """
+    path = Path(path)
+    fields = _read_yaml(path)
+    for assignment in overrides:
+        _apply_override(fields, assignment, str(path))
+    fields["source"] = str(path)
+    try:
+        return Recipe.model_validate(fields)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+            message = item["msg"]
+            if item["type"] == "extra_forbidden":
+                message = "unknown key"
+            problems.append(f"{path}: {where}: {message}")
+        raise RecipeError("\n".join(problems)) from None

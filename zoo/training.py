@@ -1,0 +1,679 @@
+"""The training loop every recipe runs, from one CPU process to many GPUs (accelerate).
+
+    accelerate launch recipes/train.py recipes/configs/tiny-tnl.yaml training.steps=50
+    zoo train recipes/configs/tiny-tnl.yaml --dry-run
+
+One optimizer step = `accumulation` micro-batches per process (gradients synchronised only on
+the last), the loss averaged over them, gradient clipping, AdamW (weight decay on matrices
+only), the learning rate of `zoo.recipe.lr_factor`. Everything else is accelerate's: devices,
+DDP/FSDP wrapping, mixed precision, and checkpoints (`Accelerator.save_state`: model weights in
+safetensors; optimizer, scheduler, RNG and our data position in accelerate's own files).
+
+Checkpoints are atomic: `save_state` writes `checkpoints/.tmp-step-N` and only a complete one is
+renamed to `checkpoints/step-N`, then older ones beyond `keep_last` are removed. A run killed at
+any moment resumes (`--resume auto`, the default) from the newest complete checkpoint and
+continues bit for bit as if it had never stopped (fp32 on CPU; the data order, RNG and optimizer
+state are all restored). Resuming refuses a checkpoint whose model or batch settings differ.
+
+Outputs in `output_dir`: `metrics.jsonl` (one record per logged step and per eval),
+`tensorboard/` (when installed), `loss.png`, `checkpoints/`, and `final/`: `save_pretrained`
+(safetensors) + tokenizer + generation config, loadable with `AutoModelForCausalLM`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
+
+from zoo.data import (
+    CorpusConfig,
+    PackedSequences,
+    StreamedSequences,
+    cached_token_stream,
+    pack_tokens,
+    sequential_windows,
+    synthetic_documents,
+)
+from zoo.flops import model_flops
+from zoo.layers.moe import expert_load, load_imbalance
+from zoo.recipe import Recipe, RecipeError, load_recipe, lr_factor
+from zoo.tokenizer import load_tokenizer
+
+# Dense bf16 peak of the GPUs people train on (vendor data sheets, no sparsity), for MFU.
+PEAK_TFLOPS_BF16 = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 125.0}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last checkpoint."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    train_loss: float
+    eval_loss: float | None
+    tokens_per_s: float
+    mfu: float | None
+    output_dir: Path
+    final_dir: Path | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (nanoGPT's rule), never on norms, biases, or the parameters
+    a mixer exempts by name (`no_weight_decay_params`, e.g. Mamba's A_log and D)."""
+    exempt = {
+        id(getattr(module, name))
+        for module in model.modules()
+        for name in getattr(module, "no_weight_decay_params", ())
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in exempt]
+    no_decay = [p for p in params if p.dim() < 2 or id(p) in exempt]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def peak_flops(device: torch.device, recipe: Recipe) -> float | None:
+    """Peak FLOP/s of one device for MFU: the recipe's `peak_tflops`, else a known GPU's."""
+    if recipe.training.peak_tflops is not None:
+        return recipe.training.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in PEAK_TFLOPS_BF16.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+def build_data(
+    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, accelerator: Accelerator
+) -> tuple[PackedSequences | StreamedSequences, Any]:
+    """The training micro-batches of this process and the held-out stream (or None)."""
+    data, t = recipe.data, recipe.training
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if data.source == "synthetic":
+        corpus = CorpusConfig(
+            seed=data.synthetic.seed,
+            train_docs=data.synthetic.train_docs,
+            validation_docs=data.synthetic.validation_docs,
+        )
+        train = pack_tokens(synthetic_documents("train", corpus), tokenizer)
+        heldout = pack_tokens(synthetic_documents("validation", corpus), tokenizer)
+    elif data.source == "files":
+        with accelerator.main_process_first():  # one process tokenizes, the others map it
+            train = cached_token_stream(
+                data.train_files, tokenizer, data.cache_dir, data.text_field
+            )
+            heldout = (
+                cached_token_stream(
+                    data.validation_files, tokenizer, data.cache_dir, data.text_field
+                )
+                if data.validation_files
+                else None
+            )
+    else:
+        return _hf_data(recipe, tokenizer, rank, world)
+    batches = PackedSequences(train, t.seq_len, t.micro_batch_size, t.seed, rank, world)
+    return batches, heldout
+
+
+def _hf_data(
+    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, rank: int, world: int
+) -> tuple[StreamedSequences, Any]:
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"{recipe.source}: data.source: hf needs the datasets package (pip install datasets)"
+        ) from None
+    hf, t = recipe.data.hf, recipe.training
+
+    def texts(split: str, shuffle: bool) -> Callable[[], Iterator[str]]:
+        def read() -> Iterator[str]:
+            stream = datasets.load_dataset(hf.path, hf.name, split=split, streaming=True)
+            if shuffle:
+                stream = stream.shuffle(seed=t.seed, buffer_size=hf.shuffle_buffer)
+            for record in stream:
+                yield record[hf.text_field]
+
+        return read
+
+    batches = StreamedSequences(
+        texts(hf.split, True), tokenizer, t.seq_len, t.micro_batch_size, rank, world
+    )
+    heldout = None
+    if hf.validation_split is not None:
+        documents = [
+            text for _, text in zip(range(2000), texts(hf.validation_split, False)(), strict=False)
+        ]
+        heldout = pack_tokens(documents, tokenizer)
+    return batches, heldout
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class Checkpoints:
+    """`output_dir/checkpoints/step-NNNNNNNN` folders written by `Accelerator.save_state`."""
+
+    STATE = "trainer_state.json"
+
+    def __init__(self, output_dir: Path, keep_last: int) -> None:
+        self.root = output_dir / "checkpoints"
+        self.keep_last = keep_last
+
+    def complete(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.glob("step-*") if (p / self.STATE).is_file()]
+        return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, accelerator: Accelerator, step: int, state: dict[str, Any]) -> Path:
+        final = self.root / f"step-{step:08d}"
+        tmp = self.root / f".tmp-step-{step:08d}"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / self.STATE).write_text(json.dumps(state, indent=2) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # the checkpoint exists only once it is whole
+            for old in self.complete()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+            for stale in self.root.glob(".tmp-step-*"):  # a crash's leftovers
+                shutil.rmtree(stale, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    @classmethod
+    def read_state(cls, path: Path) -> dict[str, Any]:
+        return json.loads((path / cls.STATE).read_text())
+
+
+# Settings that must match to resume: the model and everything that fixes the data order.
+_RESUME_KEYS = (
+    ("training", "seq_len"),
+    ("training", "micro_batch_size"),
+    ("training", "global_batch_tokens"),
+    ("training", "seed"),
+    ("data",),
+    ("tokenizer",),
+)
+
+
+def check_resumable(saved: dict[str, Any], recipe: Recipe, config: dict, world_size: int) -> None:
+    """Refuse a checkpoint that this recipe cannot continue, naming what differs."""
+    where = f"{recipe.source}: cannot resume from {saved.get('path')}"
+    if saved["model_config"] != config:
+        keys = sorted(
+            key
+            for key in set(saved["model_config"]) | set(config)
+            if saved["model_config"].get(key) != config.get(key)
+        )
+        raise RecipeError(f"{where}: the model config differs in {keys}")
+    current = recipe.model_dump(mode="json")
+    for path in _RESUME_KEYS:
+        old, new = saved["recipe"], current
+        for part in path:
+            old, new = old.get(part), new.get(part)
+        if old != new:
+            raise RecipeError(f"{where}: {'.'.join(path)} was {old!r}, is now {new!r}")
+    if saved["world_size"] != world_size:
+        raise RecipeError(
+            f"{where}: it was written by {saved['world_size']} processes, this run has "
+            f"{world_size} (the data order depends on it)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+
+
+class Metrics:
+    """metrics.jsonl (+ TensorBoard when installed), written by the main process only."""
+
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, resume_step: int):
+        self.path = output_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        # On resume, drop what the killed run logged after its last checkpoint.
+        kept = []
+        if resume_step and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                if line.strip() and json.loads(line)["step"] <= resume_step:
+                    kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_loss(metrics_path: Path, out: Path, title: str) -> Path | None:
+    """Training (and held-out) loss against tokens, as a PNG; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
+    heldout = [(r["tokens"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train")
+    if heldout:
+        ax.plot(*zip(*heldout, strict=True), "o-", label="held-out")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, stream: Any, recipe: Recipe, accelerator: Accelerator
+) -> float:
+    """Mean next-token cross-entropy over the first eval_batches × micro_batch_size held-out
+    windows (without the MoE aux losses), split across processes."""
+    t = recipe.training
+    windows = []
+    for i, window in enumerate(sequential_windows(torch.as_tensor(stream[:]), t.seq_len)):
+        if i == recipe.logging.eval_batches * t.micro_batch_size:
+            break
+        if window.shape[1] == t.seq_len + 1 and i % accelerator.num_processes == (
+            accelerator.process_index
+        ):
+            windows.append(window[0])
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(windows), t.micro_batch_size):
+        batch = torch.stack(windows[start : start + t.micro_batch_size]).to(accelerator.device)
+        logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+        targets = batch[:, 1:]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+        total[0] += loss.double()
+        total[1] += targets.numel()
+    model.train(was_training)
+    total = accelerator.reduce(total, reduction="sum")
+    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+def _model_config_dict(model: torch.nn.Module) -> dict[str, Any]:
+    """The model config as trainer_state.json stores it (JSON round trip: int keys -> str)."""
+    config = json.loads(json.dumps(model.config.to_dict()))
+    for volatile in (
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "_name_or_path",
+        "architectures",
+    ):
+        config.pop(volatile, None)
+    return config
+
+
+def train(
+    recipe: Recipe,
+    *,
+    resume: str = "auto",
+    model: torch.nn.Module | None = None,
+    accelerator: Accelerator | None = None,
+    flops_per_token: int | None = None,
+    echo: Callable[[str], None] | None = None,
+    save_final: bool = True,
+) -> TrainResult:
+    """Train `recipe` (see the module docstring); `model` replaces the recipe's (a benchmark
+    trains transformers' own Llama in this same loop), `resume` is "auto" (the newest complete
+    checkpoint in output_dir, if any), "never", or a checkpoint folder."""
+    t, log = recipe.training, recipe.logging
+    if accelerator is None:
+        precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision]
+        accelerator = Accelerator(mixed_precision=precision)
+    main = accelerator.is_main_process
+    echo = echo if echo is not None else (print if main else lambda _: None)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and (
+        accelerator.distributed_type.value != "FSDP"
+    ):
+        echo(
+            f"warning: FSDP was requested but accelerate runs {accelerator.distributed_type.value}"
+            f" on {accelerator.device.type} (accelerate has no FSDP on the CPU)"
+        )
+    plan = recipe.plan(accelerator.num_processes)
+    set_seed(t.seed)
+    tokenizer = load_tokenizer(recipe.tokenizer)
+    if model is None:
+        config = recipe.build_config()
+        if config.vocab_size < len(tokenizer):
+            raise RecipeError(
+                f"{recipe.source}: model.overrides.vocab_size={config.vocab_size} is smaller "
+                f"than the tokenizer's {len(tokenizer)} tokens"
+            )
+        model = AutoModelForCausalLM.from_config(config)
+    config_dict = _model_config_dict(model)
+    if flops_per_token is None:
+        flops_per_token = model_flops(model, t.seq_len).train_per_token
+    batches, heldout = build_data(recipe, tokenizer, accelerator)
+
+    output_dir = Path(recipe.output_dir)
+    checkpoints = Checkpoints(output_dir, log.keep_last)
+    resume_from = None
+    if resume == "auto":
+        resume_from = checkpoints.latest()
+    elif resume != "never":
+        resume_from = Path(resume)
+        if not (resume_from / Checkpoints.STATE).is_file():
+            raise RecipeError(f"--resume {resume}: not a complete checkpoint folder")
+
+    fused = recipe.optimizer.fused
+    if fused is None:
+        fused = accelerator.device.type == "cuda"
+    optimizer = torch.optim.AdamW(
+        param_groups(model, recipe.optimizer.weight_decay),
+        lr=recipe.optimizer.lr,
+        betas=recipe.optimizer.betas,
+        eps=recipe.optimizer.eps,
+        fused=fused,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, plan, recipe.schedule)
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The scheduler is ours, not prepared: accelerate's wrapper would step it once per process
+    # (it assumes schedules written in single-process steps); ours counts optimizer steps.
+    accelerator.register_for_checkpointing(scheduler, batches)
+
+    start_step, tokens_before = 0, 0
+    if resume_from is not None:
+        saved = Checkpoints.read_state(resume_from)
+        saved["path"] = str(resume_from)
+        check_resumable(saved, recipe, config_dict, accelerator.num_processes)
+        accelerator.load_state(str(resume_from))
+        start_step, tokens_before = saved["step"], saved["tokens"]
+        echo(f"resuming from {resume_from} (step {start_step})")
+
+    metrics = Metrics(output_dir, main, log.tensorboard, start_step)
+    peak = peak_flops(accelerator.device, recipe)
+    unwrapped = accelerator.unwrap_model(model)
+    moe_top_k = getattr(unwrapped.config, "num_experts_per_tok", 0)
+    has_moe = bool(getattr(unwrapped.config, "has_moe", False))
+    echo(
+        f"{type(unwrapped).__name__}: {unwrapped.num_parameters() / 1e6:.2f}M parameters, "
+        f"{plan.steps} steps × {t.global_batch_tokens:,} tokens, {plan.accumulation} "
+        f"micro-batches of {t.micro_batch_size} × {t.seq_len} on each of "
+        f"{accelerator.num_processes} process(es), {flops_per_token / 1e6:.1f} MFLOPs/token"
+    )
+
+    model.train()
+    train_loss, eval_loss = float("nan"), None
+    window_start, window_tokens = time.perf_counter(), 0
+    run_start, run_tokens = window_start, 0
+    progress = tqdm(
+        range(start_step, plan.steps),
+        initial=start_step,
+        total=plan.steps,
+        desc=Path(recipe.source or "train").stem,
+        unit="step",
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
+    for step in progress:
+        logging_step = (step + 1) % log.log_every == 0 or step + 1 == plan.steps
+        step_loss = torch.zeros((), device=accelerator.device)
+        aux_loss = None
+        router_logits = None
+        for micro in range(plan.accumulation):
+            batch = next(batches).to(accelerator.device)
+            last = micro == plan.accumulation - 1
+            want_router = has_moe and logging_step and last
+            # Gradients are all-reduced on the last micro-batch only.
+            context = accelerator.no_sync(model) if not last else contextlib.nullcontext()
+            with context:
+                kwargs = {"output_router_logits": True} if want_router else {}
+                out = model(input_ids=batch, labels=batch, use_cache=False, **kwargs)
+                accelerator.backward(out.loss / plan.accumulation)
+            step_loss += out.loss.detach() / plan.accumulation
+            if want_router:
+                aux_loss, router_logits = out.aux_loss, out.router_logits
+        step_loss = accelerator.reduce(step_loss, reduction="mean")
+        if not torch.isfinite(step_loss):
+            latest = checkpoints.latest()
+            raise NonFiniteLossError(
+                f"loss is {step_loss.item()} at step {step + 1}; nothing was updated with it. "
+                f"Last checkpoint: {latest if latest else 'none'}"
+            )
+        grad_norm = None
+        if t.grad_clip is not None:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_tokens += t.global_batch_tokens
+        run_tokens += t.global_batch_tokens
+        tokens = tokens_before + (step + 1 - start_step) * t.global_batch_tokens
+
+        if logging_step:
+            train_loss = step_loss.item()
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_tokens / elapsed
+            record = {
+                "step": step + 1,
+                "tokens": tokens,
+                "loss": train_loss,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": tokens_per_s,
+            }
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            if peak is not None:
+                record["mfu"] = flops_per_token * tokens_per_s / (peak * accelerator.num_processes)
+            if router_logits is not None:
+                imbalance = load_imbalance(expert_load(router_logits, moe_top_k))
+                record["aux_loss"] = float(aux_loss.detach())
+                record["expert_load_max_over_mean"] = imbalance.tolist()
+            metrics.log(record)
+            postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+            if "mfu" in record:
+                postfix["mfu"] = f"{record['mfu']:.1%}"
+            progress.set_postfix(postfix, refresh=False)
+            window_start, window_tokens = time.perf_counter(), 0
+
+        last_step = step + 1 == plan.steps
+        if heldout is not None and (
+            (log.eval_every and (step + 1) % log.eval_every == 0) or last_step
+        ):
+            eval_loss = evaluate(model, heldout, recipe, accelerator)
+            metrics.log({"step": step + 1, "tokens": tokens, "eval_loss": eval_loss})
+        if log.checkpoint_every and ((step + 1) % log.checkpoint_every == 0 or last_step):
+            state = {
+                "step": step + 1,
+                "tokens": tokens,
+                "world_size": accelerator.num_processes,
+                "recipe": recipe.model_dump(mode="json"),
+                "model_config": config_dict,
+            }
+            checkpoints.save(accelerator, step + 1, state)
+    progress.close()
+    run_time = time.perf_counter() - run_start
+    tokens_per_s = run_tokens / run_time if run_tokens else 0.0
+    mfu = flops_per_token * tokens_per_s / (peak * accelerator.num_processes) if peak else None
+
+    final_dir = None
+    accelerator.wait_for_everyone()
+    if save_final:
+        final_dir = output_dir / "final"
+        state_dict = accelerator.get_state_dict(model)
+        if main:
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.generation_config = GenerationConfig(
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            unwrapped.save_pretrained(final_dir, state_dict=state_dict)
+            tokenizer.save_pretrained(final_dir)
+    if main and metrics.path.is_file():
+        plot_loss(metrics.path, output_dir / "loss.png", Path(recipe.source or "run").stem)
+    metrics.close()
+    accelerator.wait_for_everyone()
+    return TrainResult(
+        steps=plan.steps,
+        tokens=plan.tokens,
+        train_loss=train_loss,
+        eval_loss=eval_loss,
+        tokens_per_s=tokens_per_s,
+        mfu=mfu,
+        output_dir=output_dir,
+        final_dir=final_dir,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Dry run and entry point
+
+
+def dry_run(recipe: Recipe, world_size: int = 1) -> dict[str, Any]:
+    """What a recipe would do, without data or training: parameters, tokens, FLOPs, steps.
+    The model is built on the meta device, so a 7B recipe costs nothing."""
+    plan = recipe.plan(world_size)
+    config = recipe.build_config()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    flops = model_flops(model, recipe.training.seq_len)
+    total_flops = flops.train_per_token * plan.tokens
+    return {
+        "recipe": recipe.source,
+        "model": type(model).__name__,
+        "layers": config.layer_pattern,
+        "parameters": model.num_parameters(),
+        "active_parameters": model.num_parameters(active=True),
+        "non_embedding_parameters": model.num_parameters(exclude_embeddings=True),
+        "sparsity": config.sparsity,
+        "plan": dataclasses.asdict(plan),
+        "forward_flops_per_token": flops.forward_per_token,
+        "train_flops_per_token": flops.train_per_token,
+        "train_flops": total_flops,
+        "train_pflops_days": total_flops / 8.64e19,
+    }
+
+
+def format_dry_run(report: dict[str, Any]) -> str:
+    plan = report["plan"]
+    lines = [
+        f"recipe        {report['recipe']}",
+        f"model         {report['model']}: {report['layers']}",
+        f"parameters    {report['parameters'] / 1e6:,.1f}M total, "
+        f"{report['active_parameters'] / 1e6:,.1f}M active, "
+        f"{report['non_embedding_parameters'] / 1e6:,.1f}M non-embedding"
+        + (f", sparsity {report['sparsity']:.3f}" if report["sparsity"] else ""),
+        f"tokens        {plan['tokens']:,} in {plan['steps']:,} steps of "
+        f"{plan['sequences_per_step']:,} sequences ({plan['accumulation']} micro-batches per "
+        f"process × {plan['world_size']} processes), warmup {plan['warmup_steps']:,} steps",
+        f"FLOPs/token   {report['forward_flops_per_token'] / 1e9:,.3f} G forward, "
+        f"{report['train_flops_per_token'] / 1e9:,.3f} G training",
+        f"train FLOPs   {report['train_flops']:.3e} ({report['train_pflops_days']:,.2f} PF-days)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> TrainResult | dict[str, Any]:
+    """`recipes/train.py` and `zoo train`: RECIPE [key=value ...] [--dry-run] [--resume ...]."""
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="Train a zoo model from a YAML recipe (accelerate)."
+    )
+    parser.add_argument("recipe", type=Path, help="recipes/configs/<name>.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. training.steps=20")
+    parser.add_argument("--dry-run", action="store_true", help="plan only: params, FLOPs, steps")
+    parser.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (newest checkpoint in output_dir, if any), never, or a checkpoint folder",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="processes to plan for in --dry-run (default: this launch's)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.dry_run:
+            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            report = dry_run(recipe, world)
+            print(format_dry_run(report))
+            return report
+        result = train(recipe, resume=args.resume)
+    except (RecipeError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if result.final_dir is not None and Accelerator().is_main_process:
+        summary = f"done: loss {result.train_loss:.4f}"
+        if result.eval_loss is not None and not math.isnan(result.eval_loss):
+            summary += f", held-out {result.eval_loss:.4f}"
+        print(f"{summary}; {result.tokens_per_s:,.0f} tokens/s; model in {result.final_dir}")
+    return result
