@@ -40,6 +40,7 @@ test: lint
 bench: $(STAMP)
 	$(PY) benchmarks/cpu_models.py
 	$(PY) benchmarks/moe_layer.py
+	$(PY) benchmarks/train_step.py
 
 # On a lent GPU machine: the gpu-marked tests and every benchmark, JSON under benchmarks/results/.
 # That machine has no network and its own python3 with CUDA torch and triton, so nothing is
@@ -52,6 +53,7 @@ bench-gpu:
 	$(GPU_PYTHON) -m pytest -m gpu -q -p no:cacheprovider
 	$(GPU_PYTHON) benchmarks/cpu_models.py --device cuda
 	$(GPU_PYTHON) benchmarks/moe_layer.py --device cuda
+	$(GPU_PYTHON) benchmarks/train_step.py --device cuda
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -5,6 +5,7 @@ The scripts run as `python benchmarks/<name>.py`, so this module imports as `com
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import platform
@@ -104,3 +105,20 @@ def finish(result: dict[str, Any], out_path: Path, table: Callable[[dict[str, An
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out_path}")
+
+
+def new_result(
+    benchmark: str, device: torch.device, threads: int, quick: bool, out: Path | None = None
+) -> tuple[dict[str, Any], Path]:
+    """The record every result starts with, and where it goes:
+    results/{cpu,gpu}_<benchmark>[_quick].json unless `out` says otherwise."""
+    stem = ("gpu" if device.type == "cuda" else "cpu") + f"_{benchmark}"
+    out_path = out or RESULTS / (stem + ("_quick" if quick else "") + ".json")
+    result = {
+        "benchmark": benchmark,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "device": device_info(device, threads),
+        "versions": versions(),
+    }
+    return result, out_path

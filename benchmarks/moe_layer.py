@@ -27,7 +27,6 @@ CPU shape d=512, f=1024, E=8, k=2, 2048 tokens (fp32); GPU shape d=2048, f=1024,
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import importlib.util
 import statistics
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, device_info, finish, load_note, time_once, versions
+from common import finish, load_note, new_result, time_once
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -225,20 +224,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shape = SHAPES["quick" if args.quick else device.type]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     repeats = args.repeats or (3 if args.quick else 10)
-    stem = ("gpu" if device.type == "cuda" else "cpu") + "_moe_layer"
-    out_path = args.out or RESULTS / (stem + ("_quick" if args.quick else "") + ".json")
 
     start = time.perf_counter()
-    result: dict[str, Any] = {
-        "benchmark": "moe_layer",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "quick": args.quick,
-        "device": device_info(device, args.threads),
-        "versions": versions(),
-        "shape": shape,
-        "dtype": str(dtype).removeprefix("torch."),
-        "notes": "median fwd+bwd step, variants timed round-robin; same weights and routing",
-    }
+    result, out_path = new_result("moe_layer", device, args.threads, args.quick, args.out)
+    result.update(
+        {
+            "shape": shape,
+            "dtype": str(dtype).removeprefix("torch."),
+            "notes": "median fwd+bwd step, variants timed round-robin; same weights and routing",
+        }
+    )
     result["bench"] = bench(shape, device, dtype, 2, repeats, args.batched_mm_limit_gb)
     speedup = result["bench"]["speedup_best_zoo_over_fastest_transformers"]
     result["goals"] = {

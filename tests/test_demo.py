@@ -15,7 +15,8 @@ def test_demo_saves_hub_folders_that_reload_and_generate(tmp_path):
     results = run_demo(tmp_path, settings, ["llama", "tnl"], echo=lambda _: None)
     assert [r.family for r in results] == ["llama", "tnl"]
     for result in results:
-        folder = tmp_path / result.family
+        folder = tmp_path / result.family / "final"
+        assert result.path == str(folder)
         for name in (
             "config.json",
             "model.safetensors",

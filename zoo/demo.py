@@ -1,26 +1,24 @@
 """The end-to-end demo behind `make demo` / `zoo demo`, on CPU in a few minutes.
 
-For each family (a tiny LLaMA and a tiny TNL of the same width and depth): train on the embedded
-synthetic corpus, measure held-out loss against the corpus' unigram entropy, save a Hub-style
-folder (config.json, model.safetensors, tokenizer, generation config, remote-code shim), reload
-it with `AutoModelForCausalLM.from_pretrained` in a fresh process and generate from a prompt,
-then measure the cache a 2K-token context costs.
+For each family (a tiny LLaMA and a tiny TNL of the same width and depth by default): train on
+the embedded synthetic corpus through the recipe loop (`zoo.training`, the one
+`accelerate launch recipes/train.py` runs), measure held-out loss against the corpus' unigram
+entropy, save a Hub-style folder (config.json, model.safetensors, tokenizer, generation config,
+remote-code shim), reload it with `AutoModelForCausalLM.from_pretrained` in a fresh process and
+generate from a prompt, then measure the cache a 2K-token context costs.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM
 
 from zoo.cache import cache_nbytes, new_cache
 from zoo.configuration import (
@@ -33,16 +31,11 @@ from zoo.configuration import (
     TNLConfig,
     ZooConfig,
 )
-from zoo.data import (
-    CorpusConfig,
-    TokenBatches,
-    pack_tokens,
-    sequential_windows,
-    synthetic_documents,
-    unigram_entropy,
-)
+from zoo.data import CorpusConfig, pack_tokens, synthetic_documents, unigram_entropy
 from zoo.modeling import ZooForCausalLM
+from zoo.recipe import Recipe
 from zoo.tokenizer import byte_tokenizer
+from zoo.training import train
 
 DEMO_FAMILIES: dict[str, type[ZooConfig]] = {
     "llama": LlamaConfig,
@@ -85,8 +78,8 @@ class DemoResult:
     generated: str
 
 
-def demo_config(family: str, settings: DemoSettings) -> ZooConfig:
-    """The tiny model of `family` the demo trains: same width and depth budget for all."""
+def _demo_fields(family: str, settings: DemoSettings) -> dict:
+    """Config fields of the tiny model of `family`: same width and depth budget for all."""
     fields = {
         "hidden_size": settings.hidden_size,
         "num_hidden_layers": settings.num_hidden_layers,
@@ -108,64 +101,38 @@ def demo_config(family: str, settings: DemoSettings) -> ZooConfig:
         fields["channel_mixers"] = ["moe"] * n
         fields["num_experts"], fields["num_experts_per_tok"] = 4, 2
         fields["moe_intermediate_size"] = dense.intermediate_size // 2
-    return DEMO_FAMILIES[family](**fields)
+    return fields
 
 
-def lr_at(step: int, settings: DemoSettings) -> float:
-    """Linear warmup, then cosine decay to a tenth of the peak."""
-    if step < settings.warmup:
-        return settings.lr * (step + 1) / settings.warmup
-    progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-    return settings.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+def demo_config(family: str, settings: DemoSettings) -> ZooConfig:
+    """The tiny model of `family` the demo trains."""
+    return DEMO_FAMILIES[family](**_demo_fields(family, settings))
 
 
-def train(
-    model: ZooForCausalLM, batches: Iterator[torch.Tensor], settings: DemoSettings, desc: str
-) -> float:
-    """Train in place; returns training tokens per second."""
-    # Weight decay on matrices only, and never on parameters a mixer exempts (Mamba's A and D).
-    exempt = {
-        id(getattr(module, name))
-        for module in model.modules()
-        for name in getattr(module, "no_weight_decay_params", ())
-    }
-    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in exempt]
-    no_decay = [p for p in model.parameters() if p.dim() < 2 or id(p) in exempt]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr,
-        betas=(0.9, 0.95),
+def demo_recipe(family: str, settings: DemoSettings, out_dir: Path) -> Recipe:
+    """The recipe the demo trains `family` with: what a YAML under recipes/configs would say."""
+    return Recipe.model_validate(
+        {
+            "model": {"preset": family, "overrides": _demo_fields(family, settings)},
+            "data": {"source": "synthetic", "synthetic": {"seed": settings.seed}},
+            "optimizer": {"lr": settings.lr, "weight_decay": 0.1, "betas": [0.9, 0.95]},
+            "schedule": {"kind": "cosine", "warmup_steps": settings.warmup, "min_lr_ratio": 0.1},
+            "training": {
+                "steps": settings.steps,
+                "global_batch_tokens": settings.batch_size * settings.seq_len,
+                "micro_batch_size": settings.batch_size,
+                "seq_len": settings.seq_len,
+                "seed": settings.seed,
+            },
+            "logging": {
+                "log_every": 10,
+                "eval_batches": -(-settings.eval_windows // settings.batch_size),
+                "tensorboard": False,
+            },
+            "output_dir": str(out_dir / family),
+            "source": f"zoo demo ({family})",
+        }
     )
-    model.train()
-    start = time.perf_counter()
-    progress = tqdm(range(settings.steps), desc=desc, unit="step", dynamic_ncols=True)
-    for step in progress:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, settings)
-        window = next(batches)  # (B, T + 1)
-        loss = model(window, labels=window, use_cache=False).loss  # labels shift inside
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step % 10 == 0 or step == settings.steps - 1:
-            progress.set_postfix(loss=f"{loss.item():.3f}")
-    elapsed = time.perf_counter() - start
-    return settings.steps * settings.batch_size * settings.seq_len / elapsed
-
-
-@torch.inference_mode()
-def heldout_loss(model: ZooForCausalLM, stream: torch.Tensor, settings: DemoSettings) -> float:
-    """Mean next-token loss (nats) over the first `eval_windows` held-out windows."""
-    model.eval()
-    total, count = 0.0, 0
-    for i, window in enumerate(sequential_windows(stream, settings.seq_len)):
-        if i == settings.eval_windows:
-            break
-        tokens = window.shape[1] - 1
-        total += model(window, labels=window, use_cache=False).loss.item() * tokens
-        count += tokens
-    return total / count
 
 
 @torch.inference_mode()
@@ -194,50 +161,32 @@ def run_demo(
     families: list[str],
     echo: Callable[[str], None] = print,
 ) -> list[DemoResult]:
-    torch.manual_seed(settings.seed)
     tokenizer = byte_tokenizer()
-    corpus = CorpusConfig(seed=settings.seed)
     echo("Generating the embedded synthetic corpus ...")
+    corpus = CorpusConfig(seed=settings.seed)
     train_stream = pack_tokens(synthetic_documents("train", corpus), tokenizer)
-    heldout_stream = pack_tokens(synthetic_documents("validation", corpus), tokenizer)
     entropy = unigram_entropy(train_stream)
-    echo(
-        f"  {train_stream.numel():,} train tokens, {heldout_stream.numel():,} held-out tokens, "
-        f"unigram entropy {entropy:.3f} nats"
-    )
+    echo(f"  {train_stream.numel():,} train tokens, unigram entropy {entropy:.3f} nats")
     results = []
     for family in families:
-        config = demo_config(family, settings)
-        torch.manual_seed(settings.seed)
-        model = AutoModelForCausalLM.from_config(config)
-        batches = TokenBatches(
-            train_stream, settings.batch_size, settings.seq_len, seed=settings.seed
-        )
-        tokens_per_s = train(model, batches, settings, desc=f"train {family}")
-        loss = heldout_loss(model, heldout_stream, settings)
-        path = out_dir / family
-        model.generation_config = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            max_new_tokens=40,
-            do_sample=False,
-        )
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        generated = generate_in_fresh_process(path, PROMPT)
+        run = train(demo_recipe(family, settings, out_dir), resume="never", echo=lambda _: None)
+        model = AutoModelForCausalLM.from_pretrained(run.final_dir)
+        generated = generate_in_fresh_process(run.final_dir, PROMPT)
         result = DemoResult(
             family=family,
-            path=str(path),
+            path=str(run.final_dir),
             params=model.num_parameters(),
             active_params=model.num_parameters(active=True),
-            heldout_loss=loss,
+            heldout_loss=run.eval_loss,
             unigram_entropy=entropy,
-            train_tokens_per_s=tokens_per_s,
+            train_tokens_per_s=run.tokens_per_s,
             cache_bytes_per_token_2k=cache_bytes_per_token(model),
             generated=generated,
         )
-        echo(f"  {family}: held-out loss {loss:.3f} nats; reloaded and generated: {generated!r}")
+        echo(
+            f"  {family}: held-out loss {run.eval_loss:.3f} nats; reloaded and generated: "
+            f"{generated!r}"
+        )
         results.append(result)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {"settings": asdict(settings), "results": [asdict(r) for r in results]}
