@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
 from zoo.kernels.backend import resolve_backend
 from zoo.kernels.layout import check_qkv
 

@@ -32,6 +32,7 @@ import itertools
 import math
 
 import torch
+
 from zoo.kernels.backend import resolve_backend
 from zoo.kernels.layout import check_qkv
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from zoo.kernels.backend import resolve_backend
 
 __all__ = [

@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from zoo.kernels.backend import resolve_backend
 
 __all__ = [

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
 from zoo.kernels import hgrn2 as hgrn2_module
 from zoo.kernels.hgrn2 import hgrn2, hgrn2_chunk_torch, hgrn2_naive, hgrn2_step
 

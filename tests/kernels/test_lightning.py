@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from zoo.kernels import lightning as lightning_module
 from zoo.kernels.lightning import (
     lightning,

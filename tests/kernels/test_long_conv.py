@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from zoo.kernels import long_conv as long_conv_module
 from zoo.kernels.long_conv import (
     long_conv,

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
 from zoo.kernels import selective_scan as scan_module
 from zoo.kernels.selective_scan import (
     selective_scan,

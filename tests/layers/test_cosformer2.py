@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from zoo.kernels.lightning import lightning, lightning_chunk_torch, lightning_naive, lightning_step
 
 import zoo
 from tests.tiny import tiny_config
 from zoo.cache import new_cache
+from zoo.kernels.lightning import lightning, lightning_chunk_torch, lightning_naive, lightning_step
 from zoo.layers import build_sequence_mixer
 from zoo.layers.context import MixerContext
 from zoo.layers.cosformer2 import (

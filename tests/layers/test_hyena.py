@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from zoo.kernels import long_conv as long_conv_module
 
 from tests.tiny import tiny_config
 from zoo.cache import new_cache
+from zoo.kernels import long_conv as long_conv_module
 from zoo.layers import build_sequence_mixer
 from zoo.layers.context import MixerContext
 from zoo.layers.hyena import HyenaOperator, _positional_features
