@@ -59,6 +59,7 @@ def demo(
         "unigram H",
         "train tok/s",
         "cache B/tok @2K",
+        "NIAH acc",
     )
     for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
@@ -71,6 +72,7 @@ def demo(
             f"{r.unigram_entropy:.3f}",
             f"{r.train_tokens_per_s:,.0f}",
             f"{r.cache_bytes_per_token_2k:,.0f}",
+            f"{r.niah_accuracy:.2f}",
         )
     console.print(table)
     console.print(f"Saved to {out}/ (one Hub-style folder per model) and {out}/summary.json")
@@ -114,6 +116,56 @@ def train(
     except SystemExit as exit_:
         if exit_.code:
             raise typer.Exit(int(exit_.code)) from None
+
+
+@app.command(name="eval")
+def eval_(
+    model: Annotated[
+        str | None,
+        typer.Argument(help="A checkpoint folder or Hub id (for mqar, niah, commonsense tasks)."),
+    ] = None,
+    tasks: Annotated[
+        str,
+        typer.Option(help="Comma-separated: mad, mqar, niah, perplexity, piqa, hellaswag, ..."),
+    ] = "mqar,niah",
+    architectures: Annotated[
+        str | None,
+        typer.Option(help="Train-from-scratch protocols (mad, mqar) for these architectures."),
+    ] = None,
+    output: Annotated[Path, typer.Option(help="Folder for results.json, tables, plots.")] = Path(
+        "runs/eval"
+    ),
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Folder of <task>.jsonl files for commonsense tasks.")
+    ] = None,
+    text: Annotated[Path | None, typer.Option(help="A .txt/.jsonl file for perplexity.")] = None,
+    niah_style: Annotated[str, typer.Option(help="passkey, or corpus (the demo's format).")] = (
+        "passkey"
+    ),
+    quick: Annotated[bool, typer.Option(help="Tiny grids and training runs (smoke test).")] = False,
+) -> None:
+    """Evaluate a model (or train-and-score architectures) and write lm-eval-style results."""
+    from zoo.eval.runner import EvalRequest, run_eval
+
+    request = EvalRequest(
+        model=model,
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+        architectures=[a.strip() for a in architectures.split(",")] if architectures else [],
+        output=output,
+        data_dir=data_dir,
+        text=text,
+        niah_style=niah_style,
+        quick=quick,
+    )
+    try:
+        payload = run_eval(request, echo=typer.echo)
+    except (ValueError, FileNotFoundError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    from zoo.eval.results import results_table
+
+    typer.echo(results_table(payload))
+    typer.echo(f"wrote {output / 'results.json'}")
 
 
 @app.command()

@@ -32,6 +32,7 @@ from zoo.configuration import (
     ZooConfig,
 )
 from zoo.data import CorpusConfig, pack_tokens, synthetic_documents, unigram_entropy
+from zoo.eval.retrieval import niah_grid
 from zoo.modeling import ZooForCausalLM
 from zoo.recipe import Recipe
 from zoo.tokenizer import byte_tokenizer
@@ -75,6 +76,8 @@ class DemoResult:
     unigram_entropy: float
     train_tokens_per_s: float
     cache_bytes_per_token_2k: float
+    niah_accuracy: float
+    """Needle in a haystack in the corpus' own recall format (zoo.eval.retrieval), 64-128 tokens."""
     generated: str
 
 
@@ -172,6 +175,9 @@ def run_demo(
         run = train(demo_recipe(family, settings, out_dir), resume="never", echo=lambda _: None)
         model = AutoModelForCausalLM.from_pretrained(run.final_dir)
         generated = generate_in_fresh_process(run.final_dir, PROMPT)
+        niah = niah_grid(model, tokenizer, (64, 128), (0.0, 0.5, 1.0), trials=4, style="corpus")[
+            "mean_accuracy"
+        ]
         result = DemoResult(
             family=family,
             path=str(run.final_dir),
@@ -181,6 +187,7 @@ def run_demo(
             unigram_entropy=entropy,
             train_tokens_per_s=run.tokens_per_s,
             cache_bytes_per_token_2k=cache_bytes_per_token(model),
+            niah_accuracy=niah,
             generated=generated,
         )
         echo(
