@@ -24,7 +24,6 @@ line); nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -36,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from zoo.data import iter_jsonl
 
 # lm-eval's fallback context length when neither config nor tokenizer names one.
 DEFAULT_MAX_LENGTH = 2048
@@ -281,21 +282,11 @@ def load_task(name: str, path: str | os.PathLike[str]) -> list[Example]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name} data file {path!r} does not exist")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(data, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
-            record = _Record(data, where)
-            for field in spec.fields:
-                record.get(field)  # report the first missing field before any parsing
-            examples.append(spec.read(record))
+    for where, data in iter_jsonl(path):
+        record = _Record(data, where)
+        for field in spec.fields:
+            record.get(field)  # report the first missing field before any parsing
+        examples.append(spec.read(record))
     if not examples:
         raise ValueError(f"{path}: no {name} examples (the file is empty)")
     return examples

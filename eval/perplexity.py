@@ -21,7 +21,6 @@ divided by total units):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from zoo.data import jsonl_texts
 from zoo.eval.commonsense import _model_device, encode, prefix_token_id, resolve_max_length
 
 
@@ -53,26 +53,7 @@ def read_documents(path: str | os.PathLike[str], field: str = "text") -> list[st
         return [text]
     if not path.endswith(".jsonl"):
         raise ValueError(f"{path}: expected a .txt or .jsonl file")
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            if field not in record:
-                raise ValueError(f"{where}: missing field {field!r}")
-            text = record[field]
-            if not isinstance(text, str):
-                raise ValueError(f"{where}: field {field!r} must be a string")
-            if not text:
-                raise ValueError(f"{where}: field {field!r} is empty")
-            docs.append(text)
+    docs = jsonl_texts(path, field, allow_empty=False)
     if not docs:
         raise ValueError(f"{path}: no documents (the file is empty)")
     return docs

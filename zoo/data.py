@@ -283,33 +283,41 @@ def load_documents(path: str | Path, text_field: str = "text") -> list[str]:
         text = path.read_text(encoding="utf-8")
         return [doc.strip() for doc in _BLANK_LINES.split(text) if doc.strip()]
     if suffix == ".jsonl":
-        return _load_jsonl(path, text_field)
+        return jsonl_texts(path, text_field)
     raise ValueError(f"{path}: unsupported file type {suffix!r}; expected .txt or .jsonl")
 
 
-def _load_jsonl(path: Path, text_field: str) -> list[str]:
-    docs = []
-    with path.open(encoding="utf-8") as f:
+def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(``"file:line"``, record) for each non-blank line of a .jsonl file; invalid JSON or a
+    line that is not an object raises ValueError naming the file and the 1-based line."""
+    with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
                 record: Any = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from e
+                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
-                raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}"
-                )
-            if text_field not in record:
-                raise ValueError(f"{path}:{lineno}: missing field {text_field!r}")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise ValueError(
-                    f"{path}:{lineno}: field {text_field!r} must be a string, "
-                    f"got {type(text).__name__}"
-                )
-            docs.append(text)
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield where, record
+
+
+def jsonl_texts(path: str | Path, text_field: str, allow_empty: bool = True) -> list[str]:
+    """The string `text_field` of every record of a .jsonl file; errors name file, line, field."""
+    docs = []
+    for where, record in iter_jsonl(path):
+        if text_field not in record:
+            raise ValueError(f"{where}: missing field {text_field!r}")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise ValueError(
+                f"{where}: field {text_field!r} must be a string, got {type(text).__name__}"
+            )
+        if not text and not allow_empty:
+            raise ValueError(f"{where}: field {text_field!r} is empty")
+        docs.append(text)
     return docs
 
 
