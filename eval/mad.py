@@ -326,7 +326,8 @@ def make_dataset(
 
 
 # MAD's standard model: 2 blocks of [sequence mixer, channel mixer] at width 128 (4 MAD layers);
-# each zoo block is one such pair. The striped hybrids put attention in the second block.
+# each zoo block is one such pair. The striped hybrids (striped-*) put attention in the second
+# block; -moe ones use MoE channel mixers.
 ARCHITECTURES: dict[str, Callable[[int, int], ZooConfig]] = {
     "transformer++": lambda v, d: LlamaConfig(**_base(v, d)),
     "mamba": lambda v, d: MambaConfig(**_base(v, d), channel_mixers=["swiglu"] * 2),
@@ -334,13 +335,13 @@ ARCHITECTURES: dict[str, Callable[[int, int], ZooConfig]] = {
     "tnl": lambda v, d: TNLConfig(**_base(v, d)),
     "hgrn2": lambda v, d: HGRN2Config(**_base(v, d), hgrn2_expand_ratio=d // 4),
     "cosformer2": lambda v, d: CosFormer2Config(**_base(v, d)),
-    "striped hyena+attention": lambda v, d: HybridConfig.from_pattern(
+    "striped-hyena": lambda v, d: HybridConfig.from_pattern(
         "hyena:swiglu attention:swiglu", **_base(v, d, layers=False)
     ),
-    "striped hyena+attention, MoE": lambda v, d: HybridConfig.from_pattern(
+    "striped-hyena-moe": lambda v, d: HybridConfig.from_pattern(
         "hyena:moe attention:moe", **_base(v, d, layers=False), **_moe(d)
     ),
-    "striped mamba+attention, MoE": lambda v, d: HybridConfig.from_pattern(
+    "striped-mamba-moe": lambda v, d: HybridConfig.from_pattern(
         "mamba:moe attention:moe", **_base(v, d, layers=False), **_moe(d)
     ),
 }
@@ -413,6 +414,33 @@ class MADSettings:
     seed: int = 12345
     task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per-task generator settings on top of the baseline (e.g. shorter sequences on a CPU)."""
+
+
+# Protocol scales: "paper" is mad-lab's (one point of its lr × wd grid), "cpu" fits the whole
+# suite over nine architectures in well under an hour on 2 cores (shorter sequences, fewer and
+# shorter runs), "quick" is a smoke test.
+MAD_SCALES: dict[str, MADSettings] = {
+    "paper": MADSettings(
+        width=128, num_train=12_800, num_test=1_280, epochs=200, batch_size=128, lr=5e-4
+    ),
+    "cpu": MADSettings(
+        width=64,
+        num_train=1_000,
+        num_test=200,
+        epochs=20,
+        batch_size=32,
+        lr=1e-3,
+        weight_decay=0.0,
+        task_overrides={
+            "in_context_recall": {"seq_len": 64},
+            "fuzzy_in_context_recall": {"seq_len": 64},
+            "noisy_in_context_recall": {"seq_len": 64},
+            "selective_copying": {"seq_len": 96, "num_tokens_to_copy": 8},
+            "memorization": {"train_size": 256},
+        },
+    ),
+    "quick": MADSettings(width=32, num_train=64, num_test=16, epochs=1, batch_size=32),
+}
 
 
 def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -539,7 +567,7 @@ def mad_plot(result: dict[str, Any], path: Any) -> Any:
 
     tasks = list(dict.fromkeys(r["task"] for r in result["runs"]))
     archs = sorted(result["mad_score"], key=result["mad_score"].get, reverse=True)
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(tasks) * len(archs) / 3), 4.5))
+    fig, ax = plt.subplots(figsize=(12, 4.5))
     width = 0.8 / len(archs)
     for i, arch in enumerate(archs):
         accs = {r["task"]: r["accuracy"] for r in result["runs"] if r["architecture"] == arch}
@@ -550,7 +578,13 @@ def mad_plot(result: dict[str, Any], path: Any) -> Any:
     ax.set_xticklabels([t.replace("_", "\n") for t in tasks], fontsize=8)
     ax.set_ylabel("test accuracy (scored positions)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, title="architecture (MAD score)", title_fontsize=7)
+    ax.legend(
+        fontsize=7,
+        title="architecture (MAD score)",
+        title_fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

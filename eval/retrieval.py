@@ -109,7 +109,7 @@ def mqar_accuracy(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Te
 def mqar_grid(
     model: torch.nn.Module,
     vocab_size: int = 256,
-    cells: tuple[tuple[int, int], ...] = ((64, 4), (128, 8), (256, 16)),
+    cells: tuple[tuple[int, int], ...] = ((32, 4), (64, 8), (128, 16)),
     num_examples: int = 100,
     seed: int = 2**31,
 ) -> dict[str, float]:

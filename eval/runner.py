@@ -40,6 +40,7 @@ class EvalRequest:
     text: Path | None = None
     niah_style: str = "passkey"
     quick: bool = False
+    mad_scale: str = "cpu"
 
 
 def resolve_model_path(model: str) -> str:
@@ -65,6 +66,8 @@ def _check(request: EvalRequest) -> None:
         and not (set(needs_model) <= set(ARCHITECTURE_TASKS) and request.architectures)
     ):
         raise ValueError(f"tasks {needs_model} need a MODEL (a checkpoint folder or Hub id)")
+    if request.mad_scale not in mad.MAD_SCALES:
+        raise ValueError(f"mad scale {request.mad_scale!r} is not one of {list(mad.MAD_SCALES)}")
     if "mad" in request.tasks and not request.architectures:
         raise ValueError("task mad trains models: give --architectures (e.g. transformer++,tnl)")
     bad = [a for a in request.architectures if a not in mad.ARCHITECTURES]
@@ -86,7 +89,7 @@ def run_eval(request: EvalRequest, echo: Callable[[str], None] = print) -> dict[
 
     if request.architectures:
         if "mad" in request.tasks:
-            settings = mad.MADSettings(**(_QUICK_MAD if request.quick else {}))
+            settings = mad.MAD_SCALES["quick" if request.quick else request.mad_scale]
             result = mad.run_mad(request.architectures, settings=settings)
             details["mad"] = result
             (out / "mad.md").write_text(mad.mad_table(result) + "\n")
@@ -114,7 +117,8 @@ def run_eval(request: EvalRequest, echo: Callable[[str], None] = print) -> dict[
         tokenizer = load_tokenizer(path)
         if "mqar" in request.tasks:
             vocab = min(256, model.config.vocab_size)
-            cells = ((32, 4), (64, 8)) if request.quick else ((64, 4), (128, 8), (256, 16))
+            # Token ids < V (the byte vocabulary's 256), so L < 256.
+            cells = ((32, 4), (64, 8)) if request.quick else ((32, 4), (64, 8), (128, 16))
             grid = retrieval.mqar_grid(model, vocab, cells, 16 if request.quick else 100)
             details["mqar"] = grid
             scalars["mqar"] = {"acc": sum(grid.values()) / len(grid)}
@@ -150,7 +154,6 @@ def run_eval(request: EvalRequest, echo: Callable[[str], None] = print) -> dict[
     return payload
 
 
-_QUICK_MAD = {"width": 32, "num_train": 64, "num_test": 16, "epochs": 1, "batch_size": 32}
 _QUICK_MQAR = {
     "vocab_size": 64,
     "width": 32,

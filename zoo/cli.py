@@ -143,6 +143,9 @@ def eval_(
         "passkey"
     ),
     quick: Annotated[bool, typer.Option(help="Tiny grids and training runs (smoke test).")] = False,
+    mad_scale: Annotated[
+        str, typer.Option(help="MAD protocol scale: cpu (under an hour), paper, quick.")
+    ] = "cpu",
 ) -> None:
     """Evaluate a model (or train-and-score architectures) and write lm-eval-style results."""
     from zoo.eval.runner import EvalRequest, run_eval
@@ -156,6 +159,7 @@ def eval_(
         text=text,
         niah_style=niah_style,
         quick=quick,
+        mad_scale=mad_scale,
     )
     try:
         payload = run_eval(request, echo=typer.echo)

@@ -125,6 +125,8 @@ def test_unknown_task_and_missing_inputs_are_named(tmp_path):
         run_eval(EvalRequest(model=None, tasks=["mad"], output=tmp_path))
     with pytest.raises(ValueError, match="unknown architectures"):
         run_eval(EvalRequest(model=None, tasks=["mad"], architectures=["rnn"], output=tmp_path))
+    with pytest.raises(ValueError, match="mad scale 'huge' is not one of"):
+        run_eval(EvalRequest(model=None, tasks=["mad"], architectures=["tnl"], mad_scale="huge"))
     with pytest.raises(ValueError, match="perplexity needs --text"):
         run_eval(EvalRequest(model="x", tasks=["perplexity"], output=tmp_path))
 
