@@ -54,9 +54,20 @@ def check_checkpoint_dir(directory: str | Path) -> None:
     if not config.is_file():
         raise CheckpointError(f"{config}: config file is missing")
     try:
-        json.loads(config.read_text())
+        fields = json.loads(config.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{config}: not valid JSON ({error})") from None
+    model_type = fields.get("model_type") if isinstance(fields, dict) else None
+    if not (isinstance(model_type, str) and model_type.startswith("zoo")):
+        hint = (
+            f"; `zoo convert {directory} OUT` turns a transformers {model_type} into a zoo model"
+            if model_type in ("llama", "mixtral", "mamba")
+            else ""
+        )
+        raise CheckpointError(
+            f"{config}: model_type={model_type!r} is not a hybrid-zoo model (zoo_*); load it "
+            f"with its own library's class{hint}"
+        )
     index = directory / WEIGHTS_INDEX_NAME
     if index.is_file():
         try:

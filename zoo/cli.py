@@ -173,6 +173,41 @@ def eval_(
 
 
 @app.command()
+def card(
+    run_dir: Annotated[Path, typer.Argument(help="A training run folder or a model folder.")],
+    repo_id: Annotated[
+        str | None, typer.Option(help="The Hub id the card names (default: the folder name).")
+    ] = None,
+) -> None:
+    """Render the model card (README.md) of a run: architecture, recipe, eval results."""
+    from zoo.card import card_for_run
+
+    try:
+        path = card_for_run(run_dir, repo_id)
+    except (ValueError, FileNotFoundError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def push(
+    run_dir: Annotated[Path, typer.Argument(help="A training run folder or a model folder.")],
+    repo_id: Annotated[str, typer.Argument(help="org/name on the Hub.")],
+    private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
+) -> None:
+    """Upload a run (weights, tokenizer, card, recipe, metrics, eval results) in one commit."""
+    from zoo.hub import push_run
+
+    try:
+        info = push_run(run_dir, repo_id, private=private)
+    except (RuntimeError, FileNotFoundError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"pushed {run_dir} to {info.commit_url}")
+
+
+@app.command()
 def generate(
     path: Annotated[str, typer.Argument(help="A checkpoint folder or Hub id.")],
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "the cat",

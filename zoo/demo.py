@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from zoo.cache import cache_nbytes, new_cache
+from zoo.card import card_for_run
 from zoo.configuration import (
     CosFormer2Config,
     HGRN2Config,
@@ -32,6 +33,7 @@ from zoo.configuration import (
     ZooConfig,
 )
 from zoo.data import CorpusConfig, pack_tokens, synthetic_documents, unigram_entropy
+from zoo.eval.results import lm_eval_layout, write_json_atomic
 from zoo.eval.retrieval import niah_grid
 from zoo.modeling import ZooForCausalLM
 from zoo.recipe import Recipe
@@ -190,6 +192,12 @@ def run_demo(
             niah_accuracy=niah,
             generated=generated,
         )
+        scores = {"heldout": {"loss": run.eval_loss}, "niah": {"acc": niah}}
+        write_json_atomic(
+            run.output_dir / "eval" / "results.json",
+            lm_eval_layout(scores, str(run.final_dir), {"niah_style": "corpus"}),
+        )
+        card_for_run(run.output_dir, f"zoo-demo-{family}")
         echo(
             f"  {family}: held-out loss {run.eval_loss:.3f} nats; reloaded and generated: "
             f"{generated!r}"

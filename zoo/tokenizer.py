@@ -103,6 +103,10 @@ def _looks_like_local_path(name_or_path: str) -> bool:
     )
 
 
+# Files any transformers tokenizer folder has at least one of.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerBase:
     """Return the byte tokenizer for None, else ``AutoTokenizer.from_pretrained(name_or_path)``.
 
@@ -115,4 +119,11 @@ def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerBase:
     path = os.path.expanduser(name_or_path)
     if not os.path.exists(path) and _looks_like_local_path(name_or_path):
         raise FileNotFoundError(f"tokenizer path {name_or_path!r} does not exist")
+    if os.path.isdir(path) and not any(
+        os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES
+    ):
+        raise FileNotFoundError(
+            f"{path}: no tokenizer in this folder (looked for {', '.join(TOKENIZER_FILES)}); "
+            "save one with tokenizer.save_pretrained(path), or pass the tokenizer's own path"
+        )
     return AutoTokenizer.from_pretrained(path)

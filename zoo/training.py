@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -457,6 +458,10 @@ def train(
         echo(f"resuming from {resume_from} (step {start_step})")
 
     metrics = Metrics(output_dir, main, log.tensorboard, start_step)
+    if main:  # the resolved recipe, for the model card and for reproducing the run
+        (output_dir / "recipe.yaml").write_text(
+            yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+        )
     peak = peak_flops(accelerator.device, recipe)
     unwrapped = accelerator.unwrap_model(model)
     moe_top_k = getattr(unwrapped.config, "num_experts_per_tok", 0)
