@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/cpu_models.py
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/grouped_gemm.py
 
 # On a lent GPU machine: the gpu-marked tests and every benchmark, JSON under benchmarks/results/.
 # That machine has no network and its own python3 with CUDA torch and triton, so nothing is
@@ -54,6 +55,7 @@ bench-gpu:
 	$(GPU_PYTHON) benchmarks/cpu_models.py --device cuda
 	$(GPU_PYTHON) benchmarks/moe_layer.py --device cuda
 	$(GPU_PYTHON) benchmarks/train_step.py --device cuda
+	$(GPU_PYTHON) benchmarks/grouped_gemm.py --device cuda
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,7 +1,14 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Triton kernels run on the CPU through the interpreter when there is no GPU; it must be on
+# before a kernel module is imported (zoo imports them lazily, on first use).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import AutoModelForCausalLM
 
 import zoo

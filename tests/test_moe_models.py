@@ -140,14 +140,15 @@ def test_backends_agree_inside_a_model():
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (2, 11))
     results = {}
-    for backend in ("torch", "torch_grouped_mm"):
+    for backend in ("torch", "torch_grouped_mm", "triton"):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(striped_config(moe_backend=backend))
         out = model(ids, labels=ids, use_cache=False)
         out.loss.backward()
         results[backend] = (out.logits, model.model.layers[0].channel_mixer.experts.down_proj.grad)
-    for a, b in zip(results["torch"], results["torch_grouped_mm"], strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for backend in ("torch_grouped_mm", "triton"):
+        for a, b in zip(results["torch"], results[backend], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=backend)
 
 
 def _imbalance_after_training(aux_coef: float) -> torch.Tensor:

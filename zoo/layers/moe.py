@@ -12,7 +12,7 @@ The experts run on one of interchangeable backends, all the same function:
 - `torch`: the reference. Sort the (token, slot) pairs by expert, run each expert on its
   contiguous block, weight, and un-permute (megablocks' indices-and-bins order).
 - `torch_grouped_mm`: the same permutation, one `torch.nn.functional.grouped_mm` per projection.
-- `triton`: zoo's own grouped GEMM (`zoo.kernels.grouped_gemm`, built in its own issue).
+- `triton`: zoo's Triton grouped GEMM (`zoo.kernels.grouped_gemm`; the torch reference off GPU).
 - `megablocks`: megablocks' gather/scatter ops and grouped GEMM (GPU, `hybrid-zoo[megablocks]`).
 Every backend function has transformers' experts signature `(experts, hidden_states,
 top_k_index, top_k_weights)`, so it also runs transformers' own expert modules (see
@@ -358,7 +358,7 @@ def triton_experts(
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
     """The same with zoo's Triton grouped GEMM."""
-    from zoo.kernels.grouped_gemm import grouped_gemm  # built in its own issue
+    from zoo.kernels.grouped_gemm import grouped_gemm  # imported on use: triton loads lazily
 
     def gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return grouped_gemm(x, w, offsets, trans_b=True)
@@ -402,6 +402,43 @@ EXPERTS_BACKENDS: dict[str, ExpertsFunction] = {
     "triton": triton_experts,
     "megablocks": megablocks_experts,
 }
+
+# Name under which transformers' own MoE models (Mixtral, OLMoE, Qwen-MoE, ...) can run their
+# experts on our Triton grouped GEMM: `from_pretrained(..., experts_implementation=...)`.
+EXPERTS_IMPLEMENTATION = "zoo_grouped_gemm"
+
+
+def transformers_experts_forward(
+    experts: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """transformers' `ExpertsInterface` signature over `triton_experts`, for the stacked
+    gate-up / down layout without biases (what Mixtral, OLMoE and Qwen-MoE use)."""
+    layout = (
+        getattr(experts, "has_bias", False),
+        getattr(experts, "is_transposed", False),
+        not getattr(experts, "has_gate", True),
+        not getattr(experts, "is_concatenated", True),
+        getattr(experts, "_is_expert_parallel", False),
+    )
+    if any(layout):
+        raise NotImplementedError(
+            f"experts_implementation={EXPERTS_IMPLEMENTATION!r} supports concatenated gate_up "
+            f"[E, 2f, d] and down [E, d, f] weights without biases, not {type(experts).__name__}"
+        )
+    return triton_experts(experts, hidden_states, top_k_index, top_k_weights)
+
+
+def register_experts_implementation() -> None:
+    """Make `experts_implementation="zoo_grouped_gemm"` valid for transformers' MoE models."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(EXPERTS_IMPLEMENTATION, transformers_experts_forward)
+
+
+register_experts_implementation()
 
 
 # ---------------------------------------------------------------------------------------------
