@@ -47,11 +47,16 @@ bench: $(STAMP)
 # That machine has no network and its own python3 with CUDA torch and triton, so nothing is
 # fetched: wheels of our pinned versions travel in .whl/ (benchmarks/README.md says how).
 GPU_PYTHON ?= python3
+# The files holding gpu-marked tests (collecting only these keeps dev-only imports out).
+GPU_TESTS ?= tests/test_gpu.py tests/layers/test_moe.py tests/kernels tests/test_training.py
+# Pure-Python pins and pydantic-core (one wheel per CPython version in .whl/, pip picks its own).
+GPU_WHEELS ?= transformers huggingface-hub pydantic pydantic-core annotated-types \
+	typing-inspection typer
 bench-gpu:
 	@if ls .whl/*.whl >/dev/null 2>&1; then \
-		$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps .whl/*.whl; fi
+		$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --find-links .whl $(GPU_WHEELS); fi
 	$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
-	$(GPU_PYTHON) -m pytest -m gpu -q -p no:cacheprovider
+	$(GPU_PYTHON) -m pytest -m gpu -q -p no:cacheprovider $(GPU_TESTS)
 	$(GPU_PYTHON) benchmarks/cpu_models.py --device cuda
 	$(GPU_PYTHON) benchmarks/moe_layer.py --device cuda
 	$(GPU_PYTHON) benchmarks/train_step.py --device cuda
