@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +14,16 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+
+
+@contextmanager
+def _user_errors(*errors: type[Exception]) -> Iterator[None]:
+    """Expected failures (bad input, missing files) print one line and exit with status 2."""
+    try:
+        yield
+    except errors as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -161,11 +173,8 @@ def eval_(
         quick=quick,
         mad_scale=mad_scale,
     )
-    try:
+    with _user_errors(ValueError, FileNotFoundError):
         payload = run_eval(request, echo=typer.echo)
-    except (ValueError, FileNotFoundError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
     from zoo.eval.results import results_table
 
     typer.echo(results_table(payload))
@@ -182,11 +191,8 @@ def card(
     """Render the model card (README.md) of a run: architecture, recipe, eval results."""
     from zoo.card import card_for_run
 
-    try:
+    with _user_errors(ValueError, FileNotFoundError):
         path = card_for_run(run_dir, repo_id)
-    except (ValueError, FileNotFoundError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"wrote {path}")
 
 
@@ -199,11 +205,8 @@ def push(
     """Upload a run (weights, tokenizer, card, recipe, metrics, eval results) in one commit."""
     from zoo.hub import push_run
 
-    try:
+    with _user_errors(RuntimeError, FileNotFoundError):
         info = push_run(run_dir, repo_id, private=private)
-    except (RuntimeError, FileNotFoundError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"pushed {run_dir} to {info.commit_url}")
 
 
@@ -238,11 +241,8 @@ def convert(
     """Convert a checkpoint between transformers' Llama/Mixtral/Mamba and zoo's (both ways)."""
     from zoo.convert import convert_checkpoint
 
-    try:
+    with _user_errors(ValueError, FileNotFoundError):
         direction = convert_checkpoint(src, dst)
-    except (ValueError, FileNotFoundError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"converted {src} -> {dst} ({direction})")
 
 
