@@ -17,7 +17,6 @@ otherwise; ZOO_KERNEL_BACKEND overrides).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA torch and in our CPU deps
     triton = None
 
-BACKENDS = ("auto", "torch", "triton")
+from zoo.kernels.backend import resolve_backend
 
 
 def grouped_gemm_torch(
@@ -204,24 +203,6 @@ class _GroupedGemm(torch.autograd.Function):
         return dx, dw, None, None
 
 
-def _use_triton(x: torch.Tensor, backend: str) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = os.environ.get("ZOO_KERNEL_BACKEND", "").strip() or "auto"
-    if backend == "torch":
-        return False
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if triton is None or not (x.is_cuda or interpret):
-        if backend == "triton":
-            raise RuntimeError(
-                "backend='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 for "
-                "the CPU interpreter)"
-            )
-        return False
-    return True
-
-
 def grouped_gemm(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -238,6 +219,6 @@ def grouped_gemm(
     k_w = w.shape[2] if trans_b else w.shape[1]
     if x.shape[1] != k_w:
         raise ValueError(f"x has {x.shape[1]} features, W[g] expects {k_w} (trans_b={trans_b})")
-    if not _use_triton(x, backend):
+    if resolve_backend(backend, "grouped GEMM", x, has_triton=triton is not None) == "torch":
         return grouped_gemm_torch(x, w, offsets, trans_b)
     return _GroupedGemm.apply(x, w, offsets.to(torch.int32).contiguous(), trans_b)

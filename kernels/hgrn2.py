@@ -39,7 +39,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from zoo.kernels.backend import resolve_backend
-from zoo.kernels.layout import check_qkv
+from zoo.kernels.layout import check_qkv, chunk_spans
 
 __all__ = ["hgrn2", "hgrn2_chunk_torch", "hgrn2_naive", "hgrn2_step"]
 
@@ -180,14 +180,8 @@ def hgrn2_chunk_torch(
     else:
         state = initial_state.float()
 
-    C = chunk_size
-    full = T - T % C
-    # Whole chunks go in groups of about _GROUP_TOKENS tokens, which bounds every temporary; the
-    # ragged tail (T mod C tokens) is one more chunk of its own length, chained on the state.
-    group = max(1, _GROUP_TOKENS // C) * C
-    spans = [(start, min(start + group, full), C) for start in range(0, full, group)]
-    if full < T:
-        spans.append((full, T, T - full))
+    # Grouped whole chunks keep time linear in T once tensors outgrow the cache.
+    spans = chunk_spans(T, chunk_size, _GROUP_TOKENS)
     outs = []
     for start, end, c in spans:
         # Head-major fp32 copies of this group only: (B, t, H, D) -> (B, H, n, c, D).

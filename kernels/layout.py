@@ -40,3 +40,16 @@ def check_qkv(
         raise ValueError(f"q has T=0 tokens; {op} needs at least one")
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def chunk_spans(num_tokens: int, chunk_size: int, group_tokens: int) -> list[tuple[int, int, int]]:
+    """(start, end, chunk length) spans of a chunked scan: whole chunks in groups of about
+    `group_tokens` tokens (which bounds every temporary and keeps a group's working set in
+    cache), then the ragged tail (num_tokens mod chunk_size) as one more chunk of its own length,
+    chained on the state like the others."""
+    full = num_tokens - num_tokens % chunk_size
+    group = max(1, group_tokens // chunk_size) * chunk_size
+    spans = [(start, min(start + group, full), chunk_size) for start in range(0, full, group)]
+    if full < num_tokens:
+        spans.append((full, num_tokens, num_tokens - full))
+    return spans

@@ -34,7 +34,7 @@ import math
 import torch
 
 from zoo.kernels.backend import resolve_backend
-from zoo.kernels.layout import check_qkv
+from zoo.kernels.layout import check_qkv, chunk_spans
 
 __all__ = [
     "lightning",
@@ -180,15 +180,8 @@ def lightning_chunk_torch(
     else:
         state = initial_state.float()
 
-    C = chunk_size
-    full = T - T % C
-    # Whole chunks go in groups of about _GROUP_TOKENS tokens: each group's working set stays in
-    # cache, so time grows linearly in T instead of slowing down once tensors outgrow L2. The
-    # ragged tail (T mod C tokens) is one more chunk of its own length, chained on the state.
-    group = max(1, _GROUP_TOKENS // C) * C
-    spans = [(start, min(start + group, full), C) for start in range(0, full, group)]
-    if full < T:
-        spans.append((full, T, T - full))
+    # Grouped whole chunks keep time linear in T once tensors outgrow the cache.
+    spans = chunk_spans(T, chunk_size, _GROUP_TOKENS)
     tables = {c: _decay_tables(ld, c, scale) for c in {span[2] for span in spans}}
     outs = []
     for start, end, c in spans:
