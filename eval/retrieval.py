@@ -181,7 +181,7 @@ NEEDLES = {
         " The pass key is {key}. Remember it. {key} is the pass key. ",
         " What is the pass key? The pass key is",
     ),
-    "corpus": (" recall: qv={key} ; ", " recall: qv={key} ; qv?"),
+    "corpus": (" recall: qv={key} ; ", " qv?"),
 }
 
 
@@ -199,8 +199,6 @@ def niah_prompt(
     rng = random.Random(seed)
     passkey = str(rng.randint(10_000, 99_999) if style == "passkey" else rng.randint(10, 99))
     needle, question = (part.format(key=passkey) for part in NEEDLES[style])
-    if style == "corpus":  # the question must not give the answer away
-        question = " qv?"
     budget = context_len - len(tokenizer(needle + question)["input_ids"])
     filler = _filler(rng, max(budget, 0), tokenizer)
     ids = tokenizer(filler, add_special_tokens=False)["input_ids"][: max(budget, 0)]

@@ -10,24 +10,17 @@ fail before anything runs. Results: `results.json` (lm-eval's layout, written at
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zoo.eval import commonsense as cs
 from zoo.eval import mad, retrieval
 from zoo.eval.results import lm_eval_layout, results_table, write_json_atomic
 
 MODEL_TASKS = ("mqar", "niah", "perplexity")
 ARCHITECTURE_TASKS = ("mad", "mqar")
-
-
-def _commonsense_tasks() -> dict[str, Any]:
-    try:
-        return importlib.import_module("zoo.eval.commonsense").TASKS
-    except (ImportError, AttributeError):
-        return {}
 
 
 @dataclass
@@ -54,7 +47,7 @@ def resolve_model_path(model: str) -> str:
 
 
 def _check(request: EvalRequest) -> None:
-    commonsense = _commonsense_tasks()
+    commonsense = cs.TASKS
     known = set(MODEL_TASKS) | set(ARCHITECTURE_TASKS) | set(commonsense)
     unknown = [t for t in request.tasks if t not in known]
     if unknown:
@@ -85,7 +78,7 @@ def run_eval(request: EvalRequest, echo: Callable[[str], None] = print) -> dict[
     out.mkdir(parents=True, exist_ok=True)
     scalars: dict[str, dict[str, float]] = {}
     details: dict[str, Any] = {}
-    commonsense = _commonsense_tasks()
+    commonsense = cs.TASKS
 
     if request.architectures:
         if "mad" in request.tasks:
@@ -143,8 +136,6 @@ def run_eval(request: EvalRequest, echo: Callable[[str], None] = print) -> dict[
             scalars["perplexity"] = perplexity(model, tokenizer, request.text, context=context)
         for task in request.tasks:
             if task in commonsense:
-                from zoo.eval import commonsense as cs
-
                 examples = cs.load_task(task, request.data_dir / f"{task}.jsonl")
                 scalars[task] = cs.score_multiple_choice(model, tokenizer, examples)
 

@@ -223,7 +223,7 @@ def preset_cards() -> dict[str, ModelCard]:
         family = cls.model_type.removeprefix("zoo_")
         for size in cls.named_sizes:
             config = cls.from_size(size, vocab_size=PRESET_VOCAB[cls.model_type])
-            name = f"{family}-{size}" if not size.startswith(family) else size
+            name = f"{family}-{size}"
             cards[f"{name}.md"] = render_card(config, f"hybrid-zoo/{name}")
     return cards
 

@@ -187,7 +187,7 @@ def check_moe_backend(backend: str) -> None:
         )
 
 
-def resolve_moe_backend(backend: str, device: torch.device) -> str:
+def resolve_moe_backend(backend: str) -> str:
     """ "auto" → `torch_grouped_mm` where torch has it, else `torch`."""
     if backend != "auto":
         return backend
@@ -203,7 +203,7 @@ def experts_forward(
 ) -> torch.Tensor:
     """Run `experts` on the routed tokens with `backend` (see the module docstring)."""
     check_moe_backend(backend)
-    fn = EXPERTS_BACKENDS[resolve_moe_backend(backend, hidden_states.device)]
+    fn = EXPERTS_BACKENDS[resolve_moe_backend(backend)]
     return fn(experts, hidden_states, top_k_index, top_k_weights)
 
 
