@@ -1,9 +1,10 @@
 """Which implementation an op runs: the `backend=` argument every op in zoo.kernels takes.
 
-"auto" picks an op's Triton kernel for CUDA tensors (or any tensor under TRITON_INTERPRET=1, the
-CPU interpreter the tests use) and the torch form otherwise; the environment variable
-ZOO_KERNEL_BACKEND overrides "auto". For an op without a Triton kernel yet (their own issues)
-every accepted backend runs the torch form and "triton" is refused with an error naming the op.
+"auto" picks an op's Triton kernel for CUDA tensors and the torch form otherwise; the environment
+variable ZOO_KERNEL_BACKEND overrides "auto". "triton" also runs on CPU tensors under
+TRITON_INTERPRET=1 (the interpreter the tests use: a correctness tool, far too slow to pick by
+default). For an op without a Triton kernel yet (their own issues) every accepted backend runs
+the torch form and "triton" is refused with an error naming the op.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ def _triton_can_run(x: torch.Tensor | None) -> bool:
     except ImportError:  # pragma: no cover - triton ships with CUDA torch and in our CPU deps
         return False
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _on_cuda(x: torch.Tensor | None) -> bool:
+    return x is not None and x.is_cuda
 
 
 def resolve_backend(
@@ -50,6 +55,6 @@ def resolve_backend(
                 "TRITON_INTERPRET=1 for the CPU interpreter)"
             )
         return "triton"
-    if backend == "auto" and has_triton and _triton_can_run(x):
+    if backend == "auto" and has_triton and _on_cuda(x) and _triton_can_run(x):
         return "triton"
     return "torch"

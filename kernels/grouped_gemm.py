@@ -11,8 +11,8 @@ the weights read transposed, dW a per-group xᵀ·dy (or dyᵀ·x) reduction ker
 "triton" (the kernels below: fp32 accumulation for bf16/fp16/fp32 inputs; the tile schedule is
 computed on the device from the group sizes, so empty and uneven groups cost nothing and no
 size ever reaches the host), "torch" (the reference: a loop of `torch.mm` over groups, the CPU
-path and the test oracle), "auto" (Triton on CUDA tensors or under TRITON_INTERPRET=1, torch
-otherwise; ZOO_KERNEL_BACKEND overrides).
+path and the test oracle), "auto" (Triton on CUDA tensors, torch otherwise;
+ZOO_KERNEL_BACKEND overrides).
 """
 
 from __future__ import annotations

@@ -29,8 +29,9 @@ checkpointing) instead of being kept: saved memory stays a few copies of the inp
 The torch form works on groups of ~``_GROUP_TOKENS`` tokens (bounded temporaries, linear time and
 memory in T) and loops in Python only over chunks for the K×V state recurrence, never over tokens.
 Layout follows fla: q, k, log_f (B, T, H, K); v (B, T, H, V); state (B, H, K, V) fp32. Module
-order: naive reference → decode step → chunked torch form → public dispatch function (the Triton
-kernel arrives in its own issue).
+order: naive reference → decode step → chunked torch form → public dispatch function. The Triton
+kernels (chunked forward and backward, fused decode step) live in `zoo.kernels.linear_attention`,
+shared with TNL and cosFormer2.
 """
 
 from __future__ import annotations
@@ -39,7 +40,15 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from zoo.kernels.backend import resolve_backend
-from zoo.kernels.layout import check_qkv, chunk_spans
+from zoo.kernels.layout import (
+    check_cu_seqlens,
+    check_initial_state,
+    check_qkv,
+    chunk_spans,
+    needs_grad,
+    run_segments,
+)
+from zoo.kernels.linear_attention import HAS_TRITON, chunk_linear_attention, linear_attention_step
 
 __all__ = ["hgrn2", "hgrn2_chunk_torch", "hgrn2_naive", "hgrn2_step"]
 
@@ -201,21 +210,16 @@ def _check_inputs(
     v: torch.Tensor,
     log_f: torch.Tensor,
     initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
     chunk_size: int,
-) -> None:
+) -> list[int] | None:
+    """Validate the public call; returns the packed sequence bounds as a host list, or None."""
     check_qkv("hgrn2", q, k, v, chunk_size, log_f=log_f)
-    B, _, H, K = q.shape
     if log_f.shape != q.shape:
         raise ValueError(f"log_f has shape {tuple(log_f.shape)} but q has {tuple(q.shape)}")
-    if initial_state is not None:
-        expected = (B, H, K, v.shape[-1])
-        if tuple(initial_state.shape) != expected:
-            raise ValueError(
-                f"initial_state has shape {tuple(initial_state.shape)} but must be "
-                f"(B, H, K, V) = {expected}"
-            )
-        if initial_state.device != q.device:
-            raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
+    bounds = check_cu_seqlens(cu_seqlens, q)
+    check_initial_state(initial_state, q, v, bounds)
+    return bounds
 
 
 def hgrn2(
@@ -225,6 +229,7 @@ def hgrn2(
     log_f: torch.Tensor,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -232,14 +237,36 @@ def hgrn2(
 
     q, k, log_f: (B, T, H, K); v: (B, T, H, V); initial_state: (B, H, K, V), kept in fp32.
     ``log_f`` ≤ 0 is the log decay per key channel (fla's ``g``); its values are not checked,
-    since they are data (a rounding-level positive value is harmless). A single token takes the
-    decode step, longer inputs the chunked form. ``backend``: "auto" (the torch chunked form for
-    now; once the Triton kernel lands in its own issue it picks it for CUDA tensors), "torch", or
-    "triton" (not built yet). The environment variable ``ZOO_KERNEL_BACKEND`` overrides "auto".
+    since they are data (a rounding-level positive value is harmless). ``cu_seqlens`` packs
+    variable-length sequences along T (B must be 1), with initial and final states (N, H, K, V).
+    ``backend``: "auto" (the Triton kernels of `zoo.kernels.linear_attention` for CUDA tensors,
+    the torch chunked form otherwise), "torch", or "triton" (CUDA, or the CPU interpreter under
+    TRITON_INTERPRET=1). The environment variable ``ZOO_KERNEL_BACKEND`` overrides "auto". The
+    torch form uses ``chunk_size`` as given; the Triton kernels round it to a power of two in
+    [16, 64].
     """
-    _check_inputs(q, k, v, log_f, initial_state, chunk_size)
-    resolve_backend(backend, "HGRN2 (GLA)")
-    if q.shape[1] == 1:
-        o, state = hgrn2_step(q[:, 0], k[:, 0], v[:, 0], log_f[:, 0], initial_state)
-        return o.unsqueeze(1), (state if output_final_state else None)
-    return hgrn2_chunk_torch(q, k, v, log_f, initial_state, output_final_state, chunk_size)
+    bounds = _check_inputs(q, k, v, log_f, initial_state, cu_seqlens, chunk_size)
+    if resolve_backend(backend, "HGRN2 (GLA)", q, has_triton=HAS_TRITON) == "triton":
+        if bounds is None and q.shape[1] == 1 and not needs_grad(q, k, v, log_f, initial_state):
+            o, state = linear_attention_step(
+                q[:, 0], k[:, 0], v[:, 0], initial_state, g=log_f[:, 0]
+            )
+            return o.unsqueeze(1), (state if output_final_state else None)
+        return chunk_linear_attention(
+            q, k, v,
+            g=log_f, initial_state=initial_state, output_final_state=output_final_state,
+            cu_seqlens=bounds, chunk_size=chunk_size,
+        )  # fmt: skip
+
+    def scan(q_, k_, v_, g_, init, final):
+        if q_.shape[1] == 1:
+            o, state = hgrn2_step(q_[:, 0], k_[:, 0], v_[:, 0], g_[:, 0], init)
+            return o.unsqueeze(1), (state if final else None)
+        return hgrn2_chunk_torch(q_, k_, v_, g_, init, final, chunk_size)
+
+    if bounds is None:
+        return scan(q, k, v, log_f, initial_state, output_final_state)
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    return run_segments(
+        scan, (q, k, v, log_f), bounds, initial_state, output_final_state, (H, K, V)
+    )

@@ -6,6 +6,9 @@ name the argument and both numbers, so a shape mistake is found at the call, not
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
+
 import torch
 
 
@@ -53,3 +56,80 @@ def chunk_spans(num_tokens: int, chunk_size: int, group_tokens: int) -> list[tup
     if full < num_tokens:
         spans.append((full, num_tokens, num_tokens - full))
     return spans
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> list[int] | None:
+    """Validated sequence bounds of a packed batch as a host list (one sync), or None."""
+    if cu_seqlens is None:
+        return None
+    B, T = q.shape[:2]
+    if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or cu_seqlens.numel() < 2:
+        raise ValueError(
+            "cu_seqlens must be a 1-D int tensor [0, l1, l1+l2, ..., total] with at least 2 "
+            f"entries, got shape {tuple(cu_seqlens.shape)} and dtype {cu_seqlens.dtype}"
+        )
+    if B != 1:
+        raise ValueError(f"cu_seqlens needs packed sequences with B=1 but q has B={B}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != T:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at T={T}, got {bounds[0]} and {bounds[-1]}"
+        )
+    if any(b < a for a, b in itertools.pairwise(bounds)):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+    return bounds
+
+
+def check_initial_state(
+    initial_state: torch.Tensor | None,
+    q: torch.Tensor,
+    v: torch.Tensor,
+    bounds: list[int] | None,
+    key_dim: int | None = None,
+) -> None:
+    """initial_state is (B, H, K, V), or (N, H, K, V) for N packed sequences, on q's device."""
+    if initial_state is None:
+        return
+    B, _, H, K = q.shape
+    expected = (B if bounds is None else len(bounds) - 1, H, key_dim or K, v.shape[-1])
+    if tuple(initial_state.shape) != expected:
+        what = "(B, H, K, V)" if bounds is None else "(N, H, K, V) with N = len(cu_seqlens) - 1"
+        raise ValueError(
+            f"initial_state has shape {tuple(initial_state.shape)} but must be {what} = {expected}"
+        )
+    if initial_state.device != q.device:
+        raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
+
+
+def run_segments(
+    scan: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+    per_token: tuple[torch.Tensor, ...],
+    bounds: list[int],
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    state_shape: tuple[int, int, int],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A packed batch through a single-sequence `scan(*per_token_slices, init, output_final)`.
+
+    Each segment of `bounds` starts from its row of `initial_state` or zeros; an empty segment
+    emits nothing and passes its state through. Returns (o (1, T, ...), final (N, H, K, V)).
+    """
+    outs, finals = [], []
+    for i, (start, end) in enumerate(itertools.pairwise(bounds)):
+        init = None if initial_state is None else initial_state[i : i + 1]
+        if end == start:
+            if output_final_state:
+                zeros = per_token[0].new_zeros(1, *state_shape, dtype=torch.float32)
+                finals.append(zeros if init is None else init.float())
+            continue
+        o, final = scan(*(x[:, start:end] for x in per_token), init, output_final_state)
+        outs.append(o)
+        if output_final_state:
+            finals.append(final)
+    o = torch.cat(outs, dim=1)
+    return o, (torch.cat(finals, dim=0) if output_final_state else None)
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will track a call on `tensors` (a decode step, typically, will not)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -22,19 +22,31 @@ The torch form batches the chunk products over groups of ~1024 tokens and loops 
 chunks for the K×V state recurrence, so time and memory grow linearly in T.
 
 Layout follows fla: q, k (B, T, H, K); v (B, T, H, V); log_decay (H,); state (B, H, K, V) fp32.
-Module order: naive reference → decode step → chunked torch form → public dispatch function
-(the Triton kernels arrive in their own issue).
+Module order: naive reference → decode step → chunked torch form → public dispatch function.
+The Triton kernels (chunked forward and backward, fused decode step) live in
+`zoo.kernels.linear_attention`, shared with cosFormer2 and HGRN2.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
 
 from zoo.kernels.backend import resolve_backend
-from zoo.kernels.layout import check_qkv, chunk_spans
+from zoo.kernels.layout import (
+    check_cu_seqlens,
+    check_initial_state,
+    check_qkv,
+    chunk_spans,
+    needs_grad,
+    run_segments,
+)
+from zoo.kernels.linear_attention import (
+    HAS_TRITON,
+    chunk_linear_attention,
+    linear_attention_step,
+)
 
 __all__ = [
     "lightning",
@@ -203,60 +215,40 @@ def _check_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    log_decay: torch.Tensor,
+    log_decay: torch.Tensor | None,
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     chunk_size: int,
-) -> None:
-    check_qkv("lightning", q, k, v, chunk_size, log_decay=log_decay)
-    B, T, H, K = q.shape
-    if log_decay.shape != (H,):
-        raise ValueError(
-            f"log_decay has shape {tuple(log_decay.shape)} but must be (H,) = ({H},) from q"
-        )
-    if not bool(torch.isfinite(log_decay).all()):
-        raise ValueError(f"log_decay must be finite, got {log_decay.tolist()}")
-    if bool((log_decay > 0).any()):
-        raise ValueError(
-            f"log_decay must be <= 0 (decay in (0, 1]) but its max is {log_decay.max().item()}"
-        )
-    n_states = B
-    if cu_seqlens is not None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or cu_seqlens.numel() < 2:
+) -> list[int] | None:
+    """Validate the public call; returns the packed sequence bounds as a host list, or None."""
+    gates = {} if log_decay is None else {"log_decay": log_decay}
+    check_qkv("lightning", q, k, v, chunk_size, **gates)
+    H = q.shape[2]
+    if log_decay is not None:
+        if log_decay.shape != (H,):
             raise ValueError(
-                "cu_seqlens must be a 1-D int tensor [0, l1, l1+l2, ..., total] with at least 2 "
-                f"entries, got shape {tuple(cu_seqlens.shape)} and dtype {cu_seqlens.dtype}"
+                f"log_decay has shape {tuple(log_decay.shape)} but must be (H,) = ({H},) from q"
             )
-        if B != 1:
-            raise ValueError(f"cu_seqlens needs packed sequences with B=1 but q has B={B}")
-        bounds = cu_seqlens.tolist()
-        if bounds[0] != 0 or bounds[-1] != T:
-            raise ValueError(
-                f"cu_seqlens must start at 0 and end at T={T}, got {bounds[0]} and {bounds[-1]}"
-            )
-        if any(b < a for a, b in itertools.pairwise(bounds)):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
-        n_states = len(bounds) - 1
-    if initial_state is not None:
-        V = v.shape[-1]
-        expected = (n_states, H, K, V)
-        if initial_state.shape != expected:
-            what = (
-                "(N, H, K, V) with N = len(cu_seqlens) - 1"
-                if cu_seqlens is not None
-                else ("(B, H, K, V)")
-            )
-            raise ValueError(
-                f"initial_state has shape {tuple(initial_state.shape)} but must be {what} = "
-                f"{expected}"
-            )
+        # Values are checked where that is free (a CPU tensor); on a GPU it would cost a host
+        # sync per call, every decode step included.
+        if log_decay.device.type == "cpu":
+            if not bool(torch.isfinite(log_decay).all()):
+                raise ValueError(f"log_decay must be finite, got {log_decay.tolist()}")
+            if bool((log_decay > 0).any()):
+                raise ValueError(
+                    f"log_decay must be <= 0 (decay in (0, 1]) but its max is "
+                    f"{log_decay.max().item()}"
+                )
+    bounds = check_cu_seqlens(cu_seqlens, q)
+    check_initial_state(initial_state, q, v, bounds)
+    return bounds
 
 
 def lightning(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    log_decay: torch.Tensor,
+    log_decay: torch.Tensor | None,
     scale: float = 1.0,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
@@ -266,52 +258,42 @@ def lightning(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Lightning attention, the public entry point. Returns (o (B, T, H, V), final_state | None).
 
-    ``cu_seqlens`` packs variable-length sequences along T (B must be 1): each segment starts from
-    its own row of ``initial_state`` (N, H, K, V) or zeros, and final_state is (N, H, K, V).
-    ``backend``: "auto" (the torch chunked form for now; once the Triton kernels land in their own
-    issue it picks them for CUDA tensors), "torch", or "triton" (not built yet). The environment
-    variable ``ZOO_KERNEL_BACKEND`` overrides "auto".
+    ``log_decay`` (H,) ≤ 0, or None for no decay at all (cosFormer2), which the Triton kernels
+    run without any decay arithmetic. ``cu_seqlens`` packs variable-length sequences along T (B
+    must be 1): each segment starts from its own row of ``initial_state`` (N, H, K, V) or zeros,
+    and final_state is (N, H, K, V). ``backend``: "auto" (the Triton kernels of
+    `zoo.kernels.linear_attention` for CUDA tensors, the torch chunked form otherwise), "torch",
+    or "triton" (CUDA, or the CPU interpreter under TRITON_INTERPRET=1). The environment variable
+    ``ZOO_KERNEL_BACKEND`` overrides "auto". The torch form uses ``chunk_size`` as given; the
+    Triton kernels round it to a power of two in [16, 64].
     """
-    _check_inputs(q, k, v, log_decay, initial_state, cu_seqlens, chunk_size)
-    resolve_backend(backend, "lightning")
-
-    if cu_seqlens is None:
-        if q.shape[1] == 1:
-            # Decode: a single token needs no chunk machinery.
-            o, state = lightning_step(q[:, 0], k[:, 0], v[:, 0], log_decay, initial_state, scale)
+    bounds = _check_inputs(q, k, v, log_decay, initial_state, cu_seqlens, chunk_size)
+    if resolve_backend(backend, "lightning", q, has_triton=HAS_TRITON) == "triton":
+        if bounds is None and q.shape[1] == 1 and not needs_grad(q, k, v, initial_state):
+            o, state = linear_attention_step(
+                q[:, 0], k[:, 0], v[:, 0], initial_state, log_decay=log_decay, scale=scale
+            )
             return o.unsqueeze(1), (state if output_final_state else None)
-        return lightning_chunk_torch(
-            q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size
-        )
+        return chunk_linear_attention(
+            q, k, v,
+            log_decay=log_decay, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, cu_seqlens=bounds, chunk_size=chunk_size,
+        )  # fmt: skip
 
-    _, _, H, K = q.shape
-    V = v.shape[-1]
-    bounds = cu_seqlens.tolist()
-    outs, finals = [], []
-    for i, (start, end) in enumerate(itertools.pairwise(bounds)):
-        init = None if initial_state is None else initial_state[i : i + 1]  # (1, H, K, V)
-        if end == start:
-            # An empty segment emits nothing and passes its state through.
-            if output_final_state:
-                finals.append(
-                    q.new_zeros(1, H, K, V, dtype=torch.float32) if init is None else init.float()
-                )
-            continue
-        o, final = lightning_chunk_torch(
-            q[:, start:end],
-            k[:, start:end],
-            v[:, start:end],
-            log_decay,
-            scale,
-            init,
-            output_final_state,
-            chunk_size,
-        )
-        outs.append(o)
-        if output_final_state:
-            finals.append(final)
-    o = torch.cat(outs, dim=1)  # (1, T, H, V)
-    return o, (torch.cat(finals, dim=0) if output_final_state else None)
+    if log_decay is None:
+        log_decay = q.new_zeros(q.shape[2], dtype=torch.float32)
+
+    def scan(q_, k_, v_, init, final):
+        if q_.shape[1] == 1:
+            # Decode: a single token needs no chunk machinery.
+            o, state = lightning_step(q_[:, 0], k_[:, 0], v_[:, 0], log_decay, init, scale)
+            return o.unsqueeze(1), (state if final else None)
+        return lightning_chunk_torch(q_, k_, v_, log_decay, scale, init, final, chunk_size)
+
+    if bounds is None:
+        return scan(q, k, v, initial_state, output_final_state)
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    return run_segments(scan, (q, k, v), bounds, initial_state, output_final_state, (H, K, V))
 
 
 def _alibi_slopes(n: int) -> list[float]:

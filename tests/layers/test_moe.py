@@ -53,9 +53,7 @@ def _moe(**overrides) -> MoE:
 
 
 def _available_backends() -> list[str]:
-    names = ["torch", "torch_grouped_mm"]
-    if importlib.util.find_spec("zoo.kernels.grouped_gemm") is not None:
-        names.append("triton")
+    names = ["torch", "torch_grouped_mm", "triton"]
     if importlib.util.find_spec("megablocks") is not None and torch.cuda.is_available():
         names.append("megablocks")
     return names
@@ -275,14 +273,6 @@ def test_bad_moe_config_names_the_field(fields, error, message):
 def test_megablocks_backend_without_megablocks_names_the_extra():
     with pytest.raises(ImportError, match=r"pip install 'hybrid-zoo\[megablocks\]'"):
         MoE(_config(moe_backend="megablocks"))
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("zoo.kernels.grouped_gemm") is not None, reason="kernel built"
-)
-def test_triton_backend_before_its_kernel_names_the_missing_piece():
-    with pytest.raises(NotImplementedError, match=r"zoo\.kernels\.grouped_gemm"):
-        MoE(_config(moe_backend="triton"))
 
 
 def test_every_backend_is_named_in_the_config():

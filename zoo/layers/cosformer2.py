@@ -11,7 +11,7 @@ cosFormer (Qin et al., "cosFormer: Rethinking Softmax in Attention", arXiv 2202.
     S_t = S_{t-1} + k̂_t v_tᵀ,  o_t = q̂_tᵀ S_t      (λ = 1: no decay, no 1/√d, no denominator)
     y = W_o (Norm(concat_h o) ⊙ σ(x W_down W_up))    (gate rank output_gate_rank or d_h)
 
-It runs on the lightning-attention op (`zoo.kernels.lightning`) with log λ = 0.
+It runs on the lightning-attention op (`zoo.kernels.lightning`) without a decay (log λ = 0).
 
 Choices where the sources differ (shared/papers/linear-families.md §3):
 - θ is fixed, not learned: θ_j = 10000^(−2j/d_h) on the first ⌊d_h/2⌋ channels and 0 on the
@@ -142,7 +142,7 @@ class CosFormer2Attention(LightningAttention):
             lrpe(q, cos, sin),  # (B, T, H, 2D)
             lrpe(k, cos, sin),
             v,
-            q.new_zeros(self.num_heads, dtype=torch.float32),  # log λ = 0: no decay
+            None,  # no decay
             initial_state=state,
             output_final_state=cache is not None,
             chunk_size=self.chunk_size,

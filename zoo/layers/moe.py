@@ -175,11 +175,6 @@ def check_moe_backend(backend: str) -> None:
     """Raise a clear error now if `backend` cannot run in this install (not at first forward)."""
     if backend not in EXPERTS_BACKENDS and backend != "auto":
         raise ValueError(f"moe_backend={backend!r} is not one of {['auto', *EXPERTS_BACKENDS]}")
-    if backend == "triton" and importlib.util.find_spec("zoo.kernels.grouped_gemm") is None:
-        raise NotImplementedError(
-            "moe_backend='triton' needs zoo.kernels.grouped_gemm, the Triton grouped GEMM, "
-            "which is not built yet (its own issue); use moe_backend='torch_grouped_mm' or 'torch'"
-        )
     if backend == "megablocks" and importlib.util.find_spec("megablocks") is None:
         raise ImportError(
             "moe_backend='megablocks' needs the megablocks package (GPU only): "
