@@ -63,6 +63,10 @@ __all__ = [
 DECAY_NONE, DECAY_HEAD, DECAY_KEY = 0, 1, 2
 # Row tile of the per-key decay (GLA's secondary chunking): the R×R×K exact product grows as R².
 _SUB = 16
+# Tile shapes and warps: ptxas (sm_90, bf16) reports no register spills for the chunk kernels at
+# 8 warps with 64-wide tiles (32-wide in the gradient kernel and for the per-key decay); at
+# 4 warps they spill up to 4.7 KB per thread. Measured offline, tests/kernels/sm90_compile.py.
+_WARPS = 8
 
 
 if triton is not None:
@@ -528,7 +532,7 @@ def _states_fwd(k, v, b, ld, h0, chunks: _Chunks, decay: int, final: bool):
         k, v, b, ld, h0, states, ht, chunks.cu, chunks.chunk_offset,
         H, K, V,
         C=chunks.chunk, BK=bk, BV=bv, DECAY=decay,
-        HAS_H0=h0 is not None, STORE_HT=final, PREC=_precision(k.dtype),
+        HAS_H0=h0 is not None, STORE_HT=final, PREC=_precision(k.dtype), num_warps=_WARPS,
     )  # fmt: skip
     return states, ht
 
@@ -556,7 +560,7 @@ class _ChunkLinearAttention(torch.autograd.Function):
             qf, kf, vf, b, ld, states, o, chunks.chunk_start, chunks.chunk_len,
             scale, H, K, V,
             C=chunk, R=rows, BK=bk if decay != DECAY_KEY else _block(K, 32), BV=bv,
-            DECAY=decay, PREC=_precision(q.dtype),
+            DECAY=decay, PREC=_precision(q.dtype), num_warps=_WARPS,
         )  # fmt: skip
         ctx.save_for_backward(qf, kf, vf, b, ld, h0c, ht, decay_arg)
         ctx.meta = (B, T, scale, decay, chunks)
@@ -580,6 +584,7 @@ class _ChunkLinearAttention(torch.autograd.Function):
             scale, H, K, V,
             C=chunks.chunk, BK=bk, BV=bv, DECAY=decay,
             HAS_DHT=dht is not None, STORE_DH0=h0 is not None, PREC=_precision(qf.dtype),
+            num_warps=_WARPS,
         )  # fmt: skip
         dq = torch.empty(qf.shape, device=qf.device, dtype=torch.float32)
         dk = torch.empty_like(dq)
@@ -589,8 +594,8 @@ class _ChunkLinearAttention(torch.autograd.Function):
             qf, kf, vf, b, ld, states, dstates, do, dq, dk, dv,
             chunks.chunk_start, chunks.chunk_len,
             scale, H, K, V,
-            C=chunks.chunk, R=rows, BK=bk if decay != DECAY_KEY else _block(K, 32), BV=bv,
-            DECAY=decay, PREC=_precision(qf.dtype),
+            C=chunks.chunk, R=rows, BK=_block(K, 32), BV=_block(V, 32),
+            DECAY=decay, PREC=_precision(qf.dtype), num_warps=_WARPS,
         )  # fmt: skip
         d_decay = None
         if decay != DECAY_NONE and ctx.needs_input_grad[3]:

@@ -1,0 +1,113 @@
+"""Compile the linear-attention kernels for an H100 (sm_90) on a machine without a GPU.
+
+The interpreter checks what the kernels compute; this checks that Triton's compiler accepts them
+(types, shapes, constexpr branches) at the tile shapes the launches use, down to PTX. With
+``--spills`` it also runs the ptxas that ships with triton and prints registers and spills per
+kernel, which is how the tile shapes and warp counts in kernels/linear_attention.py were chosen.
+
+    env -u TRITON_INTERPRET .venv/bin/python tests/kernels/sm90_compile.py [--fp32] [--spills]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from zoo.kernels import linear_attention as la
+
+TARGET = GPUTarget("cuda", 90, 32)
+# Pointers to activations take the input dtype; states, decays and fp32 gradients are fp32.
+ACTIVATIONS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dv_ptr"}
+INDICES = {"cu_ptr", "chunk_offset_ptr", "chunk_start_ptr", "chunk_len_ptr"}
+
+
+def signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ACTIVATIONS:
+            sig[name] = f"*{dtype}"
+        elif name in INDICES:
+            sig[name] = "*i32"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        else:
+            sig[name] = "fp32" if name == "scale" else "i32"
+    return sig
+
+
+def launches(dtype: str):
+    """(kernel, constexprs, warps) for every mode at head dim 128, as `chunk_linear_attention` and
+    `linear_attention_step` launch them (None pointers are constexpr, as at a real launch)."""
+    prec = "ieee" if dtype == "fp32" else "tf32"
+    c, b64, b32 = 64, la._block(128, 64), la._block(128, 32)
+    for decay in (la.DECAY_NONE, la.DECAY_HEAD, la.DECAY_KEY):
+        unused = {}
+        if decay != la.DECAY_KEY:
+            unused["b_ptr"] = None
+        if decay != la.DECAY_HEAD:
+            unused["ld_ptr"] = None
+        rows = la._row_tile(decay, c)
+        bk_out = b32 if decay == la.DECAY_KEY else b64
+        mode = dict(DECAY=decay, PREC=prec, **unused)
+        yield (
+            la._states_fwd_kernel,
+            dict(C=c, BK=b64, BV=b64, HAS_H0=True, STORE_HT=True, **mode),
+            la._WARPS,
+        )
+        yield (
+            la._states_bwd_kernel,
+            dict(C=c, BK=b64, BV=b64, HAS_DHT=True, STORE_DH0=True, **mode),
+            la._WARPS,
+        )
+        yield la._output_kernel, dict(C=c, R=rows, BK=bk_out, BV=b64, **mode), la._WARPS
+        yield la._grads_kernel, dict(C=c, R=rows, BK=b32, BV=b32, **mode), la._WARPS
+        step = {"g_ptr": None} if decay != la.DECAY_KEY else {}
+        if decay != la.DECAY_HEAD:
+            step["ld_ptr"] = None
+        yield la._step_kernel, dict(BK=b64, BV=b64, DECAY=decay, HAS_STATE=True, **step), 4
+    yield la._chunk_cumsum_kernel, dict(C=c, BK=b64), 4
+
+
+def ptxas_report(ptx: str) -> str:
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas-blackwell")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        cmd = [ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(tmp, "k.o")]
+        out = subprocess.run(cmd, capture_output=True, text=True).stderr.splitlines()
+    return " | ".join(line.split(":", 1)[-1].strip() for line in out if "spill" in line)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fp32", action="store_true", help="also fp32 inputs (slower)")
+    parser.add_argument("--spills", action="store_true", help="ptxas registers and spills")
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels' compiler")
+    count = 0
+    for dtype in ("bf16", "fp32") if args.fp32 else ("bf16",):
+        for fn, constexprs, warps in launches(dtype):
+            source = ASTSource(fn, signature(fn, dtype, constexprs), constexprs)
+            kernel = triton.compile(source, target=TARGET, options={"num_warps": warps})
+            line = f"{dtype} DECAY={constexprs.get('DECAY', 2)} {fn.__name__} ({warps} warps)"
+            if args.spills:
+                line += ": " + ptxas_report(kernel.asm["ptx"])
+            print(line, flush=True)
+            count += 1
+    print(f"compiled {count} kernels for sm_90")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
