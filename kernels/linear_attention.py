@@ -485,7 +485,9 @@ def _precision(dtype: torch.dtype) -> str:
 class _Chunks:
     """Sequence bounds of the folded token axis and its chunk table, built once per call."""
 
-    def __init__(self, bounds: list[int], chunk: int, device: torch.device) -> None:
+    def __init__(
+        self, bounds: list[int], chunk: int, device: torch.device, row_length: int | None
+    ) -> None:
         starts, lens, offsets = [], [], [0]
         for start, end in itertools.pairwise(bounds):
             for t in range(start, end, chunk):
@@ -496,6 +498,7 @@ class _Chunks:
         self.num_seqs = len(bounds) - 1
         self.num_chunks = len(starts)
         self.bounds = bounds
+        self.row_length = row_length  # T when the sequences are a batch's B equal rows
         as_int = dict(device=device, dtype=torch.int32)
         self.cu = torch.tensor(bounds, **as_int)
         self.chunk_offset = torch.tensor(offsets, **as_int)
@@ -543,10 +546,10 @@ def _row_tile(decay: int, chunk: int) -> int:
 
 class _ChunkLinearAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q, k, v, decay_arg, h0, scale, decay, bounds, chunk, final):  # type: ignore[override]
+    def forward(ctx: Any, q, k, v, decay_arg, h0, scale, decay, bounds, chunk, final, packed):  # type: ignore[override]
         B, T, H, K = q.shape
         V = v.shape[-1]
-        chunks = _Chunks(bounds, chunk, q.device)
+        chunks = _Chunks(bounds, chunk, q.device, None if packed else T)
         qf, kf, vf = _folded(q), _folded(k), _folded(v)
         ld = decay_arg.float().contiguous() if decay == DECAY_HEAD else None
         b = _chunk_cumsum(_folded(decay_arg), chunks) if decay == DECAY_KEY else None
@@ -609,7 +612,7 @@ class _ChunkLinearAttention(torch.autograd.Function):
             dv.view(*unfold, V),
             d_decay,
             dh0,
-            *(None,) * 5,
+            *(None,) * 6,
         )
 
 
@@ -617,9 +620,19 @@ def _decay_grad(q, k, dq, dk, ht, dht, chunks: _Chunks, decay: int) -> torch.Ten
     """dg from dL/dB_t = q ⊙ dq − k ⊙ dk (see the module docstring), per folded token (T, H, K),
     or summed into dlog λ (H,) for a per-head decay."""
     d_cum = q.float() * dq - k.float() * dk  # (T, H, K)
+    if chunks.row_length is not None:
+        # B rows of equal length: one batched reverse cumsum, no loop over sequences.
+        rows = d_cum.view(chunks.num_seqs, chunks.row_length, *d_cum.shape[1:])  # (B, T, H, K)
+        if dht is not None:
+            # The final state carries +B at each sequence's last token: Σ_v S_T ⊙ dS_T.
+            rows[:, -1] += (ht * dht.float()).sum(-1)
+        if decay == DECAY_KEY:
+            return rows.flip(1).cumsum(1).flip(1).view(d_cum.shape)
+        # Σ_t Σ_{s >= t} x_s = Σ_s (s + 1) x_s within a sequence.
+        weight = torch.arange(1, chunks.row_length + 1, device=q.device, dtype=torch.float32)
+        return torch.einsum("bthk,t->h", rows, weight)
     spans = list(itertools.pairwise(chunks.bounds))
     if dht is not None:
-        # The final state carries +B at each sequence's last token: Σ_v S_T ⊙ dS_T.
         for i, (start, end) in enumerate(spans):
             if end > start:
                 d_cum[end - 1] += (ht[i] * dht[i].float()).sum(-1)
@@ -631,9 +644,8 @@ def _decay_grad(q, k, dq, dk, ht, dht, chunks: _Chunks, decay: int) -> torch.Ten
         if decay == DECAY_KEY:
             out[start:end] = piece.flip(0).cumsum(0).flip(0)
         else:
-            # Σ_t Σ_{s >= t} x_s = Σ_s (s + 1) x_s within the sequence.
             weight = torch.arange(1, end - start + 1, device=piece.device, dtype=piece.dtype)
-            out += (piece.sum(-1) * weight[:, None]).sum(0)
+            out += torch.einsum("thk,t->h", piece, weight)
     return out
 
 
@@ -672,8 +684,9 @@ def chunk_linear_attention(
         decay, decay_arg = DECAY_NONE, q.new_zeros(0)
     # One dtype for the tensor-core products (HGRN2 hands k over in fp32 whatever q is).
     k, v = k.to(q.dtype), v.to(q.dtype)
+    packed = cu_seqlens is not None
     return _ChunkLinearAttention.apply(
-        q, k, v, decay_arg, initial_state, scale, decay, bounds, chunk, output_final_state
+        q, k, v, decay_arg, initial_state, scale, decay, bounds, chunk, output_final_state, packed
     )
 
 
