@@ -1,9 +1,10 @@
-"""Compile the linear-attention kernels for an H100 (sm_90) on a machine without a GPU.
+"""Compile our Triton kernels for an H100 (sm_90) on a machine without a GPU.
 
 The interpreter checks what the kernels compute; this checks that Triton's compiler accepts them
 (types, shapes, constexpr branches) at the tile shapes the launches use, down to PTX. With
 ``--spills`` it also runs the ptxas that ships with triton and prints registers and spills per
 kernel, which is how the tile shapes and warp counts in kernels/linear_attention.py were chosen.
+Kernels: the linear-attention family (every decay mode) and the grouped GEMM.
 
     env -u TRITON_INTERPRET .venv/bin/python tests/kernels/sm90_compile.py [--fp32] [--spills]
 """
@@ -20,20 +21,26 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from zoo.kernels import grouped_gemm as gg
 from zoo.kernels import linear_attention as la
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Pointers to activations take the input dtype; states, decays and fp32 gradients are fp32.
 ACTIVATIONS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dv_ptr"}
-INDICES = {"cu_ptr", "chunk_offset_ptr", "chunk_start_ptr", "chunk_len_ptr"}
+GEMM_OPERANDS = {"x_ptr", "w_ptr", "out_ptr", "a_ptr", "b_ptr"}
+INDICES = {"cu_ptr", "chunk_offset_ptr", "chunk_start_ptr", "chunk_len_ptr", "offsets_ptr"}
+INDICES |= {"tile_ends_ptr"}
 
 
 def signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
+    operands = (
+        GEMM_OPERANDS if fn in (gg._grouped_mm_kernel, gg._grouped_wgrad_kernel) else ACTIVATIONS
+    )
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in ACTIVATIONS:
+        elif name in operands:
             sig[name] = f"*{dtype}"
         elif name in INDICES:
             sig[name] = "*i32"
@@ -75,6 +82,9 @@ def launches(dtype: str):
             step["ld_ptr"] = None
         yield la._step_kernel, dict(BK=b64, BV=b64, DECAY=decay, HAS_STATE=True, **step), 4
     yield la._chunk_cumsum_kernel, dict(C=c, BK=b64), 4
+    # The grouped GEMM's fixed tiles (kernels/grouped_gemm.py: _mm_triton, _wgrad_triton).
+    yield gg._grouped_mm_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4
+    yield gg._grouped_wgrad_kernel, dict(BLOCK_A=64, BLOCK_B=64, BLOCK_M=32), 4
 
 
 def ptxas_report(ptx: str) -> str:
@@ -100,12 +110,13 @@ def main() -> int:
         for fn, constexprs, warps in launches(dtype):
             source = ASTSource(fn, signature(fn, dtype, constexprs), constexprs)
             kernel = triton.compile(source, target=TARGET, options={"num_warps": warps})
-            line = f"{dtype} DECAY={constexprs.get('DECAY', 2)} {fn.__name__} ({warps} warps)"
+            mode = f" DECAY={constexprs['DECAY']}" if "DECAY" in constexprs else ""
+            line = f"{dtype}{mode} {fn.__name__} ({warps} warps)"
             if args.spills:
                 line += ": " + ptxas_report(kernel.asm["ptx"])
             print(line, flush=True)
             count += 1
-    print(f"compiled {count} kernels for sm_90")
+    print(f"compiled {count} kernel variants for sm_90")
     return 0
 
 
