@@ -42,6 +42,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/grouped_gemm.py
+	$(PY) benchmarks/scans.py
+	$(PY) benchmarks/decode.py
 
 # On a lent GPU machine: the gpu-marked tests and every benchmark, JSON under benchmarks/results/.
 # That machine has no network and its own python3 with CUDA torch and triton, so nothing is
@@ -56,11 +58,17 @@ bench-gpu:
 	@if ls .whl/*.whl >/dev/null 2>&1; then \
 		$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --find-links .whl $(GPU_WHEELS); fi
 	$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
+	@# fla, the optional baseline of scans.py and decode.py: used when its wheel was fetched.
+	@if ls .whl/fla_core-*.whl >/dev/null 2>&1; then \
+		$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --find-links .whl fla-core einops \
+		|| echo "fla not installed: the benchmarks record it so"; fi
 	$(GPU_PYTHON) -m pytest -m gpu -q -p no:cacheprovider $(GPU_TESTS)
 	$(GPU_PYTHON) benchmarks/cpu_models.py --device cuda
 	$(GPU_PYTHON) benchmarks/moe_layer.py --device cuda
 	$(GPU_PYTHON) benchmarks/train_step.py --device cuda
 	$(GPU_PYTHON) benchmarks/grouped_gemm.py --device cuda
+	$(GPU_PYTHON) benchmarks/scans.py --device cuda
+	$(GPU_PYTHON) benchmarks/decode.py --device cuda
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""Helpers every benchmark script shares: timing, device and version records, the load note.
+"""Helpers every benchmark script shares: timing, device and version records, the load note,
+and fla (flash-linear-attention), the optional baseline of the linear-mixer benchmarks.
 
 The scripts run as `python benchmarks/<name>.py`, so this module imports as `common`.
 """
@@ -6,6 +7,7 @@ The scripts run as `python benchmarks/<name>.py`, so this module imports as `com
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import json
 import os
 import platform
@@ -26,6 +28,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def warm_up(device: torch.device) -> None:
+    """Create the CUDA context and cuBLAS handles, so no variant's first call pays for them."""
+    if device.type == "cuda":
+        x = torch.ones(64, 64, device=device)
+        (x @ x).sum().item()
 
 
 def time_once(fn: Callable[[], Any], device: torch.device) -> float:
@@ -105,6 +114,36 @@ def finish(result: dict[str, Any], out_path: Path, table: Callable[[dict[str, An
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out_path}")
+
+
+def error_text(exc: BaseException, limit: int = 500) -> str:
+    """A failed variant's record: the exception's type and message, cut to `limit` characters
+    (Triton compile errors can run to pages)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def fla_version() -> str:
+    """fla's version, "not installed", or why `import fla` failed (an optional baseline: its ops
+    are Triton kernels for CUDA, installed with `pip install fla-core`)."""
+    try:
+        import fla
+    except ImportError:
+        return "not installed"
+    except Exception as exc:  # a broken install (e.g. a triton mismatch) is a result too
+        return f"import failed: {error_text(exc)}"
+    return str(getattr(fla, "__version__", "unknown version"))
+
+
+def fla_op(module: str, name: str) -> Callable[..., Any] | str:
+    """fla.ops.<module>.<name>, or a string saying why it cannot be used."""
+    version = fla_version()
+    if version == "not installed" or version.startswith("import failed"):
+        return f"fla {version}"
+    try:
+        return getattr(importlib.import_module(f"fla.ops.{module}"), name)
+    except (ImportError, AttributeError) as exc:
+        return f"fla {version} has no fla.ops.{module}.{name} ({error_text(exc, 200)})"
 
 
 def new_result(

@@ -37,10 +37,13 @@ from zoo.layers.norm import build_norm
 
 
 @lru_cache(maxsize=256)
-def _log_decay(num_heads: int, layer_idx: int, num_layers: int, form: str) -> torch.Tensor:
+def _log_decay(
+    num_heads: int, layer_idx: int, num_layers: int, form: str, device: torch.device
+) -> torch.Tensor:
     # A plain tensor rebuilt on demand rather than a buffer: transformers creates models on the
     # meta device before loading weights, and non-persistent buffers would come back empty.
-    return tnl_log_decay(num_heads, layer_idx, num_layers, form)
+    # Cached per device, so decoding does not copy it to the GPU once per layer and token.
+    return tnl_log_decay(num_heads, layer_idx, num_layers, form).to(device)
 
 
 class LightningAttention(nn.Module):
@@ -66,8 +69,7 @@ class LightningAttention(nn.Module):
 
     def log_decay(self, device: torch.device) -> torch.Tensor:
         """log λ per head (H,), ≤ 0."""
-        decay = _log_decay(self.num_heads, self.layer_idx, self.num_layers, self.decay_form)
-        return decay.to(device)
+        return _log_decay(self.num_heads, self.layer_idx, self.num_layers, self.decay_form, device)
 
     def _qkv(
         self, x: torch.Tensor, context: MixerContext
