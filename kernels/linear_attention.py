@@ -16,9 +16,9 @@ o = (q ⊙ e^b) S_n + intra-chunk attention, and S_{n+1} = e^{b_C} S_n + Σ_j (k
 
 Kernels, each one program per tile and head:
 
-* ``_states_fwd_kernel`` walks a sequence's chunks in order, writes the state entering every
-  chunk (fp32) and optionally the final state; ``_states_bwd_kernel`` walks them backwards and
-  writes the gradient of the state leaving every chunk, and that of the initial state.
+* ``_states_kernel`` walks a sequence's chunks in order and writes the state entering every
+  chunk (fp32) and optionally the final state; in reverse (backward) it walks them last first
+  and writes the gradient of the state leaving every chunk, and that of the initial state.
 * ``_output_kernel``: o for a tile of rows of a chunk. For a per-head or no decay the intra-chunk
   part is one masked C×C product on tensor cores. For a per-key decay, e^{b_i-b_j} does not
   factor without overflow, so (as in GLA) a chunk is cut into row tiles of ``_SUB`` tokens: earlier
@@ -90,13 +90,21 @@ if triton is not None:
             tl.store(b_ptr + offs, tl.cumsum(g, axis=0), mask=mask)
 
     @triton.jit
-    def _states_fwd_kernel(
-        k_ptr, v_ptr, b_ptr, ld_ptr, h0_ptr, states_ptr, ht_ptr, cu_ptr, chunk_offset_ptr,
-        H, K, V,
+    def _states_kernel(
+        x_ptr, y_ptr, b_ptr, ld_ptr, start_ptr, chunk_states_ptr, end_ptr, cu_ptr,
+        chunk_offset_ptr, scale, H, K, V,
         C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-        HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
+        REVERSE: tl.constexpr, HAS_START: tl.constexpr, STORE_END: tl.constexpr,
+        PREC: tl.constexpr,
     ):  # fmt: skip
-        """States entering each chunk of one sequence (and its final state), one K×V tile."""
+        """The K×V recurrence over one sequence's chunks, one tile of it: S ← e^{b_L} S + x̃ᵀ y.
+
+        Forward: x = k with x̃ = k ⊙ e^{b_L - b_i} (its decay to the chunk's end), y = v, from
+        the initial state; writes the state entering each chunk, then the final state.
+        REVERSE (backward): x = q with x̃ = scale · q ⊙ e^{b_i} (its decay from the chunk's
+        start), y = do, from the final state's gradient, last chunk first; writes the gradient
+        of the state leaving each chunk, then that of the initial state.
+        """
         pk, pv, seq_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         seq, h = seq_head // H, seq_head % H
         tok0 = tl.load(cu_ptr + seq).to(tl.int64)
@@ -108,96 +116,47 @@ if triton is not None:
         kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
         kv_offs = ks[:, None] * V + vs[None, :]
         state = tl.zeros((BK, BV), dtype=tl.float32)
-        if HAS_H0:
-            state += tl.load(h0_ptr + seq_head.to(tl.int64) * K * V + kv_offs, mask=kv_mask)
-        if DECAY == 1:
-            ld = tl.load(ld_ptr + h)
-        for n in range(tl.cdiv(tok1 - tok0, C)):
-            tl.store(states_ptr + ((chunk0 + n) * H + h) * K * V + kv_offs, state, mask=kv_mask)
-            t = tok0 + n * C
-            length = tl.minimum(tok1 - t, C)
-            ok = rows < length
-            kt = tl.load(
-                k_ptr + ((t + rows[:, None]) * H + h) * K + ks[None, :],
-                mask=ok[:, None] & (ks[None, :] < K), other=0.0,
-            )  # fmt: skip
-            vt = tl.load(
-                v_ptr + ((t + rows[:, None]) * H + h) * V + vs[None, :],
-                mask=ok[:, None] & (vs[None, :] < V), other=0.0,
-            )  # fmt: skip
-            kd = kt.to(tl.float32)
-            if DECAY == 1:
-                kd *= tl.exp(tl.where(ok, (length - 1 - rows) * ld, float("-inf")))[:, None]
-                state *= tl.exp(length * ld)
-            if DECAY == 2:
-                bt = tl.load(
-                    b_ptr + ((t + rows[:, None]) * H + h) * K + ks[None, :],
-                    mask=ok[:, None] & (ks[None, :] < K), other=0.0,
-                )  # fmt: skip
-                b_last = tl.load(
-                    b_ptr + ((t + length - 1) * H + h) * K + ks, mask=ks < K, other=0.0
-                )
-                kd *= tl.exp(tl.where(ok[:, None], b_last[None, :] - bt, float("-inf")))
-                state *= tl.exp(b_last)[:, None]
-            state += tl.dot(tl.trans(kd.to(vt.dtype)), vt, input_precision=PREC)
-        if STORE_HT:
-            tl.store(ht_ptr + seq_head.to(tl.int64) * K * V + kv_offs, state, mask=kv_mask)
-
-    @triton.jit
-    def _states_bwd_kernel(
-        q_ptr, do_ptr, b_ptr, ld_ptr, dht_ptr, dstates_ptr, dh0_ptr, cu_ptr, chunk_offset_ptr,
-        scale, H, K, V,
-        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
-        HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
-    ):  # fmt: skip
-        """Gradient of the state leaving each chunk of one sequence, last chunk first."""
-        pk, pv, seq_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        seq, h = seq_head // H, seq_head % H
-        tok0 = tl.load(cu_ptr + seq).to(tl.int64)
-        tok1 = tl.load(cu_ptr + seq + 1).to(tl.int64)
-        chunk0 = tl.load(chunk_offset_ptr + seq).to(tl.int64)
-        ks = pk * BK + tl.arange(0, BK)
-        vs = pv * BV + tl.arange(0, BV)
-        rows = tl.arange(0, C)
-        kv_mask = (ks[:, None] < K) & (vs[None, :] < V)
-        kv_offs = ks[:, None] * V + vs[None, :]
-        dstate = tl.zeros((BK, BV), dtype=tl.float32)
-        if HAS_DHT:
-            dstate += tl.load(dht_ptr + seq_head.to(tl.int64) * K * V + kv_offs, mask=kv_mask)
+        if HAS_START:
+            state += tl.load(start_ptr + seq_head.to(tl.int64) * K * V + kv_offs, mask=kv_mask)
         if DECAY == 1:
             ld = tl.load(ld_ptr + h)
         num_chunks = tl.cdiv(tok1 - tok0, C)
         for i in range(num_chunks):
-            n = num_chunks - 1 - i
-            tl.store(dstates_ptr + ((chunk0 + n) * H + h) * K * V + kv_offs, dstate, mask=kv_mask)
+            n = num_chunks - 1 - i if REVERSE else i
+            tl.store(
+                chunk_states_ptr + ((chunk0 + n) * H + h) * K * V + kv_offs, state, mask=kv_mask
+            )
             t = tok0 + n * C
             length = tl.minimum(tok1 - t, C)
             ok = rows < length
-            qt = tl.load(
-                q_ptr + ((t + rows[:, None]) * H + h) * K + ks[None, :],
-                mask=ok[:, None] & (ks[None, :] < K), other=0.0,
-            )  # fmt: skip
-            do_t = tl.load(
-                do_ptr + ((t + rows[:, None]) * H + h) * V + vs[None, :],
+            k_mask = ok[:, None] & (ks[None, :] < K)
+            xt = tl.load(x_ptr + ((t + rows[:, None]) * H + h) * K + ks[None, :], mask=k_mask,
+                         other=0.0)  # fmt: skip
+            yt = tl.load(
+                y_ptr + ((t + rows[:, None]) * H + h) * V + vs[None, :],
                 mask=ok[:, None] & (vs[None, :] < V), other=0.0,
             )  # fmt: skip
-            qd = qt.to(tl.float32) * scale
+            xw = xt.to(tl.float32)
+            if REVERSE:
+                xw *= scale
             if DECAY == 1:
-                qd *= tl.exp(tl.where(ok, (rows + 1) * ld, float("-inf")))[:, None]
-                dstate *= tl.exp(length * ld)
+                power = rows + 1 if REVERSE else length - 1 - rows
+                xw *= tl.exp(tl.where(ok, power * ld, float("-inf")))[:, None]
+                state *= tl.exp(length * ld)
             if DECAY == 2:
-                bt = tl.load(
-                    b_ptr + ((t + rows[:, None]) * H + h) * K + ks[None, :],
-                    mask=ok[:, None] & (ks[None, :] < K), other=0.0,
-                )  # fmt: skip
+                bt = tl.load(b_ptr + ((t + rows[:, None]) * H + h) * K + ks[None, :], mask=k_mask,
+                             other=0.0)  # fmt: skip
                 b_last = tl.load(
                     b_ptr + ((t + length - 1) * H + h) * K + ks, mask=ks < K, other=0.0
                 )
-                qd *= tl.exp(bt)
-                dstate *= tl.exp(b_last)[:, None]
-            dstate += tl.dot(tl.trans(qd.to(do_t.dtype)), do_t, input_precision=PREC)
-        if STORE_DH0:
-            tl.store(dh0_ptr + seq_head.to(tl.int64) * K * V + kv_offs, dstate, mask=kv_mask)
+                if REVERSE:
+                    xw *= tl.exp(bt)
+                else:
+                    xw *= tl.exp(tl.where(ok[:, None], b_last[None, :] - bt, float("-inf")))
+                state *= tl.exp(b_last)[:, None]
+            state += tl.dot(tl.trans(xw.to(yt.dtype)), yt, input_precision=PREC)
+        if STORE_END:
+            tl.store(end_ptr + seq_head.to(tl.int64) * K * V + kv_offs, state, mask=kv_mask)
 
     @triton.jit
     def _tile(ptr, t0, rows, mask, h, H, D, cols):
@@ -520,24 +479,25 @@ def _chunk_cumsum(g: torch.Tensor, chunks: _Chunks) -> torch.Tensor:
     return b
 
 
-def _states_fwd(k, v, b, ld, h0, chunks: _Chunks, decay: int, final: bool):
-    _, H, K = k.shape
-    V = v.shape[-1]
-    states = torch.empty(chunks.num_chunks, H, K, V, device=k.device, dtype=torch.float32)
-    ht = (
-        torch.empty(chunks.num_seqs, H, K, V, device=k.device, dtype=torch.float32)
-        if final
-        else None
-    )
+def _states(x, y, b, ld, start, chunks: _Chunks, decay: int, store_end: bool, reverse: bool,
+            scale: float = 1.0):  # fmt: skip
+    """Run `_states_kernel`: (per-chunk states (N, H, K, V), end state (S, H, K, V) or None)."""
+    _, H, K = x.shape
+    V = y.shape[-1]
+    chunk_states = torch.empty(chunks.num_chunks, H, K, V, device=x.device, dtype=torch.float32)
+    end = None
+    if store_end:
+        end = torch.empty(chunks.num_seqs, H, K, V, device=x.device, dtype=torch.float32)
     bk, bv = _block(K, 64), _block(V, 64)
     grid = (triton.cdiv(K, bk), triton.cdiv(V, bv), chunks.num_seqs * H)
-    _states_fwd_kernel[grid](
-        k, v, b, ld, h0, states, ht, chunks.cu, chunks.chunk_offset,
-        H, K, V,
-        C=chunks.chunk, BK=bk, BV=bv, DECAY=decay,
-        HAS_H0=h0 is not None, STORE_HT=final, PREC=_precision(k.dtype), num_warps=_WARPS,
+    _states_kernel[grid](
+        x, y, b, ld, start, chunk_states, end, chunks.cu, chunks.chunk_offset,
+        scale, H, K, V,
+        C=chunks.chunk, BK=bk, BV=bv, DECAY=decay, REVERSE=reverse,
+        HAS_START=start is not None, STORE_END=store_end, PREC=_precision(x.dtype),
+        num_warps=_WARPS,
     )  # fmt: skip
-    return states, ht
+    return chunk_states, end
 
 
 def _row_tile(decay: int, chunk: int) -> int:
@@ -554,7 +514,7 @@ class _ChunkLinearAttention(torch.autograd.Function):
         ld = decay_arg.float().contiguous() if decay == DECAY_HEAD else None
         b = _chunk_cumsum(_folded(decay_arg), chunks) if decay == DECAY_KEY else None
         h0c = h0.float().contiguous() if h0 is not None else None
-        states, ht = _states_fwd(kf, vf, b, ld, h0c, chunks, decay, final)
+        states, ht = _states(kf, vf, b, ld, h0c, chunks, decay, final, reverse=False)
         o = torch.empty(qf.shape[0], H, V, device=q.device, dtype=q.dtype)
         rows = _row_tile(decay, chunk)
         bk, bv = _block(K, 64), _block(V, 64)
@@ -576,19 +536,9 @@ class _ChunkLinearAttention(torch.autograd.Function):
         _, H, K = qf.shape
         V = vf.shape[-1]
         do = _folded(do).to(qf.dtype)
-        states, _ = _states_fwd(kf, vf, b, ld, h0, chunks, decay, final=False)
-        dstates = torch.empty_like(states)
-        dh0 = torch.empty_like(h0) if h0 is not None else None
-        bk, bv = _block(K, 64), _block(V, 64)
-        grid = (triton.cdiv(K, bk), triton.cdiv(V, bv), chunks.num_seqs * H)
-        _states_bwd_kernel[grid](
-            qf, do, b, ld, dht.float().contiguous() if dht is not None else None, dstates, dh0,
-            chunks.cu, chunks.chunk_offset,
-            scale, H, K, V,
-            C=chunks.chunk, BK=bk, BV=bv, DECAY=decay,
-            HAS_DHT=dht is not None, STORE_DH0=h0 is not None, PREC=_precision(qf.dtype),
-            num_warps=_WARPS,
-        )  # fmt: skip
+        states, _ = _states(kf, vf, b, ld, h0, chunks, decay, False, reverse=False)
+        dht = dht.float().contiguous() if dht is not None else None
+        dstates, dh0 = _states(qf, do, b, ld, dht, chunks, decay, h0 is not None, True, scale)
         dq = torch.empty(qf.shape, device=qf.device, dtype=torch.float32)
         dk = torch.empty_like(dq)
         dv = torch.empty_like(vf)

@@ -26,7 +26,7 @@ from zoo.kernels import linear_attention as la
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Pointers to activations take the input dtype; states, decays and fp32 gradients are fp32.
-ACTIVATIONS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dv_ptr"}
+ACTIVATIONS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dv_ptr", "x_ptr", "y_ptr"}
 GEMM_OPERANDS = {"x_ptr", "w_ptr", "out_ptr", "a_ptr", "b_ptr"}
 INDICES = {"cu_ptr", "chunk_offset_ptr", "chunk_start_ptr", "chunk_len_ptr", "offsets_ptr"}
 INDICES |= {"tile_ends_ptr"}
@@ -65,16 +65,9 @@ def launches(dtype: str):
         rows = la._row_tile(decay, c)
         bk_out = b32 if decay == la.DECAY_KEY else b64
         mode = dict(DECAY=decay, PREC=prec, **unused)
-        yield (
-            la._states_fwd_kernel,
-            dict(C=c, BK=b64, BV=b64, HAS_H0=True, STORE_HT=True, **mode),
-            la._WARPS,
-        )
-        yield (
-            la._states_bwd_kernel,
-            dict(C=c, BK=b64, BV=b64, HAS_DHT=True, STORE_DH0=True, **mode),
-            la._WARPS,
-        )
+        for reverse in (False, True):
+            states = dict(C=c, BK=b64, BV=b64, REVERSE=reverse, HAS_START=True, STORE_END=True)
+            yield la._states_kernel, {**states, **mode}, la._WARPS
         yield la._output_kernel, dict(C=c, R=rows, BK=bk_out, BV=b64, **mode), la._WARPS
         yield la._grads_kernel, dict(C=c, R=rows, BK=b32, BV=b32, **mode), la._WARPS
         step = {"g_ptr": None} if decay != la.DECAY_KEY else {}
