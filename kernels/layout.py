@@ -107,7 +107,7 @@ def run_segments(
     bounds: list[int],
     initial_state: torch.Tensor | None,
     output_final_state: bool,
-    state_shape: tuple[int, int, int],
+    state_shape: tuple[int, ...],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A packed batch through a single-sequence `scan(*per_token_slices, init, output_final)`.
 

@@ -33,17 +33,25 @@ then large enough that the loop's overhead is small.
 
 Layout follows mamba_ssm's selective_scan_ref with time before channels: u, delta (B, T, D_in);
 A (D_in, N); B, C (B, T, N); D (D_in,); state (B, D_in, N) fp32. Module order: naive reference →
-decode step → chunked torch form → public dispatch function (the Triton kernel arrives in its
-own issue).
+decode step → chunked torch form → Triton kernels → public dispatch function.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from typing import Any
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with CUDA torch and in our CPU deps
+    triton = None
+
 from zoo.kernels.backend import resolve_backend
+from zoo.kernels.layout import check_cu_seqlens, needs_grad, run_segments
 
 __all__ = [
     "selective_scan",
@@ -207,6 +215,272 @@ def selective_scan_chunk_torch(
     return y.to(u.dtype), (state if output_final_state else None)
 
 
+# ---------------------------------------------------------------------------------------------
+# Triton. Every (sequence, channel, state) lane is independent, so programs take BD channels of
+# one sequence and walk its tokens in order, each step one fused update of a (BD, N) state in
+# registers; the loads of later tokens do not depend on the state, so they pipeline. Sequences
+# are folded into one token axis with bounds `cu` (a batch's B equal rows, or packed
+# `cu_seqlens`).
+
+if triton is not None:
+
+    @triton.jit
+    def _scan_fwd_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, y_ptr, checkpoints_ptr, ht_ptr,
+        cu_ptr, block_offset_ptr, D_in, N,
+        BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    ):  # fmt: skip
+        """y for one sequence and BD channels; writes the state entering every block of BT
+        tokens (the backward's checkpoints) and optionally the final state."""
+        pd, seq = tl.program_id(0), tl.program_id(1)
+        tok0 = tl.load(cu_ptr + seq).to(tl.int64)
+        tok1 = tl.load(cu_ptr + seq + 1).to(tl.int64)
+        block0 = tl.load(block_offset_ptr + seq).to(tl.int64)
+        ds = pd * BD + tl.arange(0, BD)
+        ns = tl.arange(0, BN)
+        d_ok, n_ok = ds < D_in, ns < N
+        dn_mask = d_ok[:, None] & n_ok[None, :]
+        dn_offs = ds[:, None] * N + ns[None, :]
+        A = tl.load(A_ptr + dn_offs, mask=dn_mask, other=0.0).to(tl.float32)  # (BD, BN)
+        h = tl.zeros((BD, BN), dtype=tl.float32)
+        if HAS_H0:
+            h += tl.load(h0_ptr + seq.to(tl.int64) * D_in * N + dn_offs, mask=dn_mask, other=0.0)
+        if HAS_D:
+            skip = tl.load(D_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)
+        for i in range(tl.cdiv(tok1 - tok0, BT)):
+            tl.store(checkpoints_ptr + (block0 + i) * D_in * N + dn_offs, h, mask=dn_mask)
+            for r in range(BT):
+                t = tok0 + i * BT + r
+                # Past the end: Δ = 0, so a = 1 and b = 0 keep h (a vector compare as mask).
+                d_live = ds < tl.where(t < tok1, D_in, 0)
+                n_live = ns < tl.where(t < tok1, N, 0)
+                u = tl.load(u_ptr + t * D_in + ds, mask=d_live, other=0.0).to(tl.float32)
+                dt = tl.load(delta_ptr + t * D_in + ds, mask=d_live, other=0.0).to(tl.float32)
+                Bt = tl.load(B_ptr + t * N + ns, mask=n_live, other=0.0).to(tl.float32)
+                Ct = tl.load(C_ptr + t * N + ns, mask=n_live, other=0.0).to(tl.float32)
+                h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+                y = tl.sum(h * Ct[None, :], 1)  # (BD,)
+                if HAS_D:
+                    y += skip * u
+                tl.store(y_ptr + t * D_in + ds, y.to(y_ptr.dtype.element_ty), mask=d_live)
+        if STORE_HT:
+            tl.store(ht_ptr + seq.to(tl.int64) * D_in * N + dn_offs, h, mask=dn_mask)
+
+    @triton.jit
+    def _scan_bwd_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, checkpoints_ptr, dht_ptr,
+        scratch_ptr, du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dh0_ptr,
+        cu_ptr, block_offset_ptr, D_in, N, total_tokens,
+        BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    ):  # fmt: skip
+        """Gradients for one sequence and BD channels, last block first.
+
+        Per block of BT tokens: the states are recomputed from the block's checkpoint into this
+        program's scratch rows, then walked backwards with dh_t = dy_t C_tᵀ + a_{t+1} dh_{t+1}.
+        dB and dC sum over channels: each program writes its own partial sums (reduced on the
+        host, deterministic, no atomics); dA sums over tokens here and over sequences on the host.
+        """
+        pd, seq = tl.program_id(0), tl.program_id(1)
+        tok0 = tl.load(cu_ptr + seq).to(tl.int64)
+        tok1 = tl.load(cu_ptr + seq + 1).to(tl.int64)
+        block0 = tl.load(block_offset_ptr + seq).to(tl.int64)
+        ds = pd * BD + tl.arange(0, BD)
+        ns = tl.arange(0, BN)
+        d_ok, n_ok = ds < D_in, ns < N
+        dn_mask = d_ok[:, None] & n_ok[None, :]
+        dn_offs = ds[:, None] * N + ns[None, :]
+        A = tl.load(A_ptr + dn_offs, mask=dn_mask, other=0.0).to(tl.float32)
+        # Scratch rows of this program: BT states of (BD, BN), contiguous.
+        scratch = scratch_ptr + (seq.to(tl.int64) * tl.num_programs(0) + pd) * BT * BD * BN
+        tile = tl.arange(0, BD)[:, None] * BN + ns[None, :]
+        partial = pd.to(tl.int64) * total_tokens * N  # this program's rows of dB and dC
+        # Gradient of the state after the current token, from later tokens (or the final state).
+        carry = tl.zeros((BD, BN), dtype=tl.float32)
+        if HAS_DHT:
+            carry += tl.load(dht_ptr + seq.to(tl.int64) * D_in * N + dn_offs, mask=dn_mask,
+                             other=0.0)  # fmt: skip
+        if HAS_D:
+            skip = tl.load(D_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)
+        dA = tl.zeros((BD, BN), dtype=tl.float32)
+        num_blocks = tl.cdiv(tok1 - tok0, BT)
+        for j in range(num_blocks):
+            i = num_blocks - 1 - j
+            h = tl.load(checkpoints_ptr + (block0 + i) * D_in * N + dn_offs, mask=dn_mask,
+                        other=0.0)  # fmt: skip
+            for r in range(BT):  # recompute: scratch row r holds the state before token r
+                t = tok0 + i * BT + r
+                d_live = ds < tl.where(t < tok1, D_in, 0)
+                n_live = ns < tl.where(t < tok1, N, 0)
+                tl.store(scratch + r * BD * BN + tile, h)
+                u = tl.load(u_ptr + t * D_in + ds, mask=d_live, other=0.0).to(tl.float32)
+                dt = tl.load(delta_ptr + t * D_in + ds, mask=d_live, other=0.0).to(tl.float32)
+                Bt = tl.load(B_ptr + t * N + ns, mask=n_live, other=0.0).to(tl.float32)
+                h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+            for k in range(BT):  # walk back
+                r = BT - 1 - k
+                t = tok0 + i * BT + r
+                d_live = ds < tl.where(t < tok1, D_in, 0)
+                n_live = ns < tl.where(t < tok1, N, 0)
+                h_prev = tl.load(scratch + r * BD * BN + tile)
+                u = tl.load(u_ptr + t * D_in + ds, mask=d_live, other=0.0).to(tl.float32)
+                dt = tl.load(delta_ptr + t * D_in + ds, mask=d_live, other=0.0).to(tl.float32)
+                dy = tl.load(dy_ptr + t * D_in + ds, mask=d_live, other=0.0).to(tl.float32)
+                Bt = tl.load(B_ptr + t * N + ns, mask=n_live, other=0.0).to(tl.float32)
+                Ct = tl.load(C_ptr + t * N + ns, mask=n_live, other=0.0).to(tl.float32)
+                a = tl.exp(dt[:, None] * A)
+                ah = a * h_prev
+                h = ah + (dt * u)[:, None] * Bt[None, :]
+                dh = dy[:, None] * Ct[None, :] + carry
+                du = tl.sum(dh * Bt[None, :], 1) * dt
+                if HAS_D:
+                    du += skip * dy
+                ddt = tl.sum(dh * (u[:, None] * Bt[None, :] + A * ah), 1)
+                tl.store(du_ptr + t * D_in + ds, du.to(du_ptr.dtype.element_ty), mask=d_live)
+                tl.store(ddelta_ptr + t * D_in + ds, ddt.to(ddelta_ptr.dtype.element_ty),
+                         mask=d_live)  # fmt: skip
+                tl.store(dB_ptr + partial + t * N + ns, tl.sum(dh * (dt * u)[:, None], 0),
+                         mask=n_live)  # fmt: skip
+                tl.store(dC_ptr + partial + t * N + ns, tl.sum(h * dy[:, None], 0),
+                         mask=n_live)  # fmt: skip
+                dA += dh * dt[:, None] * ah
+                carry = a * dh
+        tl.store(dA_ptr + seq.to(tl.int64) * D_in * N + dn_offs, dA, mask=dn_mask)
+        if STORE_DH0:
+            tl.store(dh0_ptr + seq.to(tl.int64) * D_in * N + dn_offs, carry, mask=dn_mask)
+
+    @triton.jit
+    def _scan_step_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, state_ptr, new_state_ptr, y_ptr, D_in, N,
+        BD: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, HAS_STATE: tl.constexpr,
+    ):  # fmt: skip
+        """One decode step for one batch row and BD channels: h' = e^{ΔA} h + Δ u B, y = h' C."""
+        pd, row = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        ds = pd * BD + tl.arange(0, BD)
+        ns = tl.arange(0, BN)
+        dn_mask = (ds[:, None] < D_in) & (ns[None, :] < N)
+        dn_offs = ds[:, None] * N + ns[None, :]
+        u = tl.load(u_ptr + row * D_in + ds, mask=ds < D_in, other=0.0).to(tl.float32)
+        dt = tl.load(delta_ptr + row * D_in + ds, mask=ds < D_in, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + row * N + ns, mask=ns < N, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + row * N + ns, mask=ns < N, other=0.0).to(tl.float32)
+        h = (dt * u)[:, None] * Bt[None, :]
+        if HAS_STATE:
+            A = tl.load(A_ptr + dn_offs, mask=dn_mask, other=0.0).to(tl.float32)
+            old = tl.load(state_ptr + row * D_in * N + dn_offs, mask=dn_mask, other=0.0)
+            h += tl.exp(dt[:, None] * A) * old
+        tl.store(new_state_ptr + row * D_in * N + dn_offs, h, mask=dn_mask)
+        y = tl.sum(h * Ct[None, :], 1)
+        if HAS_D:
+            y += tl.load(D_ptr + ds, mask=ds < D_in, other=0.0).to(tl.float32) * u
+        tl.store(y_ptr + row * D_in + ds, y.to(y_ptr.dtype.element_ty), mask=ds < D_in)
+
+
+# Tokens per checkpoint block and channels per program. Checkpoints hold one fp32 state per
+# block (N/BT fp32 values per input element); the backward's scratch holds BT states per program.
+_SCAN_BT = 32
+_SCAN_BD = 64
+_SCAN_WARPS = 4
+
+
+def _scan_blocks(bounds: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(cu, block_offset, total blocks) for sequences with these bounds, int32 on `device`."""
+    offsets = [0]
+    for start, end in itertools.pairwise(bounds):
+        offsets.append(offsets[-1] + -(-(end - start) // _SCAN_BT))
+    as_int = dict(device=device, dtype=torch.int32)
+    return torch.tensor(bounds, **as_int), torch.tensor(offsets, **as_int), offsets[-1]
+
+
+def _state_block(n_state: int) -> int:
+    return triton.next_power_of_2(n_state)
+
+
+class _SelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, u, delta, A, B, C, D, h0, bounds, final):  # type: ignore[override]
+        shape = u.shape
+        d_inner, n_state = A.shape
+        u_, delta_, B_, C_ = (x.reshape(-1, x.shape[-1]).contiguous() for x in (u, delta, B, C))
+        A_ = A.float().contiguous()
+        D_ = D.float().contiguous() if D is not None else None
+        h0_ = h0.float().contiguous() if h0 is not None else None
+        cu, block_offset, num_blocks = _scan_blocks(bounds, u.device)
+        num_seqs = len(bounds) - 1
+        y = torch.empty_like(u_)
+        checkpoints = u.new_empty(num_blocks, d_inner, n_state, dtype=torch.float32)
+        ht = u.new_empty(num_seqs, d_inner, n_state, dtype=torch.float32) if final else None
+        grid = (triton.cdiv(d_inner, _SCAN_BD), num_seqs)
+        _scan_fwd_kernel[grid](
+            u_, delta_, A_, B_, C_, D_, h0_, y, checkpoints, ht, cu, block_offset,
+            d_inner, n_state,
+            BT=_SCAN_BT, BD=_SCAN_BD, BN=_state_block(n_state),
+            HAS_D=D is not None, HAS_H0=h0 is not None, STORE_HT=final, num_warps=_SCAN_WARPS,
+        )  # fmt: skip
+        ctx.save_for_backward(u_, delta_, A_, B_, C_, D_, checkpoints, cu, block_offset)
+        dtypes = [t.dtype if t is not None else None for t in (A, B, C, D)]
+        ctx.meta = (shape, B.shape, num_seqs, h0 is not None, dtypes)
+        return y.view(shape), ht
+
+    @staticmethod
+    def backward(ctx: Any, dy, dht):  # type: ignore[override]
+        u_, delta_, A_, B_, C_, D_, checkpoints, cu, block_offset = ctx.saved_tensors
+        shape, bc_shape, num_seqs, has_h0, dtypes = ctx.meta
+        d_inner, n_state = A_.shape
+        tokens = u_.shape[0]
+        dy_ = dy.reshape(-1, d_inner).contiguous()
+        grid = (triton.cdiv(d_inner, _SCAN_BD), num_seqs)
+        bn = _state_block(n_state)
+        scratch = u_.new_empty(grid[0] * num_seqs * _SCAN_BT * _SCAN_BD * bn, dtype=torch.float32)
+        du = torch.empty_like(u_)
+        ddelta = torch.empty_like(delta_)
+        dA = u_.new_empty(num_seqs, d_inner, n_state, dtype=torch.float32)
+        # Per channel block partial sums of dB and dC (summed below).
+        dB = u_.new_empty(grid[0], tokens, n_state, dtype=torch.float32)
+        dC = torch.empty_like(dB)
+        dh0 = u_.new_empty(num_seqs, d_inner, n_state, dtype=torch.float32) if has_h0 else None
+        _scan_bwd_kernel[grid](
+            u_, delta_, A_, B_, C_, D_, dy_, checkpoints,
+            dht.float().contiguous() if dht is not None else None, scratch,
+            du, ddelta, dA, dB, dC, dh0, cu, block_offset, d_inner, n_state, tokens,
+            BT=_SCAN_BT, BD=_SCAN_BD, BN=bn,
+            HAS_D=D_ is not None, HAS_DHT=dht is not None, STORE_DH0=has_h0,
+            num_warps=_SCAN_WARPS,
+        )  # fmt: skip
+        dD = None
+        if D_ is not None:
+            dD = (dy_.float() * u_.float()).sum(0).to(dtypes[3])
+        return (
+            du.view(shape),
+            ddelta.view(shape),
+            dA.sum(0).to(dtypes[0]),
+            dB.sum(0).view(bc_shape).to(dtypes[1]),
+            dC.sum(0).view(bc_shape).to(dtypes[2]),
+            dD,
+            dh0,
+            None,
+            None,
+        )
+
+
+def _selective_scan_step_triton(u, delta, A, B, C, D, state):
+    """The fused decode step: u, delta (B, D_in); B, C (B, N); state (B, D_in, N) fp32 or None."""
+    batch, d_inner = u.shape
+    n_state = A.shape[1]
+    new_state = u.new_empty(batch, d_inner, n_state, dtype=torch.float32)
+    y = torch.empty_like(u)
+    _scan_step_kernel[(triton.cdiv(d_inner, _SCAN_BD), batch)](
+        u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
+        D.contiguous() if D is not None else None,
+        state.float().contiguous() if state is not None else None, new_state, y,
+        d_inner, n_state,
+        BD=_SCAN_BD, BN=_state_block(n_state),
+        HAS_D=D is not None, HAS_STATE=state is not None,
+    )  # fmt: skip
+    return y, new_state
+
+
 def _check_inputs(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -215,8 +489,10 @@ def _check_inputs(
     C: torch.Tensor,
     D: torch.Tensor | None,
     initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
     chunk_size: int,
-) -> None:
+) -> list[int] | None:
+    """Validate the public call; returns the packed sequence bounds as a host list, or None."""
     if u.dim() != 3:
         raise ValueError(f"u must be (B, T, D_in) but has shape {tuple(u.shape)}")
     batch, T, d_inner = u.shape
@@ -245,21 +521,28 @@ def _check_inputs(
             raise ValueError(f"{name} is on {t.device} but u is on {u.device}")
     if T == 0:
         raise ValueError("u has T=0 tokens; selective_scan needs at least one")
-    if bool((A > 0).any()):
-        # A = -exp(A_log): a positive entry would make the state grow without bound.
-        raise ValueError(f"A must be <= 0 (A = -exp(A_log)) but its max is {A.max().item()}")
-    if bool((delta < 0).any()):
-        raise ValueError(
-            f"delta must be >= 0 (a step size, e.g. a softplus output) but its min is "
-            f"{delta.min().item()}"
-        )
+    # Values are checked where that is free (CPU tensors); on a GPU each check would cost a
+    # host sync per call, every decode step included.
+    if u.device.type == "cpu":
+        if bool((A > 0).any()):
+            # A = -exp(A_log): a positive entry would make the state grow without bound.
+            raise ValueError(f"A must be <= 0 (A = -exp(A_log)) but its max is {A.max().item()}")
+        if bool((delta < 0).any()):
+            raise ValueError(
+                f"delta must be >= 0 (a step size, e.g. a softplus output) but its min is "
+                f"{delta.min().item()}"
+            )
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if initial_state is not None and initial_state.shape != (batch, d_inner, n_state):
+    bounds = check_cu_seqlens(cu_seqlens, u)
+    n_states = batch if bounds is None else len(bounds) - 1
+    if initial_state is not None and initial_state.shape != (n_states, d_inner, n_state):
+        what = "(B, D_in, N)" if bounds is None else "(N_seq, D_in, N), N_seq = len(cu_seqlens) - 1"
         raise ValueError(
-            f"initial_state has shape {tuple(initial_state.shape)} but must be (B, D_in, N) = "
-            f"{(batch, d_inner, n_state)}"
+            f"initial_state has shape {tuple(initial_state.shape)} but must be {what} = "
+            f"{(n_states, d_inner, n_state)}"
         )
+    return bounds
 
 
 def selective_scan(
@@ -271,22 +554,44 @@ def selective_scan(
     D: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The selective scan, public entry point. Returns (y (B, T, D_in), final_state | None).
 
     ``delta`` is the step size after its bias and softplus (≥ 0) and ``A`` = −exp(A_log) (≤ 0).
-    ``backend``: "auto" (the torch chunked form for now; once the Triton kernel lands in its own
-    issue it picks it for CUDA tensors), "torch", or "triton" (not built yet). The environment
-    variable ``ZOO_KERNEL_BACKEND`` overrides "auto".
+    ``cu_seqlens`` packs variable-length sequences along T (B must be 1), with initial and
+    final states (N_seq, D_in, N). ``backend``: "auto" (the Triton kernels for CUDA tensors, the
+    torch chunked form otherwise), "torch", or "triton" (CUDA, or the CPU interpreter under
+    TRITON_INTERPRET=1). ``ZOO_KERNEL_BACKEND`` overrides "auto". ``chunk_size`` is the torch
+    form's; the Triton scan uses its own blocks of ``_SCAN_BT`` tokens.
     """
-    _check_inputs(u, delta, A, B, C, D, initial_state, chunk_size)
-    resolve_backend(backend, "selective-scan")
-    if u.shape[1] == 1:
-        # Decode: a single token needs no chunk machinery.
-        y, state = selective_scan_step(u[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], D, initial_state)
-        return y.unsqueeze(1), (state if output_final_state else None)
-    return selective_scan_chunk_torch(
-        u, delta, A, B, C, D, initial_state, output_final_state, chunk_size
+    bounds = _check_inputs(u, delta, A, B, C, D, initial_state, cu_seqlens, chunk_size)
+    if resolve_backend(backend, "selective-scan", u, has_triton=triton is not None) == "triton":
+        if (
+            bounds is None
+            and u.shape[1] == 1
+            and not needs_grad(u, delta, A, B, C, D, initial_state)
+        ):
+            y, state = _selective_scan_step_triton(
+                u[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], D, initial_state
+            )
+            return y.unsqueeze(1), (state if output_final_state else None)
+        if bounds is None:
+            bounds = [b * u.shape[1] for b in range(u.shape[0] + 1)]
+        return _SelectiveScan.apply(u, delta, A, B, C, D, initial_state, bounds, output_final_state)
+
+    def scan(u_, delta_, B_, C_, init, final):
+        if u_.shape[1] == 1:
+            # Decode: a single token needs no chunk machinery.
+            y, state = selective_scan_step(u_[:, 0], delta_[:, 0], A, B_[:, 0], C_[:, 0], D, init)
+            return y.unsqueeze(1), (state if final else None)
+        return selective_scan_chunk_torch(u_, delta_, A, B_, C_, D, init, final, chunk_size)
+
+    if bounds is None:
+        return scan(u, delta, B, C, initial_state, output_final_state)
+    state_shape = (u.shape[2], A.shape[1])
+    return run_segments(
+        scan, (u, delta, B, C), bounds, initial_state, output_final_state, state_shape
     )

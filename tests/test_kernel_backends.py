@@ -1,8 +1,9 @@
-"""Whole models on the Triton linear-attention kernels equal the same models on the torch forms.
+"""Whole models on our Triton kernels equal the same models on the torch forms.
 
-On CPU the kernels run in the Triton interpreter (the conftest sets TRITON_INTERPRET=1), so the
-models are tiny; the tiny configs' chunk size 8 becomes the kernels' 16, and lengths 37 and 13
-leave ragged last chunks.
+TNL, HGRN2 and cosFormer2 run the linear-attention kernels, Mamba the selective scan. On CPU the
+kernels run in the Triton interpreter (the conftest sets TRITON_INTERPRET=1), so the models are
+tiny; the tiny configs' chunk size 8 becomes the kernels' 16, and lengths 37 and 13 leave ragged
+last chunks (and blocks of the scan).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.tiny import tiny_config
 
-LINEAR_FAMILIES = ("tnl", "hgrn2", "cosformer2")
+FAMILIES = ("tnl", "hgrn2", "cosformer2", "mamba")
 
 
 def _model(family: str, backend: str):
@@ -24,7 +25,7 @@ def _model(family: str, backend: str):
     return model
 
 
-@pytest.mark.parametrize("family", LINEAR_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_loss_and_gradients_equal_torch_backend(family):
     input_ids = torch.randint(3, 200, (2, 37), generator=torch.Generator().manual_seed(1))
     results = {}
@@ -43,7 +44,7 @@ def test_loss_and_gradients_equal_torch_backend(family):
         torch.testing.assert_close(grads_t[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("family", LINEAR_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_generate_equals_torch_backend_left_padded(family):
     # Prefill through the chunked kernel, decode through the fused step kernel.
     input_ids = torch.randint(3, 200, (2, 13), generator=torch.Generator().manual_seed(2))

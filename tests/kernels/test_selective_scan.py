@@ -1,5 +1,7 @@
 """Selective scan: chunked torch form, decode step and public API against the fp32 oracle."""
 
+import itertools
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -246,10 +248,12 @@ def test_memory_is_linear_in_length(monkeypatch):
 
 def test_env_backend_override(monkeypatch):
     u, delta, A, Bm, Cm, D, _ = make_inputs(4)
-    monkeypatch.setenv("ZOO_KERNEL_BACKEND", "triton")
-    with pytest.raises(NotImplementedError, match="Triton selective-scan kernel"):
-        selective_scan(u, delta, A, Bm, Cm, D)
+    monkeypatch.setenv("ZOO_KERNEL_BACKEND", "triton")  # the interpreter, under the test conftest
+    assert_close(
+        selective_scan(u, delta, A, Bm, Cm, D)[0], selective_scan_naive(u, delta, A, Bm, Cm, D)[0]
+    )
     # An explicit backend is not overridden.
+    monkeypatch.delenv("TRITON_INTERPRET")
     selective_scan(u, delta, A, Bm, Cm, D, backend="torch")
     monkeypatch.setenv("ZOO_KERNEL_BACKEND", "cuda")
     with pytest.raises(ValueError, match="ZOO_KERNEL_BACKEND must be one of"):
@@ -259,9 +263,10 @@ def test_env_backend_override(monkeypatch):
     assert_close(y, selective_scan_naive(u, delta, A, Bm, Cm, D)[0])
 
 
-def test_error_backend():
+def test_error_backend(monkeypatch):
     u, delta, A, Bm, Cm, D, _ = make_inputs(4)
-    with pytest.raises(NotImplementedError, match="its own issue"):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match=r"backend='triton' for selective-scan .* CUDA tensor"):
         selective_scan(u, delta, A, Bm, Cm, D, backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         selective_scan(u, delta, A, Bm, Cm, D, backend="cuda")
@@ -300,3 +305,106 @@ def test_error_empty_sequence_and_chunk_size():
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match=f"chunk_size must be a positive int, got {bad!r}"):
             selective_scan(u, delta, A, Bm, Cm, D, chunk_size=bad)
+
+
+# --- Triton (the interpreter on CPU; slow, so few and small cases) -----------------------------
+
+
+def _leaves(tensors):
+    return [t.clone().requires_grad_() if t is not None else None for t in tensors]
+
+
+def _check_triton(inputs, tol=1e-5, cu_seqlens=None):
+    """Triton vs the naive scan: y, final state and the gradients of every input."""
+    ours, ref = _leaves(inputs), _leaves(inputs)
+    y, s = selective_scan(*ours[:6], ours[6], True, cu_seqlens, backend="triton")
+    if cu_seqlens is None:
+        y_ref, s_ref = selective_scan_naive(*ref[:6], ref[6], output_final_state=True)
+    else:
+        ys, finals = [], []
+        bounds = cu_seqlens.tolist()
+        for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+            init = ref[6][i : i + 1]
+            if a == b:
+                finals.append(init)
+                continue
+            seg = [ref[0][:, a:b], ref[1][:, a:b], ref[2], ref[3][:, a:b], ref[4][:, a:b], ref[5]]
+            y_i, s_i = selective_scan_naive(*seg, init, output_final_state=True)
+            ys.append(y_i)
+            finals.append(s_i)
+        y_ref, s_ref = torch.cat(ys, dim=1), torch.cat(finals)
+    assert_close(y, y_ref, tol)
+    assert_close(s, s_ref, tol)
+    g = torch.Generator().manual_seed(5)
+    dy, ds = torch.randn(y.shape, generator=g), torch.randn(s.shape, generator=g)
+    present = [i for i, t in enumerate(ours) if t is not None]  # D and s0 may be absent
+    grads = torch.autograd.grad((y * dy).sum() + (s * ds).sum(), [ours[i] for i in present])
+    grads_ref = torch.autograd.grad(
+        (y_ref * dy).sum() + (s_ref * ds).sum(), [ref[i] for i in present]
+    )
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert_close(a, b, tol * 10)
+
+
+@pytest.mark.parametrize(("T", "with_init"), [(1, True), (16, False), (37, True)])
+def test_triton_matches_naive_with_gradients(T, with_init):
+    # 37 = two full blocks of 16 tokens and a ragged one; D_in = 6 and N = 4 are ragged tiles.
+    u, delta, A, Bm, Cm, D, s0 = make_inputs(T)
+    _check_triton((u, delta, A, Bm, Cm, D, s0 if with_init else None))
+
+
+def test_triton_strong_decay_and_no_skip():
+    u, delta, A, Bm, Cm, _, s0 = make_inputs(20, step_scale=30.0)  # exp(ΔA) down to e^-1000
+    _check_triton((u, delta, A, Bm, Cm, None, s0))
+
+
+def test_triton_packed_varlen_sequences():
+    lengths = [5, 20, 0, 9]
+    u, delta, A, Bm, Cm, D, _ = make_inputs(sum(lengths), batch=1)
+    s0 = torch.randn(len(lengths), D_IN, N)  # (N_seq, D_in, N)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    _check_triton((u, delta, A, Bm, Cm, D, s0), cu_seqlens=cu)
+
+
+def test_triton_prefill_then_fused_decode_steps():
+    u, delta, A, Bm, Cm, D, s0 = make_inputs(12, batch=3)
+    y_all, s_all = selective_scan_naive(u, delta, A, Bm, Cm, D, s0, output_final_state=True)
+    with torch.no_grad():
+        y, state = selective_scan(
+            u[:, :9], delta[:, :9], A, Bm[:, :9], Cm[:, :9], D, s0, True, backend="triton"
+        )
+        ys = [y]
+        for t in range(9, 12):
+            step = (u[:, t : t + 1], delta[:, t : t + 1], A, Bm[:, t : t + 1], Cm[:, t : t + 1])
+            y, state = selective_scan(*step, D, state, True, backend="triton")
+            ys.append(y)
+    assert_close(torch.cat(ys, dim=1), y_all)
+    assert_close(state, s_all)
+
+
+def test_triton_varlen_initial_state_shape_is_named():
+    u, delta, A, Bm, Cm, D, _ = make_inputs(6, batch=1)
+    cu = torch.tensor([0, 2, 6])
+    with pytest.raises(ValueError, match=r"initial_state .*\(N_seq, D_in, N\)"):
+        selective_scan(u, delta, A, Bm, Cm, D, torch.zeros(1, D_IN, N), cu_seqlens=cu)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_within_1e2_of_fp32_oracle():
+    inputs = [t.cuda() for t in make_inputs(300, batch=2)]
+    u, delta, A, Bm, Cm, D, s0 = inputs
+    half = [u.bfloat16(), delta, A, Bm.bfloat16(), Cm.bfloat16(), D, s0]
+    ours, ref = _leaves(half), _leaves(inputs)
+    y, s = selective_scan(*ours[:6], ours[6], True)  # auto: Triton on CUDA
+    y_ref, s_ref = selective_scan_naive(*ref[:6], ref[6], output_final_state=True)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    assert rel(y, y_ref) < 1e-2 and rel(s, s_ref) < 1e-2
+    dy = torch.randn_like(y_ref)
+    grads = torch.autograd.grad((y.float() * dy).sum() + s.sum(), ours)
+    grads_ref = torch.autograd.grad((y_ref * dy).sum() + s_ref.sum(), ref)
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert rel(a, b) < 1e-2
