@@ -43,6 +43,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -226,13 +227,14 @@ if triton is not None:
 
     @triton.jit
     def _scan_fwd_kernel(
-        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, y_ptr, checkpoints_ptr, ht_ptr,
-        cu_ptr, block_offset_ptr, D_in, N,
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, h0_ptr, y_ptr, checkpoints_ptr,
+        ht_ptr, cu_ptr, block_offset_ptr, D_in, N,
         BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
-        HAS_D: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
     ):  # fmt: skip
-        """y for one sequence and BD channels; writes the state entering every block of BT
-        tokens (the backward's checkpoints) and optionally the final state."""
+        """y (times SiLU(z) with a gate) for one sequence and BD channels; writes the state
+        entering every block of BT tokens (the backward's checkpoints) and optionally the final
+        state."""
         pd, seq = tl.program_id(0), tl.program_id(1)
         tok0 = tl.load(cu_ptr + seq).to(tl.int64)
         tok1 = tl.load(cu_ptr + seq + 1).to(tl.int64)
@@ -263,24 +265,28 @@ if triton is not None:
                 y = tl.sum(h * Ct[None, :], 1)  # (BD,)
                 if HAS_D:
                     y += skip * u
+                if HAS_Z:
+                    z = tl.load(z_ptr + t * D_in + ds, mask=d_live, other=0.0).to(tl.float32)
+                    y *= z * tl.sigmoid(z)
                 tl.store(y_ptr + t * D_in + ds, y.to(y_ptr.dtype.element_ty), mask=d_live)
         if STORE_HT:
             tl.store(ht_ptr + seq.to(tl.int64) * D_in * N + dn_offs, h, mask=dn_mask)
 
     @triton.jit
     def _scan_bwd_kernel(
-        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, checkpoints_ptr, dht_ptr,
-        scratch_ptr, du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dh0_ptr,
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dy_ptr, checkpoints_ptr, dht_ptr,
+        scratch_ptr, du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dh0_ptr,
         cu_ptr, block_offset_ptr, D_in, N, total_tokens,
         BT: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
-        HAS_D: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     ):  # fmt: skip
         """Gradients for one sequence and BD channels, last block first.
 
         Per block of BT tokens: the states are recomputed from the block's checkpoint into this
         program's scratch rows, then walked backwards with dh_t = dy_t C_tᵀ + a_{t+1} dh_{t+1}.
         dB and dC sum over channels: each program writes its own partial sums (reduced on the
-        host, deterministic, no atomics); dA sums over tokens here and over sequences on the host.
+        host, deterministic, no atomics); dA and dD sum over tokens here and over sequences on
+        the host. With a gate, dy arrives as the gradient of y ⊙ SiLU(z) and y is recomputed.
         """
         pd, seq = tl.program_id(0), tl.program_id(1)
         tok0 = tl.load(cu_ptr + seq).to(tl.int64)
@@ -304,6 +310,7 @@ if triton is not None:
         if HAS_D:
             skip = tl.load(D_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)
         dA = tl.zeros((BD, BN), dtype=tl.float32)
+        dD = tl.zeros((BD,), dtype=tl.float32)
         num_blocks = tl.cdiv(tok1 - tok0, BT)
         for j in range(num_blocks):
             i = num_blocks - 1 - j
@@ -332,6 +339,17 @@ if triton is not None:
                 a = tl.exp(dt[:, None] * A)
                 ah = a * h_prev
                 h = ah + (dt * u)[:, None] * Bt[None, :]
+                if HAS_Z:
+                    z = tl.load(z_ptr + t * D_in + ds, mask=d_live, other=0.0).to(tl.float32)
+                    y = tl.sum(h * Ct[None, :], 1)
+                    if HAS_D:
+                        y += skip * u
+                    sig = tl.sigmoid(z)
+                    dz = dy * y * sig * (1.0 + z * (1.0 - sig))
+                    tl.store(dz_ptr + t * D_in + ds, dz.to(dz_ptr.dtype.element_ty), mask=d_live)
+                    dy *= z * sig
+                if HAS_D:
+                    dD += dy * u
                 dh = dy[:, None] * Ct[None, :] + carry
                 du = tl.sum(dh * Bt[None, :], 1) * dt
                 if HAS_D:
@@ -347,6 +365,8 @@ if triton is not None:
                 dA += dh * dt[:, None] * ah
                 carry = a * dh
         tl.store(dA_ptr + seq.to(tl.int64) * D_in * N + dn_offs, dA, mask=dn_mask)
+        if HAS_D:
+            tl.store(dD_ptr + seq.to(tl.int64) * D_in + ds, dD, mask=d_ok)
         if STORE_DH0:
             tl.store(dh0_ptr + seq.to(tl.int64) * D_in * N + dn_offs, carry, mask=dn_mask)
 
@@ -399,10 +419,11 @@ def _state_block(n_state: int) -> int:
 
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, u, delta, A, B, C, D, h0, bounds, final):  # type: ignore[override]
+    def forward(ctx: Any, u, delta, A, B, C, D, z, h0, bounds, final):  # type: ignore[override]
         shape = u.shape
         d_inner, n_state = A.shape
         u_, delta_, B_, C_ = (x.reshape(-1, x.shape[-1]).contiguous() for x in (u, delta, B, C))
+        z_ = z.reshape(-1, d_inner).contiguous() if z is not None else None
         A_ = A.float().contiguous()
         D_ = D.float().contiguous() if D is not None else None
         h0_ = h0.float().contiguous() if h0 is not None else None
@@ -413,19 +434,20 @@ class _SelectiveScan(torch.autograd.Function):
         ht = u.new_empty(num_seqs, d_inner, n_state, dtype=torch.float32) if final else None
         grid = (triton.cdiv(d_inner, _SCAN_BD), num_seqs)
         _scan_fwd_kernel[grid](
-            u_, delta_, A_, B_, C_, D_, h0_, y, checkpoints, ht, cu, block_offset,
+            u_, delta_, A_, B_, C_, D_, z_, h0_, y, checkpoints, ht, cu, block_offset,
             d_inner, n_state,
             BT=_SCAN_BT, BD=_SCAN_BD, BN=_state_block(n_state),
-            HAS_D=D is not None, HAS_H0=h0 is not None, STORE_HT=final, num_warps=_SCAN_WARPS,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=h0 is not None, STORE_HT=final,
+            num_warps=_SCAN_WARPS,
         )  # fmt: skip
-        ctx.save_for_backward(u_, delta_, A_, B_, C_, D_, checkpoints, cu, block_offset)
+        ctx.save_for_backward(u_, delta_, A_, B_, C_, D_, z_, checkpoints, cu, block_offset)
         dtypes = [t.dtype if t is not None else None for t in (A, B, C, D)]
         ctx.meta = (shape, B.shape, num_seqs, h0 is not None, dtypes)
         return y.view(shape), ht
 
     @staticmethod
     def backward(ctx: Any, dy, dht):  # type: ignore[override]
-        u_, delta_, A_, B_, C_, D_, checkpoints, cu, block_offset = ctx.saved_tensors
+        u_, delta_, A_, B_, C_, D_, z_, checkpoints, cu, block_offset = ctx.saved_tensors
         shape, bc_shape, num_seqs, has_h0, dtypes = ctx.meta
         d_inner, n_state = A_.shape
         tokens = u_.shape[0]
@@ -440,24 +462,24 @@ class _SelectiveScan(torch.autograd.Function):
         dB = u_.new_empty(grid[0], tokens, n_state, dtype=torch.float32)
         dC = torch.empty_like(dB)
         dh0 = u_.new_empty(num_seqs, d_inner, n_state, dtype=torch.float32) if has_h0 else None
+        dD = u_.new_empty(num_seqs, d_inner, dtype=torch.float32) if D_ is not None else None
+        dz = torch.empty_like(z_) if z_ is not None else None
         _scan_bwd_kernel[grid](
-            u_, delta_, A_, B_, C_, D_, dy_, checkpoints,
+            u_, delta_, A_, B_, C_, D_, z_, dy_, checkpoints,
             dht.float().contiguous() if dht is not None else None, scratch,
-            du, ddelta, dA, dB, dC, dh0, cu, block_offset, d_inner, n_state, tokens,
+            du, ddelta, dA, dB, dC, dD, dz, dh0, cu, block_offset, d_inner, n_state, tokens,
             BT=_SCAN_BT, BD=_SCAN_BD, BN=bn,
-            HAS_D=D_ is not None, HAS_DHT=dht is not None, STORE_DH0=has_h0,
-            num_warps=_SCAN_WARPS,
+            HAS_D=D_ is not None, HAS_Z=z_ is not None, HAS_DHT=dht is not None,
+            STORE_DH0=has_h0, num_warps=_SCAN_WARPS,
         )  # fmt: skip
-        dD = None
-        if D_ is not None:
-            dD = (dy_.float() * u_.float()).sum(0).to(dtypes[3])
         return (
             du.view(shape),
             ddelta.view(shape),
             dA.sum(0).to(dtypes[0]),
             dB.sum(0).view(bc_shape).to(dtypes[1]),
             dC.sum(0).view(bc_shape).to(dtypes[2]),
-            dD,
+            dD.sum(0).to(dtypes[3]) if dD is not None else None,
+            dz.view(shape) if dz is not None else None,
             dh0,
             None,
             None,
@@ -557,30 +579,38 @@ def selective_scan(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
     backend: str = "auto",
+    z: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The selective scan, public entry point. Returns (y (B, T, D_in), final_state | None).
 
     ``delta`` is the step size after its bias and softplus (≥ 0) and ``A`` = −exp(A_log) (≤ 0).
-    ``cu_seqlens`` packs variable-length sequences along T (B must be 1), with initial and
-    final states (N_seq, D_in, N). ``backend``: "auto" (the Triton kernels for CUDA tensors, the
-    torch chunked form otherwise), "torch", or "triton" (CUDA, or the CPU interpreter under
+    ``z`` (B, T, D_in), Mamba's gate: y ⊙ SiLU(z) is returned instead of y (fused into the
+    Triton kernels, as mamba_ssm's ``selective_scan_fn(z=...)``). ``cu_seqlens`` packs
+    variable-length sequences along T (B must be 1), with initial and final states
+    (N_seq, D_in, N). ``backend``: "auto" (the Triton kernels for CUDA tensors, the torch
+    chunked form otherwise), "torch", or "triton" (CUDA, or the CPU interpreter under
     TRITON_INTERPRET=1). ``ZOO_KERNEL_BACKEND`` overrides "auto". ``chunk_size`` is the torch
-    form's; the Triton scan uses its own blocks of ``_SCAN_BT`` tokens.
+    form's; the Triton scan checkpoints its state every ``_SCAN_BT`` tokens.
     """
     bounds = _check_inputs(u, delta, A, B, C, D, initial_state, cu_seqlens, chunk_size)
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z has shape {tuple(z.shape)} but u has {tuple(u.shape)}")
+
+    def gate(y: torch.Tensor) -> torch.Tensor:
+        return y if z is None else y * F.silu(z)
+
     if resolve_backend(backend, "selective-scan", u, has_triton=triton is not None) == "triton":
-        if (
-            bounds is None
-            and u.shape[1] == 1
-            and not needs_grad(u, delta, A, B, C, D, initial_state)
-        ):
+        step = bounds is None and u.shape[1] == 1
+        if step and not needs_grad(u, delta, A, B, C, D, initial_state, z):
             y, state = _selective_scan_step_triton(
                 u[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], D, initial_state
             )
-            return y.unsqueeze(1), (state if output_final_state else None)
+            return gate(y.unsqueeze(1)), (state if output_final_state else None)
         if bounds is None:
             bounds = [b * u.shape[1] for b in range(u.shape[0] + 1)]
-        return _SelectiveScan.apply(u, delta, A, B, C, D, initial_state, bounds, output_final_state)
+        return _SelectiveScan.apply(
+            u, delta, A, B, C, D, z, initial_state, bounds, output_final_state
+        )
 
     def scan(u_, delta_, B_, C_, init, final):
         if u_.shape[1] == 1:
@@ -590,8 +620,10 @@ def selective_scan(
         return selective_scan_chunk_torch(u_, delta_, A, B_, C_, D, init, final, chunk_size)
 
     if bounds is None:
-        return scan(u, delta, B, C, initial_state, output_final_state)
+        y, final_state = scan(u, delta, B, C, initial_state, output_final_state)
+        return gate(y), final_state
     state_shape = (u.shape[2], A.shape[1])
-    return run_segments(
+    y, final_state = run_segments(
         scan, (u, delta, B, C), bounds, initial_state, output_final_state, state_shape
     )
+    return gate(y), final_state

@@ -175,10 +175,11 @@ class MambaMixer(nn.Module):
             output_final_state=cache is not None,
             chunk_size=self.chunk_size,
             backend=self.backend,
+            z=z,  # the gate y ⊙ SiLU(z), fused into the Triton scan
         )
         if cache is not None:
             cache.update_recurrent_state(final_state, self.layer_idx)
-        return self._output(y, z)
+        return self.out_proj(y)
 
     def reference_forward(self, hidden_states: torch.Tensor, context: MixerContext) -> torch.Tensor:
         """The naive form over a whole sequence: nn.Conv1d's own conv, token-by-token fp32 scan."""
