@@ -4,7 +4,8 @@ The interpreter checks what the kernels compute; this checks that Triton's compi
 (types, shapes, constexpr branches) at the tile shapes the launches use, down to PTX. With
 ``--spills`` it also runs the ptxas that ships with triton and prints registers and spills per
 kernel, which is how the tile shapes and warp counts in kernels/linear_attention.py were chosen.
-Kernels: the linear-attention family (every decay mode) and the grouped GEMM.
+Kernels: the linear-attention family (every decay mode), the grouped GEMM, the long and short
+convolutions and the selective scan.
 
     env -u TRITON_INTERPRET .venv/bin/python tests/kernels/sm90_compile.py [--fp32] [--spills]
 """
@@ -23,10 +24,14 @@ from triton.compiler import ASTSource
 
 from zoo.kernels import grouped_gemm as gg
 from zoo.kernels import linear_attention as la
+from zoo.kernels import long_conv as lc
+from zoo.kernels import selective_scan as ss
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Pointers to activations take the input dtype; states, decays and fp32 gradients are fp32.
 ACTIVATIONS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dv_ptr", "x_ptr", "y_ptr"}
+ACTIVATIONS |= {"u_ptr", "hist_ptr", "weight_ptr", "dy_ptr", "dx_ptr", "dhist_ptr"}
+ACTIVATIONS |= {"B_ptr", "C_ptr", "z_ptr", "du_ptr", "dz_ptr"}
 GEMM_OPERANDS = {"x_ptr", "w_ptr", "out_ptr", "a_ptr", "b_ptr"}
 INDICES = {"cu_ptr", "chunk_offset_ptr", "chunk_start_ptr", "chunk_len_ptr", "offsets_ptr"}
 INDICES |= {"tile_ends_ptr"}
@@ -78,6 +83,22 @@ def launches(dtype: str):
     # The grouped GEMM's fixed tiles (kernels/grouped_gemm.py: _mm_triton, _wgrad_triton).
     yield gg._grouped_mm_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4
     yield gg._grouped_wgrad_kernel, dict(BLOCK_A=64, BLOCK_B=64, BLOCK_M=32), 4
+    # The long and short convs at full tiles (kernels/long_conv.py), history and bias present.
+    rows, channels = dict(BT=lc._ROWS, BD=lc._CHANNELS), dict(BT=lc._ROWS, BC=lc._CHANNELS)
+    for reverse in (False, True):
+        yield lc._long_conv_kernel, dict(**rows, REVERSE=reverse), lc._WARPS
+    yield lc._long_conv_taps_grad_kernel, dict(BJ=lc._ROWS, BD=lc._CHANNELS), lc._WARPS
+    step = dict(BS=lc._STEP_ROWS, BD=lc._STEP_CHANNELS, HAS_HISTORY=True, HAS_BIAS=True)
+    yield lc._long_conv_step_kernel, step, lc._STEP_WARPS
+    yield lc._short_conv_kernel, dict(**channels, HAS_HISTORY=True, HAS_BIAS=True), lc._WARPS
+    grads = dict(HAS_HISTORY=True, HISTORY_GRAD=True, WEIGHT_GRAD=True)
+    yield lc._short_conv_grad_kernel, dict(**channels, **grads), lc._WARPS
+    # The selective scan at N = 16, every optional input present (kernels/selective_scan.py).
+    scan = dict(BT=ss._SCAN_BT, BD=ss._SCAN_BD, BN=16, HAS_D=True, HAS_Z=True)
+    yield ss._scan_fwd_kernel, dict(**scan, HAS_H0=True, STORE_HT=True), ss._SCAN_WARPS
+    yield ss._scan_bwd_kernel, dict(**scan, HAS_DHT=True, STORE_DH0=True), ss._SCAN_WARPS
+    step = dict(BD=ss._SCAN_BD, BN=16, HAS_D=True, HAS_STATE=True)
+    yield ss._scan_step_kernel, step, 4
 
 
 def ptxas_report(ptx: str) -> str:

@@ -1,4 +1,10 @@
-"""Long convolution: FFT, direct and step forms and the public API against the definition."""
+"""Long convolution: FFT, direct and step forms and the public API against the definition; the
+Triton kernels (direct conv, decode step, short conv) against the torch forms.
+
+On CPU the Triton kernels run in the interpreter (the conftest sets TRITON_INTERPRET=1), so shapes
+are small; lengths and channel counts (5, 13, 70) leave ragged 64-row and 64-channel tiles. The
+`gpu` tests rerun them in bf16 on CUDA at larger shapes.
+"""
 
 import pytest
 import torch
@@ -10,8 +16,11 @@ from zoo.kernels.long_conv import (
     long_conv_fft,
     long_conv_naive,
     long_conv_step,
+    long_conv_step_triton,
+    long_conv_triton,
     short_conv,
     short_conv_naive,
+    short_conv_triton,
 )
 
 B, D = 2, 6
@@ -23,14 +32,15 @@ def _no_backend_override(monkeypatch):
     monkeypatch.delenv("ZOO_KERNEL_BACKEND", raising=False)
 
 
-def make_inputs(T, S=0, batch=B, seed=0, dtype=torch.float32):
+def make_inputs(T, S=0, batch=B, seed=0, dtype=torch.float32, channels=D, device="cpu"):
     """u (B, T, D), filters k (D, S+T+3) decaying like Hyena's, bias (D,), history (B, S, D)."""
     g = torch.Generator().manual_seed(seed)
-    u = torch.randn(batch, T, D, generator=g)
+    u = torch.randn(batch, T, channels, generator=g)
     L = S + T + 3  # longer than needed: only the first S+T taps may be read
-    k = torch.randn(D, L, generator=g) * torch.exp(-torch.arange(L) / 40.0)
-    bias = torch.randn(D, generator=g)
-    history = torch.randn(batch, S, D, generator=g)
+    k = torch.randn(channels, L, generator=g) * torch.exp(-torch.arange(L) / 40.0)
+    bias = torch.randn(channels, generator=g)
+    history = torch.randn(batch, S, channels, generator=g)
+    u, k, bias, history = (t.to(device) for t in (u, k, bias, history))
     return u.to(dtype), k, bias, history.to(dtype)
 
 
@@ -215,18 +225,30 @@ def test_backend_choice(monkeypatch):
     u, k, bias, _ = make_inputs(6)
     expected = long_conv_naive(u, k, bias)[0]
     assert_close(long_conv(u, k, bias, backend="torch")[0], expected)
+    assert_close(long_conv(u, k, bias, backend="triton")[0], expected)
     with pytest.raises(ValueError, match=r"backend must be one of .*'cuda'"):
         long_conv(u, k, bias, backend="cuda")
-    with pytest.raises(NotImplementedError, match=r"Triton long-convolution kernel.*own issue"):
-        long_conv(u, k, bias, backend="triton")
     monkeypatch.setenv("ZOO_KERNEL_BACKEND", "torch")
     assert_close(long_conv(u, k, bias)[0], expected)
     monkeypatch.setenv("ZOO_KERNEL_BACKEND", "cuda")
     with pytest.raises(ValueError, match="ZOO_KERNEL_BACKEND"):
         long_conv(u, k, bias)
+    calls = _spy(monkeypatch, "long_conv_triton")
     monkeypatch.setenv("ZOO_KERNEL_BACKEND", "triton")
-    with pytest.raises(NotImplementedError, match="backend='torch'"):
-        long_conv(u, k, bias)
+    assert_close(long_conv(u, k, bias)[0], expected)
+    assert calls == ["long_conv_triton"]
+
+
+def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    u, k, bias, _ = make_inputs(6)
+    with pytest.raises(RuntimeError, match=r"backend='triton' for long-convolution needs.*CUDA"):
+        long_conv(u, k, bias, backend="triton")
+    # "auto" on a CPU tensor never asks for Triton.
+    assert_close(long_conv(u, k, bias)[0], long_conv_naive(u, k, bias)[0])
+    u, weight, bias, _ = make_short(6)
+    with pytest.raises(RuntimeError, match=r"backend='triton' for short-convolution needs.*CUDA"):
+        short_conv(u, weight, bias, backend="triton")
 
 
 def test_input_errors():
@@ -316,3 +338,244 @@ def test_short_conv_errors():
         short_conv(u, weight, bias[:3])
     with pytest.raises(ValueError, match=r"initial_state has shape \(2, 2, 5\) .*\(2, 3, 5\)"):
         short_conv(u, weight, bias, state[:, :2])
+
+
+# --- Triton kernels (the interpreter on CPU) ----------------------------------------------------
+
+
+def _grads(fn, leaves, args, proj, final_weight):
+    """y, final state and the gradients of every leaf of L = Σ y·proj + Σ final·final_weight."""
+    y, final = fn(*args, output_final_state=True)
+    loss = (y.float() * proj).sum() + (final.float() * final_weight).sum()
+    return y, final, torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize(
+    ("T", "S", "channels", "with_bias", "history_grad"),
+    [
+        (1, 0, D, True, False),  # one token (what long_conv runs for it under autograd)
+        (5, 0, D, True, False),
+        (70, 0, 70, True, False),  # two ragged row tiles and two ragged channel tiles
+        (13, 21, D, True, True),  # a history that is differentiated
+        (13, 21, D, False, False),  # a fixed history (only u's rows of dx), no skip weight
+        (3, 80, 70, True, True),  # the history spans two tiles of dx and of the tap gradient
+    ],
+)
+def test_triton_direct_matches_naive(T, S, channels, with_bias, history_grad):
+    u, k, bias, history = make_inputs(T, S, channels=channels)
+    inputs = [u, k, bias if with_bias else None, history if S else None]
+    wants_grad = [True, True, True, history_grad]
+
+    def copies():
+        return [
+            t.clone().requires_grad_(grad) if t is not None else None
+            for t, grad in zip(inputs, wants_grad, strict=True)
+        ]
+
+    ours, ref = copies(), copies()
+    leaves = [i for i, t in enumerate(ours) if t is not None and t.requires_grad]
+    g = torch.Generator().manual_seed(3)
+    proj = torch.randn(B, T, channels, generator=g)
+    final_weight = torch.randn(B, S + T, channels, generator=g)
+    y, final, grads = _grads(long_conv_triton, [ours[i] for i in leaves], ours, proj, final_weight)
+    y_ref, final_ref, grads_ref = _grads(
+        long_conv_naive, [ref[i] for i in leaves], ref, proj, final_weight
+    )
+    assert y.shape == (B, T, channels) and y.dtype == torch.float32
+    assert_close(y, y_ref)
+    assert torch.equal(final, final_ref)
+    names = ["u", "k", "bias", "initial_state"]
+    for i, grad, grad_ref in zip(leaves, grads, grads_ref, strict=True):
+        assert grad_ref.abs().max() > 0
+        assert grad.shape == ours[i].shape, names[i]
+        assert_close(grad, grad_ref, tol=1e-4)
+
+
+def test_triton_step_matches_torch_step():
+    # The history and filter as the Hyena layer hands them over: a slice of a wider cache row and
+    # a strided view of the filters; the skip weight strided too.
+    T, S = 1, 11
+    u, k, bias, history = make_inputs(T, S, batch=3, channels=40)
+    cache = torch.randn(3, S, 2 * 40)
+    cache[..., 40:] = history
+    history = cache[..., 40:]  # (3, S, 40), row stride 80
+    k = torch.stack([k, -k], dim=-1)[..., 0]  # (40, L), strides (2L, 2)
+    bias = torch.stack([bias, bias], dim=-1)[:, 1]  # (40,), stride 2
+    before = history.clone()
+    for hist, b in ((history, bias), (None, bias), (history, None)):
+        y, full = long_conv_step_triton(u[:, 0], k, b, hist, output_final_state=True)
+        y_ref, full_ref = long_conv_step(u[:, 0], k, b, hist, output_final_state=True)
+        assert y.shape == (3, 40)
+        assert_close(y, y_ref)
+        assert torch.equal(full, full_ref)
+    assert torch.equal(history, before), "the step must not write into the cache"
+    assert long_conv_step_triton(u[:, 0], k, bias, history)[1] is None
+
+
+def test_triton_prefill_then_decode_steps():
+    T, split = 40, 27
+    u, k, bias, _ = make_inputs(T, channels=70)
+    y_all, h_all = long_conv_naive(u, k, bias, output_final_state=True)
+    with torch.no_grad():
+        y, state = long_conv(u[:, :split], k, bias, output_final_state=True, backend="triton")
+        outs = [y]
+        for t in range(split, T):
+            y, state = long_conv(
+                u[:, t : t + 1], k, bias, state, output_final_state=True, backend="triton"
+            )
+            outs.append(y)
+    assert_close(torch.cat(outs, dim=1), y_all)
+    assert torch.equal(state, h_all)
+
+
+def test_triton_dispatch(monkeypatch):
+    names = ("long_conv_step_triton", "long_conv_triton", "long_conv_fft", "long_conv_step")
+    step, direct, fft, torch_step = (_spy(monkeypatch, name) for name in names)
+    monkeypatch.setattr(long_conv_module, "_TRITON_DIRECT_MAX_NEW_TOKENS", 8)
+    u, k, bias, _ = make_inputs(9)
+    with torch.no_grad():
+        long_conv(u[:, :1], k, bias, backend="triton")
+        long_conv(u[:, :8], k, bias, backend="triton")
+        long_conv(u, k, bias, backend="triton")  # T = 9 > the threshold
+    assert (len(step), len(direct), len(fft), len(torch_step)) == (1, 1, 1, 0)
+    # Under autograd one token takes the differentiable direct kernel, and short inputs too.
+    k.requires_grad_()
+    long_conv(u[:, :1], k, bias, backend="triton")
+    long_conv(u[:, :8], k, bias, backend="triton")
+    long_conv(u, k, bias, backend="triton")
+    assert (len(step), len(direct), len(fft)) == (1, 3, 2)
+    # backend="torch" never reaches a Triton kernel.
+    with torch.no_grad():
+        for length in (1, 8, 9):
+            long_conv(u[:, :length], k, bias, backend="torch")
+    assert (len(step), len(direct), len(torch_step)) == (1, 3, 1)
+
+
+def test_triton_bf16_keeps_dtype():
+    u, k, bias, history = make_inputs(20, 5, dtype=torch.bfloat16)
+    y_ref, _ = long_conv_naive(u.float(), k, bias, history.float())
+    y, h = long_conv(u, k, bias, history, output_final_state=True, backend="triton")
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.bfloat16
+    assert _relative_error(y, y_ref) < 1e-2
+    y, _ = long_conv(u[:, :1], k, bias, history, backend="triton")
+    assert y.dtype == torch.bfloat16
+    assert _relative_error(y, long_conv_naive(u[:, :1].float(), k, bias, history.float())[0]) < 1e-2
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize(
+    ("T", "K", "C"), [(1, 4, 5), (13, 4, 5), (70, 3, 70), (2, 5, 5), (9, 1, 5)]
+)
+def test_short_conv_triton_matches_naive(T, K, C, with_state, with_bias):
+    u, weight, bias, state = make_short(T, K=K, C=C)
+    inputs = [u, weight, bias if with_bias else None, state if with_state else None]
+    ours = [t.clone().requires_grad_() if t is not None else None for t in inputs]
+    ref = [t.clone().requires_grad_() if t is not None else None for t in inputs]
+    leaves = [i for i, t in enumerate(ours) if t is not None]
+    g = torch.Generator().manual_seed(4)
+    proj, final_weight = torch.randn(B, T, C, generator=g), torch.randn(B, K - 1, C, generator=g)
+    y, final, grads = _grads(short_conv_triton, [ours[i] for i in leaves], ours, proj, final_weight)
+    y_ref, final_ref, grads_ref = _grads(
+        short_conv_naive, [ref[i] for i in leaves], ref, proj, final_weight
+    )
+    assert_close(y, y_ref)
+    assert torch.equal(final, final_ref)
+    assert torch.equal(short_conv(*inputs, output_final_state=True, backend="torch")[1], final)
+    for i, grad, grad_ref in zip(leaves, grads, grads_ref, strict=True):
+        assert grad.shape == inputs[i].shape
+        if grad.numel():  # K = 1 has an empty state
+            assert_close(grad, grad_ref, tol=1e-4)
+
+
+def test_short_conv_backend_choice(monkeypatch):
+    u, weight, bias, state = make_short(9)
+    calls = _spy(monkeypatch, "short_conv_triton")
+    expected = short_conv_naive(u, weight, bias, state)[0]
+    assert_close(short_conv(u, weight, bias, state, backend="triton")[0], expected)
+    assert_close(short_conv(u, weight, bias, state, backend="torch")[0], expected)
+    assert_close(short_conv(u, weight, bias, state)[0], expected)  # "auto" on a CPU tensor
+    assert calls == ["short_conv_triton"]
+    with pytest.raises(ValueError, match=r"backend must be one of .*'cuda'"):
+        short_conv(u, weight, bias, backend="cuda")
+
+
+def test_short_conv_triton_chunks_and_steps_chain():
+    u, weight, bias, _ = make_short(15, C=40)
+    whole, _ = short_conv_naive(u, weight, bias)
+    with torch.no_grad():
+        y, state = short_conv(u[:, :6], weight, bias, output_final_state=True, backend="triton")
+        outs = [y]
+        for t in range(6, 15):
+            y, state = short_conv(
+                u[:, t : t + 1], weight, bias, state, output_final_state=True, backend="triton"
+            )
+            outs.append(y)
+    assert_close(torch.cat(outs, dim=1), whole)
+
+
+# --- CUDA, bf16 -------------------------------------------------------------------------------
+
+
+def _relative_error(actual, expected):
+    return ((actual.float() - expected).norm() / expected.norm()).item()
+
+
+def _bf16_against_fp32(fn, oracle, inputs, to_bf16):
+    """fn with the inputs flagged `to_bf16` in bf16 vs the fp32 oracle: y and every gradient
+    within 1e-2 relative error."""
+    low = [
+        t.to(torch.bfloat16) if t is not None and low_precision else t
+        for t, low_precision in zip(inputs, to_bf16, strict=True)
+    ]
+    ours = [t.clone().requires_grad_() if t is not None else None for t in low]
+    ref = [t.float().clone().requires_grad_() if t is not None else None for t in low]
+    y = fn(*ours)[0]
+    y_ref = oracle(*ref)[0]
+    assert y.dtype == torch.bfloat16
+    assert _relative_error(y, y_ref) < 1e-2
+    proj = torch.randn_like(y_ref)
+    leaves = [i for i, t in enumerate(ours) if t is not None]
+    grads = torch.autograd.grad((y.float() * proj).sum(), [ours[i] for i in leaves])
+    grads_ref = torch.autograd.grad((y_ref * proj).sum(), [ref[i] for i in leaves])
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        assert _relative_error(grad, grad_ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("T", "S"), [(200, 0), (100, 300), (1000, 0)])
+def test_cuda_bf16_long_conv_within_1e2_of_fp32(T, S):
+    # T = 1000 is past the direct-kernel threshold: the FFT form, on the same dispatch.
+    u, k, bias, history = make_inputs(T, S, batch=2, channels=256, device="cuda")
+    inputs = [u, k, bias, history if S else None]
+    _bf16_against_fp32(
+        lambda *x: long_conv(*x, backend="triton"),
+        long_conv_fft,
+        inputs,
+        [True, False, False, True],
+    )
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_short_conv_within_1e2_of_fp32():
+    u, weight, bias, state = make_short(500, K=4, C=384)
+    inputs = [t.cuda() for t in (u, weight, bias, state)]
+    _bf16_against_fp32(
+        lambda *x: short_conv(*x, backend="triton"), short_conv_naive, inputs, [True] * 4
+    )
+
+
+@pytest.mark.gpu
+def test_cuda_auto_backend_picks_triton(monkeypatch):
+    direct, step, short = (
+        _spy(monkeypatch, name)
+        for name in ("long_conv_triton", "long_conv_step_triton", "short_conv_triton")
+    )
+    u, k, bias, history = make_inputs(64, 32, channels=128, device="cuda")
+    y, _ = long_conv(u, k, bias, history)
+    assert _relative_error(y, long_conv_fft(u, k, bias, history)[0]) < 1e-5
+    with torch.no_grad():
+        y, _ = long_conv(u[:, :1], k, bias, history)
+    assert _relative_error(y, long_conv_step(u[:, 0], k, bias, history)[0].unsqueeze(1)) < 1e-5
+    short_conv(u, k[:, :4], bias)
+    assert (len(direct), len(step), len(short)) == (1, 1, 1)

@@ -191,11 +191,16 @@ class ShortConv(nn.Module):
         init.uniform_(self.bias, -bound, bound)
 
     def forward(
-        self, u: torch.Tensor, window: torch.Tensor | None, naive: bool = False
+        self,
+        u: torch.Tensor,
+        window: torch.Tensor | None,
+        naive: bool = False,
+        backend: str = "auto",
     ) -> torch.Tensor:
         """u (B, T, C) after the K−1 inputs `window` (B, K−1, C) or zeros (None)."""
-        conv = short_conv_naive if naive else short_conv
-        return conv(u, self.weight[:, 0], self.bias, window)[0]
+        if naive:
+            return short_conv_naive(u, self.weight[:, 0], self.bias, window)[0]
+        return short_conv(u, self.weight[:, 0], self.bias, window, backend=backend)[0]
 
 
 class HyenaOperator(nn.Module):
@@ -239,7 +244,7 @@ class HyenaOperator(nn.Module):
             # The short conv's state: the last K−1 projections, zero-padded if fewer were seen.
             window = history[1][:, 0, max(0, past - kernel + 1) :]  # (B, ≤ K−1, (N+1)·d)
             window = F.pad(window, (0, 0, kernel - 1 - window.shape[1], 0))  # (B, K−1, (N+1)·d)
-        mixed = self.short_filter(proj, window, naive)  # (B, T, (N+1)·d)
+        mixed = self.short_filter(proj, window, naive, self.backend)  # (B, T, (N+1)·d)
         *gates, v = mixed.split(d, dim=-1)  # N gates x_0 … x_{N−1} and v, each (B, T, d)
 
         filters, skips = self.filter_fn(past + seq_len, hidden_states.device)

@@ -44,6 +44,7 @@ from transformers.cache_utils import Cache
 from zoo.cache import recurrent_state
 from zoo.configuration import ZooConfig
 from zoo.flops import linear_flops
+from zoo.kernels.long_conv import short_conv
 from zoo.kernels.selective_scan import selective_scan, selective_scan_naive
 from zoo.layers.context import MixerContext
 
@@ -118,21 +119,12 @@ class MambaMixer(nn.Module):
         return x, z
 
     def _causal_conv(self, x: torch.Tensor, left: torch.Tensor | None) -> torch.Tensor:
-        """SiLU(depthwise causal conv) in the (B, T, D_in) layout, without transposes.
+        """SiLU(depthwise causal conv) in the (B, T, D_in) layout (`zoo.kernels.long_conv`).
 
         ``left`` (B, K-1, D_in) holds the inputs before x (None: zeros, a sequence start).
         """
-        batch, T, d_inner = x.shape
-        K = self.d_conv
-        if left is None:
-            left = x.new_zeros(batch, K - 1, d_inner)
-        xp = torch.cat([left.to(x.dtype), x], dim=1)  # (B, K-1+T, D_in)
         weight = self.conv1d.weight[:, 0, :]  # (D_in, K)
-        out = xp[:, K - 1 :] * weight[:, K - 1]
-        for k in range(K - 1):
-            out = torch.addcmul(out, xp[:, k : k + T], weight[:, k])
-        if self.conv1d.bias is not None:
-            out = out + self.conv1d.bias
+        out, _ = short_conv(x, weight, self.conv1d.bias, left, backend=self.backend)
         return F.silu(out)
 
     def _ssm_params(
