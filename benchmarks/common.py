@@ -6,6 +6,7 @@ The scripts run as `python benchmarks/<name>.py`, so this module imports as `com
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import importlib
 import json
@@ -161,3 +162,60 @@ def new_result(
         "versions": versions(),
     }
     return result, out_path
+
+
+def bench_parser(doc: str | None, repeats: int, quick_help: str) -> argparse.ArgumentParser:
+    """The arguments of every benchmark: --device, --threads, --repeats, --quick, --out."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
+    return parser
+
+
+def measure_fwd_bwd(
+    fn: Callable[[Any], torch.Tensor],
+    x: dict[str, Any],
+    grad: torch.Tensor,
+    device: torch.device,
+    repeats: int,
+) -> dict[str, dict[str, Any]]:
+    """First call and steady-state time of fn(x) under no_grad and of fn(x).backward(grad).
+
+    The leaves are the tensors of x that need grad. A mode that raises is recorded with its error
+    (a kernel that fails is a result of the run, not its end); on CUDA the peak memory is kept.
+    """
+    leaves = [t for t in x.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def clear() -> None:
+        for t in leaves:
+            t.grad = None
+
+    def fwd() -> None:
+        with torch.no_grad():
+            fn(x)
+
+    def fwd_bwd() -> None:
+        clear()
+        fn(x).backward(grad)
+
+    out: dict[str, dict[str, Any]] = {}
+    for mode, step in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            first = time_once(step, device)
+            seconds = median_time(step, device, warmup=1, repeats=repeats)
+        except Exception as exc:
+            out[mode] = {"error": error_text(exc)}
+            clear()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        out[mode] = {"first_call_s": first, "ms": 1e3 * seconds}
+        if device.type == "cuda":
+            out[mode]["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    clear()
+    return out

@@ -37,17 +37,16 @@ decode, with other settings, other variants (fused recurrent kernels) and its ow
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from common import (
+    bench_parser,
     error_text,
     finish,
     fla_op,
@@ -401,12 +400,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="smaller settings (a smoke run)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
+    parser = bench_parser(__doc__, repeats=5, quick_help="smaller settings (a smoke run)")
     parser.add_argument(
         "--kernel-backend",
         default="auto",

@@ -41,24 +41,21 @@ only in its interpreter, and fla's ops are Triton), which keeps the script itsel
 
 from __future__ import annotations
 
-import argparse
 import gc
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from common import (
-    error_text,
+    bench_parser,
     finish,
     fla_op,
     fla_version,
     load_note,
-    median_time,
+    measure_fwd_bwd,
     new_result,
-    time_once,
     warm_up,
 )
 
@@ -177,41 +174,6 @@ def flops_forward(op: str, shape: tuple[int, int, int, int]) -> int:
     return 2 * B * H * T * (CHUNK * K + CHUNK * V + 2 * K * V)
 
 
-def measure(
-    fn: Op, x: Inputs, grad: torch.Tensor, device: torch.device, repeats: int
-) -> dict[str, dict[str, Any]]:
-    """First call and steady-state time of the forward and of forward + backward."""
-    leaves = [t for t in x.values() if t is not None and t.requires_grad]
-
-    def fwd() -> None:
-        with torch.no_grad():
-            fn(x)
-
-    def fwd_bwd() -> None:
-        for t in leaves:
-            t.grad = None
-        fn(x).backward(grad)
-
-    out: dict[str, dict[str, Any]] = {}
-    for mode, step in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        try:
-            first = time_once(step, device)
-            seconds = median_time(step, device, warmup=1, repeats=repeats)
-        except Exception as exc:  # a kernel that fails is a result of the run, not its end
-            out[mode] = {"error": error_text(exc)}
-            for t in leaves:
-                t.grad = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        out[mode] = {"first_call_s": first, "ms": 1e3 * seconds}
-        if device.type == "cuda":
-            out[mode]["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return out
-
-
 def bench(
     shapes: list[tuple[int, int, int, int]], device: torch.device, dtype: torch.dtype, repeats: int
 ) -> list[dict[str, Any]]:
@@ -229,7 +191,7 @@ def bench(
                 call, fn = entry
                 K = x["q"].shape[-1]
                 row.update(call=call, K=K, V=D, flops_fwd=flops)
-                row.update(measure(fn, x, grad, device, repeats))
+                row.update(measure_fwd_bwd(fn, x, grad, device, repeats))
                 for mode, factor in (("fwd", 1), ("fwd_bwd", 3)):
                     if "ms" in row[mode]:
                         row[mode]["tflops"] = factor * flops / (row[mode]["ms"] * 1e-3) / 1e12
@@ -278,12 +240,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="one small shape (a smoke run)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
+    parser = bench_parser(__doc__, repeats=10, quick_help="one small shape (a smoke run)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)

@@ -53,25 +53,23 @@ interpreter, and the baselines are CUDA kernels), which keeps the script itself 
 
 from __future__ import annotations
 
-import argparse
 import gc
 import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from common import (
+    bench_parser,
     error_text,
     finish,
     fla_version,
     load_note,
-    median_time,
+    measure_fwd_bwd,
     new_result,
-    time_once,
     warm_up,
 )
 
@@ -263,43 +261,6 @@ def traffic(x: Inputs) -> dict[str, int]:
     return {"bytes_fwd": inputs + output, "bytes_fwd_bwd": 3 * inputs + 2 * output}
 
 
-def measure(
-    fn: Op, x: Inputs, dy: torch.Tensor, device: torch.device, repeats: int
-) -> dict[str, dict[str, Any]]:
-    """First call and steady-state time of the forward and of forward + backward."""
-    leaves = [t for t in x.values() if t.requires_grad]
-
-    def fwd() -> None:
-        with torch.no_grad():
-            fn(x)
-
-    def fwd_bwd() -> None:
-        for t in leaves:
-            t.grad = None
-        fn(x).backward(dy)
-
-    out: dict[str, dict[str, Any]] = {}
-    for mode, step in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        try:
-            first = time_once(step, device)
-            seconds = median_time(step, device, warmup=1, repeats=repeats)
-        except Exception as exc:  # a kernel that fails is a result of the run, not its end
-            out[mode] = {"error": error_text(exc)}
-            for t in leaves:
-                t.grad = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        out[mode] = {"first_call_s": first, "ms": 1e3 * seconds}
-        if device.type == "cuda":
-            out[mode]["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    for t in leaves:
-        t.grad = None
-    return out
-
-
 def bench(
     plan: list[tuple[Shape, tuple[str, ...]]],
     device: torch.device,
@@ -328,7 +289,7 @@ def bench(
                     failed = {"error": error_text(exc)}
                     rows.append({**row, "fwd": failed, "fwd_bwd": dict(failed)})
                     continue
-                row.update(measure(entry.fn, xv, dyv, device, repeats))
+                row.update(measure_fwd_bwd(entry.fn, xv, dyv, device, repeats))
                 for mode in ("fwd", "fwd_bwd"):
                     if "ms" in row[mode]:
                         row[mode]["gb_s"] = row[f"bytes_{mode}"] / (row[mode]["ms"] * 1e-3) / 1e9
@@ -459,12 +420,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
+    parser = bench_parser(__doc__, repeats=10, quick_help="tiny shapes (a smoke run)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
