@@ -309,5 +309,74 @@ def describe(
         console.print(f"wrote {save / 'config.json'}")
 
 
+scaling_app = typer.Typer(
+    help="Scaling laws: plan an IsoFLOP / MoE sweep, train it, fit and plot the laws.",
+    no_args_is_help=True,
+)
+app.add_typer(scaling_app, name="scaling")
+
+
+@scaling_app.command("plan")
+def scaling_plan(
+    sweep: Annotated[Path, typer.Argument(help="The sweep file (families, budgets, sizes).")],
+    out_dir: Annotated[Path, typer.Argument(help="Where recipes/, plan.json and plan.md go.")],
+) -> None:
+    """Write the recipes of a sweep, each sized to its FLOP budget by the zoo's FLOP count."""
+    from zoo.recipe import RecipeError
+    from zoo.scaling.plan import plan_table
+    from zoo.scaling.sweep import plan_sweep
+
+    with _user_errors(RecipeError, ValueError):
+        runs = plan_sweep(sweep, out_dir)
+    typer.echo(plan_table(runs))
+    typer.echo(f"wrote {len(runs)} recipes under {out_dir / 'recipes'} and {out_dir / 'plan.json'}")
+
+
+@scaling_app.command("run")
+def scaling_run(
+    plan_dir: Annotated[Path, typer.Argument(help="A folder written by `zoo scaling plan`.")],
+    workers: Annotated[int, typer.Option(help="Runs trained at once, one process each.")] = 1,
+    threads: Annotated[
+        int | None, typer.Option(help="torch threads per run (default: cores / workers).")
+    ] = None,
+) -> None:
+    """Train every planned run that has no result yet (a killed sweep resumes here)."""
+    from zoo.recipe import RecipeError
+    from zoo.scaling.sweep import run_sweep
+
+    with _user_errors(RecipeError):
+        count = run_sweep(plan_dir, workers=workers, threads=threads)
+    typer.echo(f"trained {count} runs" if count else "every planned run has a result")
+
+
+@scaling_app.command("fit")
+def scaling_fit(
+    runs: Annotated[Path, typer.Argument(help="A `zoo scaling plan` folder, or a CSV of runs.")],
+    out: Annotated[Path, typer.Option(help="Where fits.json, report.md and plots go.")] = Path(
+        "scaling-report"
+    ),
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals.")] = 200,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    full_grid: Annotated[
+        bool, typer.Option(help="Approach 3 from Chinchilla's whole 4,500-start grid.")
+    ] = False,
+) -> None:
+    """Fit the scaling laws of a sweep and write tables, fits and plots."""
+    from zoo.scaling.report import write_report
+    from zoo.scaling.runs import load_runs
+
+    with _user_errors(ValueError):
+        found, missing = load_runs(runs)
+        if not found:
+            raise ValueError(f"{runs}: no finished runs to fit ({len(missing)} unfinished)")
+        results = write_report(
+            found, missing, out, bootstrap=bootstrap, seed=seed, full_grid=full_grid
+        )
+    if missing:
+        typer.echo(f"warning: {len(missing)} planned runs have no result yet", err=True)
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"wrote {out / 'fits.json'}, {out / 'report.md'} and {len(results['plots'])} plots")
+
+
 if __name__ == "__main__":
     app()

@@ -233,11 +233,12 @@ def lr_factor(step: int, plan: TrainingPlan, schedule: ScheduleSection) -> float
 # Loading
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def merge_fields(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, section by section (model.overrides key by key), as `base:` merges."""
     out = dict(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "overrides":
-            out[key] = _merge(out[key], value)
+            out[key] = merge_fields(out[key], value)
         elif isinstance(value, dict) and isinstance(out.get(key), dict):  # model.overrides
             out[key] = {**out[key], **value}
         else:
@@ -245,7 +246,8 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def recipe_fields(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file's keys with its `base:` chain merged in, before validation."""
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
     if path.resolve() in seen:
@@ -259,7 +261,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = fields.pop("base", None)
     if base is None:
         return fields
-    return _merge(_read_yaml(path.parent / base, (*seen, path.resolve())), fields)
+    return merge_fields(recipe_fields(path.parent / base, (*seen, path.resolve())), fields)
 
 
 def _apply_override(fields: dict[str, Any], assignment: str, source: str) -> None:
@@ -282,7 +284,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     where `accelerate launch` runs), like every other training tool.
     """
     path = Path(path)
-    fields = _read_yaml(path)
+    fields = recipe_fields(path)
     for assignment in overrides:
         _apply_override(fields, assignment, str(path))
     fields["source"] = str(path)

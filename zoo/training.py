@@ -75,6 +75,8 @@ class TrainResult:
     mfu: float | None
     output_dir: Path
     final_dir: Path | None
+    flops_per_token: int
+    """Training FLOPs per token (forward + backward) by `zoo.flops`: the run's C = this × tokens."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -594,6 +596,7 @@ def train(
         mfu=mfu,
         output_dir=output_dir,
         final_dir=final_dir,
+        flops_per_token=flops_per_token,
     )
 
 
