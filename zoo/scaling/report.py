@@ -233,6 +233,20 @@ def report_markdown(runs: Sequence[Run], results: dict[str, Any], missing: Seque
     return "\n".join(lines) + "\n"
 
 
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _fitted(results: dict[str, Any], key: str) -> dict[str, Any]:
+    """family → the `key` fit of each family that could be fitted."""
+    return {f: r[key] for f, r in results["families"].items() if not isinstance(r[key], dict)}
+
+
 def _plots(runs: Sequence[Run], results: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib
 
@@ -268,17 +282,10 @@ def _plots(runs: Sequence[Run], results: dict[str, Any], out: Path) -> list[Path
         np.atleast_1d(axes)[0].set_ylabel("held-out loss (nats/token)")
         np.atleast_1d(axes)[0].legend(fontsize=7)
         fig.suptitle("IsoFLOP profiles (stars: fitted optima)")
-        fig.tight_layout()
-        written.append(out / "isoflop.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_save(fig, out / "isoflop.png"))
 
-    # Frontiers: N_opt(C), D_opt(C), L_opt(C) with bootstrap bands and Shen et al.'s slopes.
-    fitted = {
-        f: r["isoflop"]
-        for f, r in results["families"].items()
-        if not isinstance(r["isoflop"], dict)
-    }
+    # Frontiers: N_opt(C), D_opt(C), L_opt(C) and Shen et al.'s slopes through our midpoints.
+    fitted = _fitted(results, "isoflop")
     if fitted:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
         for family, iso in fitted.items():
@@ -303,17 +310,10 @@ def _plots(runs: Sequence[Run], results: dict[str, Any], out: Path) -> list[Path
             ax.set_xlabel("training FLOPs C")
             ax.set_title(f"{label}(C): ours (solid), Shen et al.'s slope (dotted)", fontsize=9)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out / "frontier.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_save(fig, out / "frontier.png"))
 
     # Approach 3: predicted against observed loss.
-    parametric = {
-        f: r["parametric"]
-        for f, r in results["families"].items()
-        if not isinstance(r["parametric"], dict)
-    }
+    parametric = _fitted(results, "parametric")
     if parametric:
         fig, ax = plt.subplots(figsize=(4.6, 4.2))
         lows, highs = [], []
@@ -332,10 +332,7 @@ def _plots(runs: Sequence[Run], results: dict[str, Any], out: Path) -> list[Path
         ax.set_ylabel("L̂(N, D) = E + A/N^α + B/D^β")
         ax.set_title("Approach 3: predicted vs observed")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out / "predicted_vs_observed.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_save(fig, out / "predicted_vs_observed.png"))
 
     state = results.get("state_optimal")
     if state is not None and not isinstance(state, dict):
@@ -358,10 +355,7 @@ def _plots(runs: Sequence[Run], results: dict[str, Any], out: Path) -> list[Path
         ax.set_ylabel("compute-optimal perplexity P*")
         ax.set_title("State-optimal scaling")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out / "state_optimal.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_save(fig, out / "state_optimal.png"))
 
     moe = results.get("moe")
     if moe is not None and "error" not in moe:
@@ -376,10 +370,7 @@ def _plots(runs: Sequence[Run], results: dict[str, Any], out: Path) -> list[Path
         ax.set_xlabel("sparsity S = 1 − k/E (axis: −ln(1 − S))")
         ax.set_ylabel("held-out loss")
         ax.set_title(f"MoE at fixed total parameters: S* = {moe['s_star']:.2f}")
-        fig.tight_layout()
-        written.append(out / "moe_sparsity.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_save(fig, out / "moe_sparsity.png"))
     return written
 
 
