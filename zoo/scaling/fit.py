@@ -416,6 +416,8 @@ class IsoFlopFit:
     intervals: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     """Bootstrap percentile intervals of 'a', 'b', 'loss_exponent'."""
     n_bootstrap: int = 0
+    skipped: tuple[tuple[float, str], ...] = ()
+    """Budgets left out for want of an optimum, with the reason."""
 
     @property
     def a(self) -> float:
@@ -457,6 +459,7 @@ def fit_isoflop(
     _need(len(groups), 2, "fit_isoflop (budgets)", [f"{b:.3g}" for b in groups])
     data = []
     profiles = []
+    skipped: list[tuple[float, str]] = []
     for budget, members in groups.items():
         labels = [run.name for run in members]
         if len(np.unique(_params(members, param))) < 3:
@@ -468,11 +471,18 @@ def fit_isoflop(
         log_d = np.log(_run_column(members, "tokens"))
         loss = _run_column(members, "loss")
         vertex = _parabola(log_n, log_d, loss)
-        if vertex is None:
-            raise ValueError(
-                f"budget {budget:.3g}: loss against ln N opens downward, no minimum "
-                f"(runs {', '.join(labels)})"
+        if vertex is None or vertex[3] <= 0:
+            # A budget whose runs have no interior minimum (loss against ln N opens downward,
+            # or the vertex predicts a non-positive loss) gives no optimum: it is left out and
+            # named, and the law is fitted on the other budgets.
+            reason = (
+                "loss against ln N opens downward, no minimum"
+                if vertex is None
+                else (f"the vertex predicts loss {vertex[3]:.3g} <= 0")
             )
+            logger.warning("budget %.3g: %s (runs %s)", budget, reason, ", ".join(labels))
+            skipped.append((budget, f"{reason} (runs {', '.join(labels)})"))
+            continue
         coefficients, x_opt, y_opt, loss_opt, rmse = vertex
         extrapolated = not log_n.min() <= x_opt <= log_n.max()
         if extrapolated:
@@ -503,7 +513,7 @@ def fit_isoflop(
         len(used),
         2,
         "fit_isoflop (budgets with a trusted vertex)",
-        [f"{p.budget:.3g}" for p in used],
+        [f"{p.budget:.3g}" for p in used] + [f"{b:.3g} skipped: {why}" for b, why in skipped],
     )
     C = [p.budget for p in used]
     names = [f"budget {p.budget:.3g}" for p in used]
@@ -520,7 +530,7 @@ def fit_isoflop(
         for budget, log_n, log_d, loss, _ in trusted:
             idx = rng.integers(0, len(log_n), len(log_n))
             vertex = _parabola(log_n[idx], log_d[idx], loss[idx])
-            if vertex is None:
+            if vertex is None or vertex[3] <= 0:
                 return None
             vertices.append((math.log(budget), vertex[1], vertex[2], math.log(vertex[3])))
         log_c, *columns = np.array(vertices).T
@@ -541,6 +551,7 @@ def fit_isoflop(
         param=param,
         intervals=_intervals(samples, interval),
         n_bootstrap=len(samples["a"]),
+        skipped=tuple(skipped),
     )
 
 
@@ -853,11 +864,13 @@ def fit_envelope(
     _need(len(runs), 2, "fit_envelope (runs)", [run.name for run in runs])
     params = _params(runs, param)
     curves = []
+    short = [run.name for run in runs if len(run.curve) < 2]
+    if short:  # a run too short to log twice has no curve to take part in the envelope
+        logger.warning("fit_envelope: runs with fewer than 2 curve points left out: %s", short)
+        runs = [run for run in runs if len(run.curve) >= 2]
+        _need(len(runs), 2, "fit_envelope (runs with a curve)", [run.name for run in runs])
+        params = _params(runs, param)
     for run in runs:
-        if len(run.curve) < 2:
-            raise ValueError(
-                f"run {run.name!r}: fit_envelope needs a curve of >= 2 points, got {len(run.curve)}"
-            )
         labels = [f"run {run.name!r} curve[{i}]" for i in range(len(run.curve))]
         flops = _check_column([p.flops for p in run.curve], "flops", labels)
         tokens = _check_column([p.tokens for p in run.curve], "tokens", labels)
@@ -1288,13 +1301,18 @@ def fit_state_optimal(
             f"fit_state_optimal (family {family!r}, budgets)",
             [f"{p.budget:.3g} ({p.run})" for p in family_points],
         )
+        points += family_points
+        if len({p.state_size for p in family_points}) < 2:
+            # The same size won every budget: no spread in M, no per-family slope (the points
+            # still join the pooled fit).
+            logger.warning("fit_state_optimal: family %r has one state size only", family)
+            continue
         fits[family] = fit_power_law(
             [p.state_size for p in family_points],
             [p.perplexity for p in family_points],
             names=[p.run for p in family_points],
             columns=("state_size", "perplexity"),
         )
-        points += family_points
     pooled = fit_power_law(
         [p.state_size for p in points],
         [p.perplexity for p in points],

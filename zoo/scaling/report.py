@@ -164,9 +164,9 @@ def report_markdown(runs: Sequence[Run], results: dict[str, Any], missing: Seque
         if isinstance(iso, dict):
             lines.append(f"| {family} | IsoFLOP | — | — | — | {iso['error']} |")
         else:
-            note = (
-                f"extrapolated vertex at C = {list(iso.extrapolated)}" if iso.extrapolated else ""
-            )
+            notes = [f"extrapolated vertex at C = {b:.3g}" for b in iso.extrapolated]
+            notes += [f"C = {b:.3g} left out: {why.split(' (runs')[0]}" for b, why in iso.skipped]
+            note = "; ".join(notes)
             lines.append(
                 f"| {family} | IsoFLOP | {_fmt(iso.a)}{_interval(iso, 'a')} "
                 f"| {_fmt(iso.b)}{_interval(iso, 'b')} "
@@ -208,8 +208,12 @@ def report_markdown(runs: Sequence[Run], results: dict[str, Any], missing: Seque
                 "context): P* ∝ M^c. MAD reports c ≈ −0.28."
             )
             lines += ["", "| family | c | points |", "|---|---:|---:|"]
-            for family, law in state.families.items():
-                lines.append(f"| {family} | {_fmt(law.exponent)} | {law.n_points} |")
+            for family in results["families"]:
+                law = state.families.get(family)
+                if law is None:
+                    lines.append(f"| {family} | — (one state size won every budget) | |")
+                else:
+                    lines.append(f"| {family} | {_fmt(law.exponent)} | {law.n_points} |")
             lines.append(f"| pooled | {_fmt(state.pooled.exponent)} | {state.pooled.n_points} |")
     moe = results.get("moe")
     if moe is not None:
@@ -270,7 +274,8 @@ def _plots(runs: Sequence[Run], results: dict[str, Any], out: Path) -> list[Path
                 ax.plot([r.params for r in row], [r.loss for r in row], "o", color=cmap(i),
                         label=f"C = {budget:.1g}")  # fmt: skip
             if not isinstance(iso, dict):
-                for i, profile in enumerate(iso.profiles):
+                for profile in iso.profiles:
+                    i = budgets.index(profile.budget)  # the color of its budget's points
                     lo, hi = profile.params_range
                     n = np.geomspace(lo / 1.5, hi * 1.5, 100)
                     ax.plot(n, profile.predict(n), "-", color=cmap(i), alpha=0.6)
