@@ -91,3 +91,19 @@ def test_fit_cli_reports_what_it_cannot_fit(tmp_path):
     assert result.exit_code == 2 and "run 'x': loss=nan is not finite" in result.output
     missing = CliRunner().invoke(app, ["scaling", "fit", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "neither a plan folder" in missing.output
+
+
+def test_isoflop_leaves_out_a_budget_without_a_minimum():
+    from zoo.scaling.fit import fit_isoflop
+    from zoo.scaling.runs import Run
+
+    runs = []
+    for budget, curvature in ((1e18, 0.02), (1e19, 0.02), (1e20, 0.02), (1e21, -0.02)):
+        for n in np.geomspace(1e7, 1e9, 5):
+            centre = math.log(1e8) + 0.5 * math.log(budget / 1e18)
+            loss = 3.0 - 0.1 * math.log10(budget) + curvature * (math.log(n) - centre) ** 2
+            runs.append(Run(f"{budget:.0e}-{n:.1e}", "x", n, budget / (6 * n), budget, loss,
+                            budget=budget))  # fmt: skip
+    fit = fit_isoflop(runs)
+    assert [b for b, _ in fit.skipped] == [1e21] and "opens downward" in fit.skipped[0][1]
+    assert len(fit.profiles) == 3 and abs(fit.a - 0.5) < 0.05
