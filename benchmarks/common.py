@@ -219,3 +219,44 @@ def measure_fwd_bwd(
             out[mode]["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     clear()
     return out
+
+
+def fwd_bwd_table(
+    rows: list[dict[str, Any]],
+    shape_keys: str,
+    op_names: dict[str, str],
+    rate: tuple[str, str, str],
+) -> tuple[list[str], list[str]]:
+    """(table lines, note lines) of `measure_fwd_bwd` rows: per shape, op and implementation,
+    fwd and fwd+bwd ms, a rate column `rate` = (row key, header, format) and the first calls.
+    Skipped variants and failed modes become notes under the table."""
+    key, header, spec = rate
+    lines = [
+        f"| ({', '.join(shape_keys)}) | op | impl | fwd ms | fwd {header} | fwd+bwd ms "
+        f"| fwd+bwd {header} | first call s (fwd / fwd+bwd) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    notes = []
+
+    def cell(res: dict[str, Any]) -> tuple[str, str, str]:
+        if "ms" not in res:
+            return "error", "", ""
+        return f"{res['ms']:.2f}", format(res[key], spec), f"{res['first_call_s']:.3g}"
+
+    for row in rows:
+        shape = f"({', '.join(str(row[k]) for k in shape_keys)})"
+        what = f"{op_names[row['op']]} {row['impl']}"
+        if "skipped" in row:
+            notes.append(f"- {shape} {what}: skipped, {row['skipped']}")
+            continue
+        (f_ms, f_rate, f_first), (b_ms, b_rate, b_first) = cell(row["fwd"]), cell(row["fwd_bwd"])
+        lines.append(
+            f"| {shape} | {op_names[row['op']]} | {row['impl']} | {f_ms} | {f_rate} | {b_ms} "
+            f"| {b_rate} | {f_first} / {b_first} |"
+        )
+        notes += [
+            f"- {shape} {what} {mode}: {row[mode]['error']}"
+            for mode in ("fwd", "fwd_bwd")
+            if "error" in row[mode]
+        ]
+    return lines, notes

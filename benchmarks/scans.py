@@ -53,6 +53,7 @@ from common import (
     finish,
     fla_op,
     fla_version,
+    fwd_bwd_table,
     load_note,
     measure_fwd_bwd,
     new_result,
@@ -203,38 +204,13 @@ def bench(
     return rows
 
 
-def _cell(res: dict[str, Any]) -> tuple[str, str, str]:
-    if "error" in res:
-        return "error", "", ""
-    return f"{res['ms']:.2f}", f"{res['tflops']:.3f}", f"{res['first_call_s']:.3g}"
-
-
 def table(result: dict[str, Any]) -> str:
+    lines, notes = fwd_bwd_table(result["rows"], "BTHD", OPS, ("tflops", "TFLOP/s", ".3f"))
     lines = [
         f"Linear-mixer ops, {result['device']['name']} ({result['dtype']}), fla: {result['fla']}",
         "",
-        "| (B, T, H, D) | op | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s "
-        "| first call s (fwd / fwd+bwd) |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        *lines,
     ]
-    notes = []
-    for row in result["rows"]:
-        shape = f"({row['B']}, {row['T']}, {row['H']}, {row['D']})"
-        what = f"{OPS[row['op']]} {row['impl']}"
-        if "skipped" in row:
-            notes.append(f"- {shape} {what}: skipped, {row['skipped']}")
-            continue
-        f_ms, f_tf, f_first = _cell(row["fwd"])
-        b_ms, b_tf, b_first = _cell(row["fwd_bwd"])
-        lines.append(
-            f"| {shape} | {OPS[row['op']]} | {row['impl']} | {f_ms} | {f_tf} | {b_ms} | {b_tf} "
-            f"| {f_first} / {b_first} |"
-        )
-        notes += [
-            f"- {shape} {what} {mode}: {row[mode]['error']}"
-            for mode in ("fwd", "fwd_bwd")
-            if "error" in row[mode]
-        ]
     note = load_note(result["device"])
     return "\n".join(lines + (["", *notes] if notes else [])) + ("\n" + note if note else "")
 

@@ -67,6 +67,7 @@ from common import (
     error_text,
     finish,
     fla_version,
+    fwd_bwd_table,
     load_note,
     measure_fwd_bwd,
     new_result,
@@ -332,10 +333,8 @@ def goal_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _cell(res: dict[str, Any]) -> tuple[str, str, str]:
-    if "ms" not in res:
-        return "error", "", ""
-    return f"{res['ms']:.2f}", f"{res['gb_s']:.1f}", f"{res['first_call_s']:.3g}"
+def _ms(res: dict[str, Any]) -> str:
+    return f"{res['ms']:.2f}" if "ms" in res else "error"
 
 
 def _length_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -364,7 +363,7 @@ def _length_table(rows: list[dict[str, Any]]) -> list[str]:
                 if row is None:
                     line.append("")
                     continue
-                f_ms, b_ms = _cell(row["fwd"])[0], _cell(row["fwd_bwd"])[0]
+                f_ms, b_ms = _ms(row["fwd"]), _ms(row["fwd_bwd"])
                 line.append(f"{f_ms} / {b_ms}")
             lines.append(f"| {impl} | " + " | ".join(line) + " |")
     return lines
@@ -388,32 +387,13 @@ def _goal_lines(result: dict[str, Any]) -> list[str]:
 
 def table(result: dict[str, Any]) -> str:
     baselines = ", ".join(f"{name}: {v}" for name, v in result["baselines"].items())
+    table_lines, notes = fwd_bwd_table(result["rows"], "BTD", OPS, ("gb_s", "GB/s", ".1f"))
     lines = [
         f"Selective scan and convolutions, {result['device']['name']} ({result['dtype']}), "
         f"{baselines}",
         "",
-        "| (B, T, D) | op | impl | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s "
-        "| first call s (fwd / fwd+bwd) |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        *table_lines,
     ]
-    notes = []
-    for row in result["rows"]:
-        shape = f"({row['B']}, {row['T']}, {row['D']})"
-        what = f"{OPS[row['op']]} {row['impl']}"
-        if "skipped" in row:
-            notes.append(f"- {shape} {what}: skipped, {row['skipped']}")
-            continue
-        f_ms, f_gb, f_first = _cell(row["fwd"])
-        b_ms, b_gb, b_first = _cell(row["fwd_bwd"])
-        lines.append(
-            f"| {shape} | {OPS[row['op']]} | {row['impl']} | {f_ms} | {f_gb} | {b_ms} | {b_gb} "
-            f"| {f_first} / {b_first} |"
-        )
-        notes += [
-            f"- {shape} {what} {mode}: {row[mode]['error']}"
-            for mode in ("fwd", "fwd_bwd")
-            if "error" in row[mode]
-        ]
     lines += _length_table(result["rows"]) + _goal_lines(result)
     note = load_note(result["device"])
     return "\n".join(lines + (["", *notes] if notes else [])) + ("\n" + note if note else "")
