@@ -692,6 +692,40 @@ _CHINCHILLA_MODEL = _LseModel(
 )
 
 
+def _lse_fit_and_bootstrap(
+    model: _LseModel,
+    numbers: Callable[[np.ndarray], dict[str, float]],
+    F: np.ndarray,
+    y: np.ndarray,
+    grid: Mapping[str, Sequence[float]],
+    delta: float,
+    maxiter: int,
+    bootstrap: int,
+    seed: int,
+    interval: float,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The best fit from the grid and its bootstrap: (the law's numbers, the fields every LSE
+    fit reports: objective, convergence, start, intervals of every number, n_bootstrap)."""
+    result = _fit_lse(model, F, y, grid, delta, maxiter)
+    thetas = _bootstrap_lse(model, F, y, result.theta, bootstrap, seed, delta, maxiter)
+    samples: dict[str, list[float]] = {}
+    for theta in thetas:
+        for key, value in numbers(theta).items():
+            samples.setdefault(key, []).append(value)
+    diagnostics = {
+        "objective": result.objective,
+        "converged": result.converged,
+        "n_starts": result.n_starts,
+        "n_converged": result.n_converged,
+        "message": result.message,
+        "start": result.start,
+        "n_at_best": result.n_at_best,
+        "intervals": _intervals(samples, interval),
+        "n_bootstrap": len(thetas),
+    }
+    return numbers(result.theta), diagnostics
+
+
 @dataclasses.dataclass(frozen=True)
 class ParametricFit:
     """Chinchilla approach 3: L̂ = E + A/N^α + B/D^β."""
@@ -787,30 +821,12 @@ def fit_parametric(
     _need(len(L), 6, "fit_parametric (5 parameters)", labels)
     F = np.stack([np.log(N), np.log(D)], axis=1)  # (n, 2)
     y = np.log(L)
-    result = _fit_lse(_CHINCHILLA_MODEL, F, y, grid, delta, maxiter)
-    samples: dict[str, list[float]] = {}
-    thetas = _bootstrap_lse(_CHINCHILLA_MODEL, F, y, result.theta, bootstrap, seed, delta, maxiter)
-    for theta in thetas:
-        for key, value in _chinchilla_numbers(theta).items():
-            samples.setdefault(key, []).append(value)
-    numbers = _chinchilla_numbers(result.theta)
-    return ParametricFit(
-        E=numbers["E"],
-        A=numbers["A"],
-        B=numbers["B"],
-        alpha=numbers["alpha"],
-        beta=numbers["beta"],
-        objective=result.objective,
-        converged=result.converged,
-        n_starts=result.n_starts,
-        n_converged=result.n_converged,
-        message=result.message,
-        start=result.start,
-        n_at_best=result.n_at_best,
-        n_points=len(L),
-        intervals=_intervals(samples, interval),
-        n_bootstrap=len(thetas),
-    )
+    numbers, diagnostics = _lse_fit_and_bootstrap(
+        _CHINCHILLA_MODEL, _chinchilla_numbers, F, y, grid, delta, maxiter, bootstrap, seed,
+        interval,
+    )  # fmt: skip
+    laws = {key: numbers[key] for key in ("E", "A", "B", "alpha", "beta")}
+    return ParametricFit(**laws, **diagnostics, n_points=len(L))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1010,26 +1026,10 @@ def fit_sparsity(
         raise ValueError(f"fit_sparsity needs runs of at least 2 sparsities, all have S={S[0]}")
     F = np.stack([np.log(N), np.log(D), np.log1p(-S)], axis=1)  # (n, 3)
     y = np.log(L)
-    result = _fit_lse(_SPARSITY_MODEL, F, y, grid, delta, maxiter)
-    thetas = _bootstrap_lse(_SPARSITY_MODEL, F, y, result.theta, bootstrap, seed, delta, maxiter)
-    samples: dict[str, list[float]] = {}
-    for theta in thetas:
-        for key, value in _sparsity_numbers(theta).items():
-            samples.setdefault(key, []).append(value)
-    return SparsityFit(
-        **_sparsity_numbers(result.theta),
-        objective=result.objective,
-        converged=result.converged,
-        n_starts=result.n_starts,
-        n_converged=result.n_converged,
-        message=result.message,
-        start=result.start,
-        n_at_best=result.n_at_best,
-        n_points=len(runs),
-        param=param,
-        intervals=_intervals(samples, interval),
-        n_bootstrap=len(thetas),
+    numbers, diagnostics = _lse_fit_and_bootstrap(
+        _SPARSITY_MODEL, _sparsity_numbers, F, y, grid, delta, maxiter, bootstrap, seed, interval
     )
+    return SparsityFit(**numbers, **diagnostics, n_points=len(runs), param=param)
 
 
 _SCAN_POINTS = 200
