@@ -626,6 +626,7 @@ def dry_run(recipe: Recipe, world_size: int = 1) -> dict[str, Any]:
         "train_flops_per_token": flops.train_per_token,
         "train_flops": total_flops,
         "train_pflops_days": total_flops / 8.64e19,
+        "state_size": model.state_size(1, recipe.training.seq_len),
     }
 
 

@@ -86,20 +86,6 @@ class PlannedRun:
         return out
 
 
-def _stats(recipe: Recipe) -> dict[str, Any]:
-    """Parameters, FLOPs per token and state size of a recipe's model (meta device)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from zoo.training import dry_run
-
-    report = dry_run(recipe)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(recipe.build_config())
-    report["state_size"] = model.state_size(1, recipe.training.seq_len)
-    return report
-
-
 def _write_recipe(fields: dict[str, Any], path: Path) -> Recipe:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(fields, sort_keys=False))
@@ -133,7 +119,9 @@ def plan_run(
     fields["training"].pop("tokens", None)  # a placeholder until FLOPs per token are known
     path = folder / f"{name}.yaml"
     probe = _write_recipe(fields, path)
-    stats = _stats(probe)
+    from zoo.training import dry_run  # parameters, FLOPs/token, state size (meta device)
+
+    stats = dry_run(probe)
     per_step = stats["train_flops_per_token"] * probe.training.global_batch_tokens
     steps = max(min_steps, round(budget / per_step))
     fields["training"]["steps"] = steps
