@@ -44,6 +44,63 @@ def test_bad_config_names_the_field(fields, message):
         zoo.LlamaConfig(**fields)
 
 
+_STRIPE = {
+    "mixers": ["attention", "gated_conv", "attention", "mamba"],
+    "channel_mixers": ["swiglu"] * 4,
+}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"layer_overrides": [None] * 3}, "layer_overrides must be None or a list with one entry"),
+        (
+            {"layer_overrides": [{"hidden_size": 8}, None, None, None]},
+            r"layer_overrides\[0\]\.hidden_size: not a per-layer field",
+        ),
+        (
+            {"layer_overrides": [{"num_key_value_heads": 3}, None, None, None]},
+            r"layer_overrides\[0\]: num_key_value_heads=3 does not divide",
+        ),
+        (
+            {"mixers": ["hgrn2"] * 4, "hgrn2_expand_ratio": 16,
+             "layer_overrides": [None, {"hgrn2_expand_ratio": 48}, None, None]},
+            r"layer_overrides\[1\]\.hgrn2_expand_ratio=48 does not divide",
+        ),
+        ({"mixer_weight_source": [None, None, 2, None]}, "must be None or an earlier layer"),
+        ({"mixer_weight_source": [None, 0, None, None]}, "layer 1 is 'gated_conv', layer 0"),
+        ({"mixer_weight_source": [None, None, 0, 2]}, "layer 2 takes its own from layer 0"),
+        ({"channel_mixers": ["swiglu", "none", "swiglu", "none"],
+          "channel_mixer_weight_source": [None, None, None, 1]}, "has no channel mixer to share"),
+        ({"kv_source": [None, None, None, 1]}, "layer 3 is 'mamba'"),
+        ({"kv_source": [None, None, 0, None],
+          "layer_overrides": [None, None, {"num_key_value_heads": 2}, None]},
+         "layer 2 has 2 K/V heads, layer 0 4"),
+        ({"mixer_weight_source": [None, None, 0, None],
+          "layer_overrides": [None, None, {"num_key_value_heads": 2}, None]},
+         "different layer_overrides"),
+        ({"mixer_weight_source": [None, None, 0, None], "kv_source": [None, None, 0, None]},
+         "has no K/V projections to share"),
+    ],
+)  # fmt: skip
+def test_bad_sharing_names_the_layer(fields, message):
+    with pytest.raises(ValueError, match=message):
+        zoo.HybridConfig(**{**_STRIPE, **fields})
+
+
+def test_layer_overrides_change_only_their_layer():
+    config = zoo.HybridConfig(
+        **_STRIPE,
+        layer_overrides=[{"num_key_value_heads": 1, "intermediate_size": 64}, None, None, None],
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    first, third = model.model.layers[0], model.model.layers[2]
+    assert first.mixer.k_proj.out_features == config.head_dim
+    assert third.mixer.k_proj.out_features == config.hidden_size
+    assert first.channel_mixer.up_proj.out_features == 64
+    assert third.channel_mixer.up_proj.out_features == config.intermediate_size
+
+
 def test_unknown_mixer_error_lists_the_allowed_ones():
     with pytest.raises(
         ValueError, match=r"mixers\[0\]='s4' .* allowed: \['attention', 'cosformer2'"

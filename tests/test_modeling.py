@@ -201,6 +201,10 @@ def test_activation_checkpointing_gives_the_same_gradients(family, reentrant):
 
     plain = grads()
     model.activation_checkpointing_enable({"use_reentrant": reentrant})
+    if reentrant and model.config.kv_source:
+        with pytest.raises(ValueError, match="use_reentrant"):
+            grads()
+        return
     checkpointed = grads()
     assert plain.keys() == checkpointed.keys()
     assert len(plain) == sum(1 for p in model.parameters() if p.requires_grad)

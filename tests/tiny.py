@@ -10,7 +10,7 @@ import zoo
 TINY = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, lightning_chunk_size=8)
 # ZOO_TEST_FAMILIES=mamba,hyena narrows the model-level tests while developing a family.
 FAMILIES = os.environ.get(
-    "ZOO_TEST_FAMILIES", "llama,tnl,hgrn2,cosformer2,mamba,hyena,hybrid"
+    "ZOO_TEST_FAMILIES", "llama,tnl,hgrn2,cosformer2,mamba,hyena,hybrid,shared"
 ).split(",")
 
 
@@ -41,6 +41,20 @@ def tiny_config(family: str, **overrides) -> zoo.ZooConfig:
             "num_shared_experts": 1,
             "mamba_d_state": 4,
             "mamba_chunk_size": 8,
+        }
+        return zoo.HybridConfig(**{**TINY, **pattern, **overrides})
+    if family == "shared":
+        # What STAR genomes decode to: gated short convs, per-layer K/V heads, a layer that
+        # reuses an earlier mixer's weights, another an earlier channel mixer's, and an attention
+        # layer that reads the K/V of the one before it.
+        pattern = {
+            "num_hidden_layers": 4,
+            "mixers": ["gated_conv", "gated_conv", "attention", "attention"],
+            "channel_mixers": ["swiglu", "none", "glu", "swiglu"],
+            "layer_overrides": [None, None, {"num_key_value_heads": 2}, {"num_key_value_heads": 2}],
+            "mixer_weight_source": [None, 0, None, None],
+            "channel_mixer_weight_source": [None, None, None, 0],
+            "kv_source": [None, None, None, 2],
         }
         return zoo.HybridConfig(**{**TINY, **pattern, **overrides})
     raise ValueError(f"unknown family {family!r}")

@@ -378,5 +378,77 @@ def scaling_fit(
     typer.echo(f"wrote {out / 'fits.json'}, {out / 'report.md'} and {len(results['plots'])} plots")
 
 
+star_app = typer.Typer(
+    help="STAR: architecture genomes, NSGA-II search over them, fronts and exports.",
+    no_args_is_help=True,
+)
+app.add_typer(star_app, name="star")
+
+
+@star_app.command("search")
+def star_search(
+    config: Annotated[Path, typer.Argument(help="The search file (backbone, recipe, sizes).")],
+    run_dir: Annotated[Path, typer.Argument(help="Where evaluations and logs go (resumable).")],
+    workers: Annotated[int, typer.Option(help="Candidates trained at once, one process each.")] = 1,
+    threads: Annotated[
+        int | None, typer.Option(help="torch threads per candidate (default: cores / workers).")
+    ] = None,
+) -> None:
+    """Evolve genomes with NSGA-II; run it again on the same folder to resume after a kill."""
+    from zoo.recipe import RecipeError
+    from zoo.star.genome import Genome, GenomeError, describe
+    from zoo.star.search import backbone_of, load_search, search
+
+    with _user_errors(RecipeError, GenomeError):
+        settings = load_search(config)
+        population = search(settings, run_dir, workers=workers, threads=threads)
+    space = backbone_of(settings)
+    typer.echo(f"final population of {run_dir} (first front first):")
+    for member in population:
+        typer.echo(
+            f"{member.genome}  loss {member.loss:.4f}  params {member.params:,}  "
+            f"cache {member.cache:,}"
+        )
+        for line in describe(Genome.parse(member.genome, space), space):
+            typer.echo(f"    {line}")
+
+
+@star_app.command("report")
+def star_report(
+    run_dir: Annotated[Path, typer.Argument(help="A `zoo star search` run folder.")],
+    out: Annotated[Path, typer.Option(help="Where report.md, fronts and best configs go.")] = Path(
+        "star-report"
+    ),
+) -> None:
+    """Pareto fronts (loss vs params, loss vs cache), the best genomes, the baselines."""
+    from zoo.recipe import RecipeError
+    from zoo.star.report import write_report
+
+    with _user_errors(RecipeError, FileNotFoundError):
+        written = write_report(run_dir, out)
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"wrote {len(written)} files under {out}")
+
+
+@star_app.command("export")
+def star_export(
+    genome: Annotated[str, typer.Argument(help='A genome, e.g. "11111-11111-...|00 ...|...".')],
+    search_file: Annotated[
+        Path, typer.Option("--search", help="The search file whose backbone and recipe it uses.")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for config.json and recipe.yaml.")] = Path(
+        "star-export"
+    ),
+) -> None:
+    """Write a genome as a model config and as a recipe that `zoo train` runs."""
+    from zoo.recipe import RecipeError
+    from zoo.star.genome import GenomeError
+    from zoo.star.report import export_genome
+
+    with _user_errors(RecipeError, GenomeError):
+        recipe = export_genome(genome, search_file, out)
+    typer.echo(f"wrote {out / 'config.json'} and {recipe}; train it with: zoo train {recipe}")
+
+
 if __name__ == "__main__":
     app()

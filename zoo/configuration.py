@@ -12,6 +12,7 @@ value and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ SEQUENCE_MIXERS: dict[str, str] = {
     "mamba": "linear_attention",  # conv state + SSM state
     # Hyena's long convolution needs the whole input history to decode: it grows like a KV cache.
     "hyena": "full_attention",
+    "gated_conv": "linear_attention",  # conv state only
 }
 CHANNEL_MIXERS: tuple[str, ...] = ("swiglu", "glu", "moe", "none")
 NORM_TYPES: tuple[str, ...] = ("rmsnorm", "srmsnorm")
@@ -37,6 +39,20 @@ KERNEL_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 # Implementations of the MoE experts (zoo/layers/moe.py); all compute the same function.
 MOE_BACKENDS: tuple[str, ...] = ("auto", "torch", "torch_grouped_mm", "triton", "megablocks")
 ROUTER_SCORING_FUNCS: tuple[str, ...] = ("softmax", "sigmoid")
+
+# Fields a layer may set for itself in `layer_overrides` (the rest are the model's): the widths
+# and state sizes that STAR's operator genomes vary per layer (zoo.star).
+LAYER_OVERRIDE_FIELDS: tuple[str, ...] = (
+    "num_key_value_heads",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "mamba_d_state",
+    "mamba_expand",
+    "hgrn2_expand_ratio",
+    "hyena_order",
+    "gated_conv_kernel",
+)
+_CHANNEL_FIELDS = frozenset({"intermediate_size", "moe_intermediate_size"})
 
 # The byte tokenizer's ids (zoo/tokenizer.py): 256 bytes, then <s>, </s>, <pad>.
 _BYTE_VOCAB, _BOS, _EOS, _PAD = 259, 256, 257, 258
@@ -204,6 +220,20 @@ class ZooConfig(PreTrainedConfig):
     hyena_num_inner_mlps: int = 2
     # Hyena: multiply the filters by the exponential decay window.
     hyena_modulate: bool = True
+    # Gated short conv (STAR's GConv-1): kernel width of its causal depthwise conv.
+    gated_conv_kernel: int = 3
+    # Per-layer settings: one dict per layer (or None) of fields from LAYER_OVERRIDE_FIELDS that
+    # replace the model's value in that layer only, e.g. {"num_key_value_heads": 1}.
+    layer_overrides: list[dict[str, Any] | None] | None = None
+    # Weight sharing across layers (STAR's featurizer sharing): per layer, the index of an earlier
+    # layer whose sequence-mixer weights this layer uses (tied parameters, saved once), or None.
+    mixer_weight_source: list[int | None] | None = None
+    # The same for the channel mixers.
+    channel_mixer_weight_source: list[int | None] | None = None
+    # Cross-layer K/V sharing (STAR's feature-group sharing; Brandon et al., arXiv 2405.12981):
+    # per layer, an earlier attention layer whose keys and values this attention layer reads
+    # instead of computing and caching its own, or None.
+    kv_source: list[int | None] | None = None
     # Kernel backend of the mixer ops: "auto" (Triton on CUDA when built, torch otherwise).
     kernel_backend: str = "auto"
     # MoE (layers whose channel mixer is "moe"; names follow transformers' MoE models).
@@ -277,6 +307,10 @@ class ZooConfig(PreTrainedConfig):
             self.moe_intermediate_size = self.intermediate_size
 
     def _validate(self) -> None:
+        self._validate_fields()
+        self._validate_layers()
+
+    def _validate_fields(self) -> None:
         for name in (
             "vocab_size",
             "hidden_size",
@@ -295,6 +329,7 @@ class ZooConfig(PreTrainedConfig):
             "hyena_filter_order",
             "hyena_short_filter",
             "hyena_num_inner_mlps",
+            "gated_conv_kernel",
             "num_experts",
             "num_experts_per_tok",
             "moe_intermediate_size",
@@ -337,11 +372,6 @@ class ZooConfig(PreTrainedConfig):
             or emb_dim % 2 == 0
         ):
             raise ValueError(f"hyena_emb_dim={emb_dim!r} must be an odd integer >= 3")
-        if "hgrn2" in self.mixers and self.hidden_size % self.hgrn2_expand_ratio:
-            raise ValueError(
-                f"hgrn2_expand_ratio={self.hgrn2_expand_ratio} does not divide "
-                f"hidden_size={self.hidden_size}"
-            )
         if self.output_gate_rank is not None and (
             not isinstance(self.output_gate_rank, int) or self.output_gate_rank <= 0
         ):
@@ -385,6 +415,122 @@ class ZooConfig(PreTrainedConfig):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size={self.vocab_size} must be at least 2")
+
+    def _validate_layers(self) -> None:
+        """Per-layer overrides and cross-layer sharing: every reference must be buildable."""
+        n = self.num_hidden_layers
+        for name in (
+            "layer_overrides",
+            "mixer_weight_source",
+            "channel_mixer_weight_source",
+            "kv_source",
+        ):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (list, tuple)) or len(value) != n):
+                raise ValueError(
+                    f"{name} must be None or a list with one entry per layer "
+                    f"(num_hidden_layers={n}), got {value!r}"
+                )
+        for i, overrides in enumerate(self.layer_overrides or []):
+            if overrides is None:
+                continue
+            if not isinstance(overrides, dict):
+                raise ValueError(f"layer_overrides[{i}]={overrides!r} must be a dict or None")
+            for key in overrides:
+                if key not in LAYER_OVERRIDE_FIELDS:
+                    raise ValueError(
+                        f"layer_overrides[{i}].{key}: not a per-layer field; "
+                        f"allowed: {list(LAYER_OVERRIDE_FIELDS)}"
+                    )
+            try:
+                self.for_layer(i)._validate_fields()
+            except ValueError as error:
+                raise ValueError(f"layer_overrides[{i}]: {error}") from None
+        for i, mixer in enumerate(self.mixers):
+            ratio = self.for_layer(i).hgrn2_expand_ratio
+            if mixer == "hgrn2" and self.hidden_size % ratio:
+                where = "" if ratio == self.hgrn2_expand_ratio else f"layer_overrides[{i}]."
+                raise ValueError(
+                    f"{where}hgrn2_expand_ratio={ratio} does not divide "
+                    f"hidden_size={self.hidden_size}"
+                )
+        kinds = (
+            ("mixer_weight_source", self.mixers),
+            ("channel_mixer_weight_source", self.channel_mixers),
+            ("kv_source", self.mixers),
+        )
+        for name, layers in kinds:
+            sources = getattr(self, name) or [None] * n
+            for i, j in enumerate(sources):
+                if j is None:
+                    continue
+                where = f"{name}[{i}]={j!r}"
+                if not isinstance(j, int) or isinstance(j, bool) or not 0 <= j < i:
+                    raise ValueError(f"{where} must be None or an earlier layer index (0..{i - 1})")
+                if sources[j] is not None:
+                    raise ValueError(
+                        f"{where}: layer {j} takes its own from layer {sources[j]}; "
+                        f"name that layer instead"
+                    )
+                if layers[i] != layers[j]:
+                    raise ValueError(
+                        f"{where}: layer {i} is {layers[i]!r}, layer {j} {layers[j]!r}"
+                    )
+                if layers[i] == "none":
+                    raise ValueError(f"{where}: layer {i} has no channel mixer to share")
+                if name == "kv_source" and layers[i] != "attention":
+                    raise ValueError(f"{where}: only softmax attention layers can share K/V")
+                mine, theirs = self.for_layer(i), self.for_layer(j)
+                if name == "kv_source":
+                    if mine.num_key_value_heads != theirs.num_key_value_heads:
+                        raise ValueError(
+                            f"{where}: layer {i} has {mine.num_key_value_heads} K/V heads, "
+                            f"layer {j} {theirs.num_key_value_heads}"
+                        )
+                elif self._part_overrides(i, name) != self._part_overrides(j, name):
+                    raise ValueError(
+                        f"{where}: layers {i} and {j} have different layer_overrides "
+                        f"({self._part_overrides(i, name)} vs {self._part_overrides(j, name)})"
+                    )
+                elif (
+                    name == "mixer_weight_source"
+                    and self.kv_source is not None
+                    and ((self.kv_source[i] is None) != (self.kv_source[j] is None))
+                ):
+                    raise ValueError(
+                        f"{where}: one of layers {i} and {j} reads another layer's K/V "
+                        "(kv_source) and has no K/V projections to share"
+                    )
+
+    def _part_overrides(self, layer_idx: int, sharing: str) -> dict[str, Any]:
+        """The overrides of one layer that shape its channel mixer (for channel-mixer sharing)
+        or its sequence mixer (otherwise)."""
+        overrides = (self.layer_overrides or [None] * self.num_hidden_layers)[layer_idx] or {}
+        channel = sharing == "channel_mixer_weight_source"
+        return {k: v for k, v in overrides.items() if (k in _CHANNEL_FIELDS) == channel}
+
+    def for_layer(self, layer_idx: int) -> ZooConfig:
+        """The config layer `layer_idx` is built from: this one with its `layer_overrides`."""
+        overrides = (self.layer_overrides or [None] * self.num_hidden_layers)[layer_idx]
+        if not overrides:
+            return self
+        layer = copy.copy(self)
+        for key, value in overrides.items():
+            object.__setattr__(layer, key, value)
+        return layer
+
+    @property
+    def has_sharing(self) -> bool:
+        """Whether any layer shares weights or K/V with another."""
+        return any(
+            j is not None
+            for sources in (
+                self.mixer_weight_source,
+                self.channel_mixer_weight_source,
+                self.kv_source,
+            )
+            for j in sources or []
+        )
 
     def _validate_moe(self) -> None:
         if self.num_experts_per_tok > self.num_experts:

@@ -118,19 +118,30 @@ class ZooPreTrainedModel(PreTrainedModel):
         if isinstance(module, ZooModel) and module.hgrn2_lower_bounds is not None:
             init.zeros_(module.hgrn2_lower_bounds)
 
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict[str, str]:
+        """transformers' tied keys (the LM head on the embedding), plus the weights layers share
+        (`mixer_weight_source`, `channel_mixer_weight_source`): `tie_weights` makes every such
+        target the same Parameter as its source, and saving writes it once."""
+        tied = super().get_expanded_tied_weights_keys(all_submodels)
+        if not all_submodels and isinstance(self, ZooModel):
+            tied.update(self.shared_weight_keys())
+        return tied
+
     def num_parameters(
         self, only_trainable: bool = False, exclude_embeddings: bool = False, active: bool = False
     ) -> int:
         """transformers' count; `active=True` counts only what one token runs: k of the E routed
         experts of every MoE layer (Abnar et al.'s N_a: always-on parameters included)."""
-        total = super().num_parameters(only_trainable, exclude_embeddings)
+        total = super().num_parameters(only_trainable, exclude_embeddings)  # shared ones once
         if not active:
             return total
+        seen: set[int] = set()
         for module in self.modules():
             if isinstance(module, Experts):
                 inactive = 1 - self.config.num_experts_per_tok / module.num_experts
                 for param in module.parameters():
-                    if param.requires_grad or not only_trainable:
+                    if id(param) not in seen and (param.requires_grad or not only_trainable):
+                        seen.add(id(param))
                         total -= round(param.numel() * inactive)
         return total
 
@@ -153,7 +164,21 @@ class ZooModel(ZooPreTrainedModel):
             else None
         )
         self.gradient_checkpointing = False
+        # transformers reads this when saving: the targets are written once, as their source.
+        self._tied_weights_keys = self.shared_weight_keys()
         self.post_init()
+
+    def shared_weight_keys(self) -> dict[str, str]:
+        """{target: source} parameter names of the weights layers share with earlier layers."""
+        config = self.config
+        keys: dict[str, str] = {}
+        for part in ("mixer", "channel_mixer"):
+            for i, j in enumerate(getattr(config, f"{part}_weight_source") or []):
+                if j is None:
+                    continue
+                for name, _ in getattr(self.layers[j], part).named_parameters():
+                    keys[f"layers.{i}.{part}.{name}"] = f"layers.{j}.{part}.{name}"
+        return keys
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -192,6 +217,14 @@ class ZooModel(ZooPreTrainedModel):
             attention_mask, position_ids, batch, seq_len, past_len, inputs_embeds.device
         )
         context.hgrn2_gamma = self.hgrn2_lower_bounds
+        if self.gradient_checkpointing and self.training and self.config.kv_source:
+            checkpoint = getattr(self, "_gradient_checkpointing_func", None)
+            if getattr(checkpoint, "keywords", {}).get("use_reentrant", True):
+                raise ValueError(
+                    "reentrant activation checkpointing runs blocks without grad and would drop "
+                    "the gradient of K/V that later layers read (kv_source); enable it with "
+                    "{'use_reentrant': False}"
+                )
 
         hidden_states = inputs_embeds
         all_hidden_states = []

@@ -17,13 +17,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from zoo.configuration import PRESETS, HybridConfig, ZooConfig
 from zoo.data import CorpusConfig
+
+M = TypeVar("M", bound=BaseModel)
 
 FAMILIES: dict[str, type[ZooConfig]] = {cls.model_type.removeprefix("zoo_"): cls for cls in PRESETS}
 
@@ -288,8 +290,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for assignment in overrides:
         _apply_override(fields, assignment, str(path))
     fields["source"] = str(path)
+    return validate_file_fields(Recipe, fields, path)
+
+
+def validate_file_fields(schema: type[M], fields: Any, path: Path) -> M:
+    """`schema` validated from a file's fields; `RecipeError` names the file and every bad key."""
     try:
-        return Recipe.model_validate(fields)
+        return schema.model_validate(fields)
     except ValidationError as error:
         problems = []
         for item in error.errors():

@@ -17,6 +17,7 @@ MIXER_FAMILY = {
     "hgrn2": "hgrn2",
     "hyena": "hyena",
     "mamba": "mamba",
+    "gated_conv": "shared",
 }
 
 

@@ -31,6 +31,7 @@ _SEQUENCE_MIXER_PATHS: dict[str, tuple[str, str]] = {
     "cosformer2": ("zoo.layers.cosformer2", "CosFormer2Attention"),
     "mamba": ("zoo.layers.mamba", "MambaMixer"),
     "hyena": ("zoo.layers.hyena", "HyenaOperator"),
+    "gated_conv": ("zoo.layers.gated_conv", "GatedShortConv"),
 }
 assert set(_SEQUENCE_MIXER_PATHS) == set(SEQUENCE_MIXERS)
 
@@ -41,13 +42,15 @@ def sequence_mixer_class(name: str) -> type[nn.Module]:
 
 
 def build_sequence_mixer(config: ZooConfig, layer_idx: int) -> nn.Module:
-    return sequence_mixer_class(config.mixers[layer_idx])(config, layer_idx)
+    """Layer `layer_idx`'s sequence mixer, built with that layer's `layer_overrides`."""
+    return sequence_mixer_class(config.mixers[layer_idx])(config.for_layer(layer_idx), layer_idx)
 
 
 def build_channel_mixer(config: ZooConfig, layer_idx: int) -> nn.Module | None:
     name = config.channel_mixers[layer_idx]
     if name == "none":
         return None
+    config = config.for_layer(layer_idx)
     if name == "moe":
         return MoE(config)
     return GLU(config, activation="silu" if name == "swiglu" else "identity")

@@ -6,6 +6,11 @@ Three forms of the same weights: the parallel form (`forward` without a cache, t
 `torch.nn.functional.scaled_dot_product_attention`), the recurrent step (`forward` with a cache:
 keys and values of past tokens are kept in a transformers `DynamicLayer`), and the naive reference
 (`reference_forward`: explicit softmax in fp32). Weight names follow transformers' LlamaAttention.
+
+Cross-layer K/V sharing (`ZooConfig.kv_source`; Brandon et al., arXiv 2405.12981, and STAR's
+feature-group sharing): a reading layer has no k/v projections and no cache of its own; it attends
+with its own queries over the keys and values its source layer computed (and cached) in the same
+forward, which the source leaves in `MixerContext.shared_kv`. Its decode cache is empty.
 """
 
 from __future__ import annotations
@@ -35,36 +40,54 @@ class Attention(nn.Module):
     def __init__(self, config: ZooConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.kv_source = (config.kv_source or [None] * config.num_hidden_layers)[layer_idx]
+        self.shares_kv = layer_idx in (config.kv_source or [])
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.rotary_base = config.rotary_base
         d = config.hidden_size
         self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        if self.kv_source is None:
+            self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+            self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
 
     def _qkv(
         self, x: torch.Tensor, context: MixerContext
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """q, k, v with RoPE applied; k and v are None in a layer that reads another's."""
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        cos, sin = context.rotary(self.head_dim, self.rotary_base, q.dtype)
+        if self.kv_source is not None:
+            return apply_rotary(q, cos, sin), None, None
         k = self.k_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
-        cos, sin = context.rotary(self.head_dim, self.rotary_base, q.dtype)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def _source_kv(self, context: MixerContext) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kv_source not in context.shared_kv:
+            raise RuntimeError(
+                f"attention layer {self.layer_idx} reads K/V of layer {self.kv_source}, which has "
+                "not run in this forward (reentrant gradient checkpointing loses it; use "
+                "use_reentrant=False)"
+            )
+        return context.shared_kv[self.kv_source]
 
     def forward(
         self, hidden_states: torch.Tensor, context: MixerContext, cache: Cache | None = None
     ) -> torch.Tensor:
         batch, seq_len, _ = hidden_states.shape
         q, k, v = self._qkv(hidden_states, context)
-        past_len = 0
-        if cache is not None:
-            past_len = cache.layers[self.layer_idx].get_seq_length()
+        if self.kv_source is not None:
+            k, v = self._source_kv(context)  # (B, Hkv, S, D): the source's cache + current
+        elif cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+        if self.shares_kv:
+            context.shared_kv[self.layer_idx] = (k, v)
         kv_len = k.shape[2]
+        past_len = kv_len - seq_len
         mask, is_causal = None, False
         if context.key_mask is not None:
             mask = context.attention_bias(past_len, kv_len, q.dtype)
@@ -88,6 +111,10 @@ class Attention(nn.Module):
         """The naive form over a whole sequence (no cache): explicit softmax in fp32."""
         batch, seq_len, _ = hidden_states.shape
         q, k, v = self._qkv(hidden_states, context)
+        if self.kv_source is not None:
+            k, v = self._source_kv(context)
+        if self.shares_kv:
+            context.shared_kv[self.layer_idx] = (k, v)
         groups = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         if context.key_mask is not None:
@@ -104,5 +131,8 @@ class Attention(nn.Module):
         return linear_flops(self) + 4 * seq_len * self.num_heads * self.head_dim
 
     def state_size(self, batch: int, seq_len: int) -> int:
-        """Cache elements after `seq_len` tokens: keys and values of every kv head."""
+        """Cache elements after `seq_len` tokens: keys and values of every kv head (none in a
+        layer that reads another layer's)."""
+        if self.kv_source is not None:
+            return 0
         return 2 * batch * self.num_kv_heads * seq_len * self.head_dim

@@ -24,6 +24,9 @@ class MixerContext:
     hgrn2_gamma: torch.Tensor | None = None
     """(L, d) HGRN2's shared lower-bound parameter Γ (set by the model); each HGRN2 mixer derives
     its own β from it, so gradient checkpointing (reentrant too) recomputes it per block."""
+    shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """Keys and values (cache + current, after RoPE) of attention layers that later layers read
+    (`ZooConfig.kv_source`), by layer index; filled as the forward reaches them."""
     _bias: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(
         default_factory=dict, repr=False
     )

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import multiprocessing
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from zoo.recipe import RecipeError, merge_fields, recipe_fields
+from zoo.recipe import RecipeError, merge_fields, recipe_fields, validate_file_fields
 from zoo.scaling.plan import (
     ModelSize,
     PlannedRun,
@@ -33,6 +32,7 @@ from zoo.scaling.plan import (
     plan_run,
     write_plan,
 )
+from zoo.workers import process_pool
 
 RESULT = "result.json"
 
@@ -70,14 +70,7 @@ def load_sweep(path: str | Path) -> SweepConfig:
         fields = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
         raise RecipeError(f"{path}: {error}") from None
-    try:
-        config = SweepConfig.model_validate(fields)
-    except ValidationError as error:
-        problems = [
-            f"{path}: {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
-            for e in error.errors()
-        ]
-        raise RecipeError("\n".join(problems)) from None
+    config = validate_file_fields(SweepConfig, fields, path)
     base = config.base if config.base.is_absolute() else (path.parent / config.base)
     return config.model_copy(update={"base": base.resolve()})
 
@@ -129,8 +122,8 @@ def plan_sweep(config_path: str | Path, out_dir: str | Path) -> list[PlannedRun]
     return runs
 
 
-def _train_one(recipe_path: str, threads: int) -> dict[str, Any]:
-    """Train one planned recipe (in a worker process) and write its result.json atomically."""
+def train_recipe_file(recipe_path: str, threads: int) -> dict[str, Any]:
+    """Train one recipe file (in a worker process) and write its result.json atomically."""
     import torch
 
     from zoo.recipe import load_recipe
@@ -174,9 +167,10 @@ def run_sweep(plan_dir: str | Path, workers: int = 1, threads: int | None = None
     if not todo:
         return 0
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = {pool.submit(_train_one, e["recipe_path"], threads): e["name"] for e in todo}
+    with process_pool(workers) as pool:
+        futures = {
+            pool.submit(train_recipe_file, e["recipe_path"], threads): e["name"] for e in todo
+        }
         bar = tqdm(total=len(futures), desc="scaling sweep", unit="run")
         for future in concurrent.futures.as_completed(futures):
             record = future.result()  # a failed run stops the sweep with its own error
