@@ -293,6 +293,21 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return validate_file_fields(Recipe, fields, path)
 
 
+def load_settings_file(schema: type[M], path: str | Path) -> M:
+    """A YAML settings file (a sweep, a search, an experiment) validated by `schema`, with its
+    `base` recipe path, where the schema has one, resolved relative to the file."""
+    path = Path(path)
+    try:
+        fields = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise RecipeError(f"{path}: {error}") from None
+    settings = validate_file_fields(schema, fields, path)
+    base = getattr(settings, "base", None)
+    if isinstance(base, Path) and not base.is_absolute():
+        settings = settings.model_copy(update={"base": (path.parent / base).resolve()})
+    return settings
+
+
 def validate_file_fields(schema: type[M], fields: Any, path: Path) -> M:
     """`schema` validated from a file's fields; `RecipeError` names the file and every bad key."""
     try:

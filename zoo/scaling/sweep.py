@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from zoo.recipe import RecipeError, merge_fields, recipe_fields, validate_file_fields
+from zoo.recipe import load_settings_file, merge_fields, recipe_fields
 from zoo.scaling.plan import (
     ModelSize,
     PlannedRun,
@@ -65,14 +65,7 @@ class SweepConfig(_Section):
 
 
 def load_sweep(path: str | Path) -> SweepConfig:
-    path = Path(path)
-    try:
-        fields = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise RecipeError(f"{path}: {error}") from None
-    config = validate_file_fields(SweepConfig, fields, path)
-    base = config.base if config.base.is_absolute() else (path.parent / config.base)
-    return config.model_copy(update={"base": base.resolve()})
+    return load_settings_file(SweepConfig, path)
 
 
 def _base_fields(config: SweepConfig) -> dict[str, Any]:

@@ -124,14 +124,29 @@ def _plot(
         c="0.75",
         label=f"every candidate ({len(points)})",
     )
-    ranked = sorted(front, key=lambda m: m[x])
-    ax.plot(
-        [m[x] for m in ranked],
-        [m["loss"] for m in ranked],
-        "o-",
+    # The 2-D front of this projection over every candidate, as a staircase; the final
+    # population's 3-objective front as labelled points (it need not be a curve in 2-D).
+    staircase, best = [], float("inf")
+    for point in sorted(points, key=lambda p: (getattr(p, x), p.loss)):
+        if point.loss < best:
+            best = point.loss
+            staircase.append(point)
+    ax.step(
+        [getattr(p, x) for p in staircase],
+        [p.loss for p in staircase],
+        where="post",
+        c="0.4",
+        lw=1,
+        ls="--",
+        label=f"2-D front of loss vs {x}",
+    )
+    ax.scatter(
+        [m[x] for m in front],
+        [m["loss"] for m in front],
         c="tab:blue",
-        ms=5,
-        label="final first front",
+        s=22,
+        zorder=3,
+        label="final 3-objective front",
     )
     for rank, member in enumerate(front):
         ax.annotate(
@@ -186,8 +201,9 @@ def write_report(run_dir: str | Path, out: str | Path) -> list[Path]:
     space = backbone_of(config)
     out.mkdir(parents=True, exist_ok=True)
     last = records[-1]
-    front = [last["population"][i] for i in last["front"]]
-    front.sort(key=lambda m: m["loss"])
+    # Genomes that differ only in genes without effect are one architecture: listed once.
+    unique = {last["population"][i]["digest"]: last["population"][i] for i in last["front"]}
+    front = sorted(unique.values(), key=lambda m: m["loss"])
     baselines = _baselines(config, run_dir)
     points = evaluated_points(run_dir, space, config.cache_context)
 

@@ -38,7 +38,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from zoo.configuration import parse_layer_pattern
-from zoo.recipe import RecipeError, merge_fields, recipe_fields, validate_file_fields
+from zoo.recipe import RecipeError, load_settings_file, merge_fields, recipe_fields
 from zoo.star.genome import Backbone, Genome, crossover, decode, from_layers, mutate, random_vector
 from zoo.star.genome import repair as repair_vector
 
@@ -84,14 +84,7 @@ class SearchConfig(_Section):
 
 
 def load_search(path: str | Path) -> SearchConfig:
-    path = Path(path)
-    try:
-        fields = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise RecipeError(f"{path}: {error}") from None
-    config = validate_file_fields(SearchConfig, fields, path)
-    base = config.base if config.base.is_absolute() else path.parent / config.base
-    return config.model_copy(update={"base": base.resolve()})
+    return load_settings_file(SearchConfig, path)
 
 
 def backbone_of(config: SearchConfig) -> Backbone:
