@@ -35,11 +35,15 @@ from zoo.modeling import (
     ZooForCausalLM,
     ZooModel,
 )
+from zoo.saffu.model import SAFFUConfig, SAFFUForCausalLM
 
 for _config, _model, _lm in FAMILIES:
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _model, exist_ok=True)
     AutoModelForCausalLM.register(_config, _lm, exist_ok=True)
+# SAFFU is not a ZooConfig backbone (its layers are solved, not only trained): its own classes.
+AutoConfig.register(SAFFUConfig.model_type, SAFFUConfig, exist_ok=True)
+AutoModelForCausalLM.register(SAFFUConfig, SAFFUForCausalLM, exist_ok=True)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -61,6 +65,8 @@ __all__ = [
     "MambaConfig",
     "MambaForCausalLM",
     "MambaModel",
+    "SAFFUConfig",
+    "SAFFUForCausalLM",
     "TNLConfig",
     "TNLForCausalLM",
     "TNLModel",

@@ -450,5 +450,31 @@ def star_export(
     typer.echo(f"wrote {out / 'config.json'} and {recipe}; train it with: zoo train {recipe}")
 
 
+saffu_app = typer.Typer(
+    help="SAFFU: explicit-solution warm start + backprop against backprop alone.",
+    no_args_is_help=True,
+)
+app.add_typer(saffu_app, name="saffu")
+
+
+@saffu_app.command("run")
+def saffu_run(
+    config: Annotated[Path, typer.Argument(help="The experiment file (grid, budget, corpus).")],
+    out_dir: Annotated[Path, typer.Argument(help="Where runs/, report.md and plots go.")],
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+) -> None:
+    """Train both arms of every grid point (finished runs are skipped), then report."""
+    import torch
+
+    from zoo.recipe import RecipeError
+    from zoo.saffu.experiment import load_experiment, run_experiment
+
+    torch.set_num_threads(threads)
+    with _user_errors(RecipeError, ValueError):
+        report = run_experiment(load_experiment(config), out_dir)
+    typer.echo(report.read_text())
+    typer.echo(f"wrote {report}, {out_dir / 'loss_vs_data.png'} and {out_dir / 'curves.png'}")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,314 @@
+"""The SAFFU experiment: explicit warm start + backprop against backprop alone, at equal data.
+
+    zoo saffu run benchmarks/results/saffu/experiment.yaml benchmarks/results/saffu
+
+The experiment file (`ExperimentConfig`) names the embedded synthetic corpus, a grid of training
+data sizes × context radii × embeddings, and one training budget. Every grid point trains two
+arms from the same seed on the same first `tokens` training tokens for the same steps and
+batches: **warm** (`solve`, then AdamW) and **cold** (random init, then AdamW). Held-out loss on
+the validation documents is logged at step 0 and every `eval_every` steps.
+
+Each run writes `runs/<name>/metrics.jsonl` and, when it ends, `runs/<name>/result.json`
+(atomically): running the command again skips finished runs, so a killed experiment resumes.
+`report.md`, `results.json`, `loss_vs_data.png` and `curves.png` are written at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from zoo.recipe import load_settings_file
+from zoo.saffu.model import (
+    SAFFUConfig,
+    SAFFUForCausalLM,
+    TokenDocuments,
+    assign_features,
+    check_context,
+    check_vocabulary,
+    solve,
+)
+
+ARMS = ("warm", "cold")
+
+
+class ExperimentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    corpus_seed: int = 0
+    train_docs: int = Field(6000, gt=0, description="documents of the synthetic train split")
+    validation_docs: int = Field(300, gt=0)
+    data_tokens: list[int] = Field(description="training tokens per grid point (a prefix)")
+    context_radius: list[int] = Field(description="window sizes K")
+    embeddings: list[str] = Field(["onehot"], description='"onehot" or "bits<b>", e.g. bits12')
+    steps: int = Field(300, gt=0, description="AdamW steps of both arms")
+    batch_size: int = Field(16, gt=0, description="document pieces per step")
+    seq_len: int = Field(64, gt=1, description="tokens per piece")
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    eval_every: int = Field(50, gt=0)
+    seed: int = 0
+
+    @field_validator("embeddings")
+    @classmethod
+    def _known_embeddings(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name != "onehot" and not (name.startswith("bits") and name[4:].isdigit()):
+                raise ValueError(f"embedding {name!r}: write onehot or bits<b> (e.g. bits12)")
+        return value
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    return load_settings_file(ExperimentConfig, path)
+
+
+def model_config(embedding: str, radius: int, vocab_size: int) -> SAFFUConfig:
+    if embedding == "onehot":
+        return SAFFUConfig(vocab_size=vocab_size, context_radius=radius, embedding="onehot")
+    return SAFFUConfig(
+        vocab_size=vocab_size,
+        context_radius=radius,
+        embedding="bitcipher",
+        embedding_bits=int(embedding[4:]),
+    )
+
+
+def corpus(config: ExperimentConfig) -> tuple[TokenDocuments, TokenDocuments]:
+    """(train, validation) documents of the embedded synthetic corpus, byte-tokenized."""
+    from zoo.data import CorpusConfig, synthetic_documents
+    from zoo.tokenizer import byte_tokenizer
+
+    spec = CorpusConfig(
+        seed=config.corpus_seed,
+        train_docs=config.train_docs,
+        validation_docs=config.validation_docs,
+    )
+    tokenizer = byte_tokenizer()
+    return (
+        TokenDocuments.from_texts(synthetic_documents("train", spec), tokenizer),
+        TokenDocuments.from_texts(synthetic_documents("validation", spec), tokenizer),
+    )
+
+
+def _batches(pieces: list[torch.Tensor], size: int, pad: int) -> list[tuple[torch.Tensor, ...]]:
+    """Right-padded (ids, labels) batches; padding is never a label nor inside a real window."""
+    out = []
+    for start in range(0, len(pieces), size):
+        group = pieces[start : start + size]
+        length = max(len(p) for p in group)
+        ids = torch.full((len(group), length), pad)
+        labels = torch.full((len(group), length), -100)
+        for row, piece in enumerate(group):
+            ids[row, : len(piece)] = piece
+            labels[row, : len(piece)] = piece
+        out.append((ids, labels))
+    return out
+
+
+@torch.no_grad()
+def held_out_loss(model: SAFFUForCausalLM, batches: list[tuple[torch.Tensor, ...]]) -> float:
+    total, count = 0.0, 0
+    for ids, labels in batches:
+        n = int((labels[:, 1:] != -100).sum())
+        total += model(ids, labels=labels).loss.item() * n
+        count += n
+    return total / count
+
+
+def train_arm(
+    config: ExperimentConfig,
+    arm: str,
+    model_settings: SAFFUConfig,
+    train: TokenDocuments,
+    validation: TokenDocuments,
+    log: Path | None = None,
+) -> dict[str, Any]:
+    """One arm of one grid point: (solve,) then AdamW for `steps`; returns the losses."""
+    if arm not in ARMS:
+        raise ValueError(f"arm={arm!r} is not one of {list(ARMS)}")
+    check_context(model_settings, train)
+    torch.manual_seed(config.seed)
+    model = SAFFUForCausalLM(model_settings)
+    if arm == "warm":
+        solve(model, train)
+    else:
+        assign_features(model, train)
+        model.config.vocab_fingerprint = train.fingerprint
+    check_vocabulary(model.config, validation, "validation")
+    pad = model_settings.pad_token_id or 0
+    evaluation = _batches(validation.windows(config.seq_len), 64, pad)
+    pieces = train.windows(config.seq_len)
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(
+        [model.attention, model.feed_forward], lr=config.lr, weight_decay=config.weight_decay
+    )
+    curve = [{"step": 0, "eval_loss": held_out_loss(model, evaluation)}]
+    records = []
+    for step in range(1, config.steps + 1):
+        picks = torch.randint(len(pieces), (config.batch_size,), generator=generator)
+        ((ids, labels),) = _batches([pieces[i] for i in picks], config.batch_size, pad)
+        loss = model(ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        record: dict[str, Any] = {"step": step, "train_loss": loss.item()}
+        if step % config.eval_every == 0 or step == config.steps:
+            record["eval_loss"] = held_out_loss(model, evaluation)
+            curve.append({"step": step, "eval_loss": record["eval_loss"]})
+        records.append(record)
+    if log is not None:
+        log.write_text("".join(json.dumps(r) + "\n" for r in [curve[0], *records]))
+    return {
+        "initial_eval_loss": curve[0]["eval_loss"],
+        "final_eval_loss": curve[-1]["eval_loss"],
+        "best_eval_loss": min(c["eval_loss"] for c in curve),
+        "curve": curve,
+        "parameters": model.attention.numel() + model.feed_forward.numel(),
+    }
+
+
+def grid(config: ExperimentConfig) -> list[dict[str, Any]]:
+    return [
+        {"tokens": tokens, "radius": radius, "embedding": embedding, "arm": arm,
+         "name": f"{embedding}-K{radius}-{tokens}-{arm}"}
+        for embedding in config.embeddings
+        for radius in config.context_radius
+        for tokens in config.data_tokens
+        for arm in ARMS
+    ]  # fmt: skip
+
+
+def run_experiment(config: ExperimentConfig, out_dir: str | Path, progress: bool = True) -> Path:
+    """Train every grid point's two arms (skipping finished ones), then write the report."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    train_all, validation = corpus(config)
+    points = grid(config)
+    bar = tqdm(points, desc="SAFFU runs", unit="run", disable=not progress)
+    for point in bar:
+        folder = out_dir / "runs" / point["name"]
+        if (folder / "result.json").is_file():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        train = train_all.truncated(point["tokens"])
+        settings = model_config(point["embedding"], point["radius"], train.vocab_size)
+        result = train_arm(
+            config, point["arm"], settings, train, validation, folder / "metrics.jsonl"
+        )
+        result = {**point, "train_tokens": train.tokens, **result}
+        tmp = folder / "result.tmp"
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, folder / "result.json")
+        bar.set_postfix_str(f"{point['name']}: {result['final_eval_loss']:.3f}")
+    return write_report(config, out_dir)
+
+
+def _load_results(out_dir: Path, config: ExperimentConfig) -> list[dict[str, Any]]:
+    results = []
+    for point in grid(config):
+        path = out_dir / "runs" / point["name"] / "result.json"
+        if path.is_file():
+            results.append(json.loads(path.read_text()))
+    return results
+
+
+def write_report(config: ExperimentConfig, out_dir: Path) -> Path:
+    """report.md, results.json and the two plots from the finished runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = _load_results(out_dir, config)
+    if not results:
+        raise FileNotFoundError(f"{out_dir}: no finished SAFFU runs")
+    settings = sorted({(r["embedding"], r["radius"]) for r in results})
+    by = {(r["embedding"], r["radius"], r["tokens"], r["arm"]): r for r in results}
+
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.6), squeeze=False)
+    for ax, (embedding, radius) in zip(axes[0], settings, strict=True):
+        for arm, style in (("warm", "o-"), ("cold", "s--")):
+            rows = sorted(
+                (t, r) for (e, k, t, a), r in by.items() if (e, k, a) == (embedding, radius, arm)
+            )
+            ax.plot(
+                [t for t, _ in rows],
+                [r["final_eval_loss"] for _, r in rows],
+                style,
+                label=f"{arm} start + backprop",
+            )
+            if arm == "warm":
+                ax.plot(
+                    [t for t, _ in rows],
+                    [r["initial_eval_loss"] for _, r in rows],
+                    "^:",
+                    label="explicit solution alone",
+                )
+        ax.set_xscale("log")
+        ax.set_title(f"{embedding}, K = {radius}", fontsize=9)
+        ax.set_xlabel("training tokens")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out loss (nats/token)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss_vs_data.png", dpi=130)
+    plt.close(fig)
+
+    largest = max(config.data_tokens)
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.4), squeeze=False)
+    for ax, (embedding, radius) in zip(axes[0], settings, strict=True):
+        for arm, style in (("warm", "-"), ("cold", "--")):
+            run = by.get((embedding, radius, largest, arm))
+            if run:
+                ax.plot(
+                    [c["step"] for c in run["curve"]],
+                    [c["eval_loss"] for c in run["curve"]],
+                    style,
+                    label=arm,
+                )
+        ax.set_title(f"{embedding}, K = {radius}, {largest:,} tokens", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out loss")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "curves.png", dpi=130)
+    plt.close(fig)
+
+    lines = [
+        "# SAFFU: explicit warm start + backprop vs backprop alone",
+        "",
+        f"{config.steps} AdamW steps (lr {config.lr}, batch {config.batch_size} × "
+        f"{config.seq_len} tokens) for both arms; held-out loss on {config.validation_docs} "
+        "validation documents of the embedded corpus (nats/token, byte tokenizer).",
+        "",
+        "| embedding | K | train tokens | explicit alone | warm + backprop | cold (backprop) "
+        "| warm − cold |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for embedding, radius in settings:
+        for tokens in sorted(config.data_tokens):
+            warm, cold = (
+                by.get((embedding, radius, tokens, "warm")),
+                by.get((embedding, radius, tokens, "cold")),
+            )
+            if not (warm and cold):
+                continue
+            lines.append(
+                f"| {embedding} | {radius} | {warm['train_tokens']:,} | "
+                f"{warm['initial_eval_loss']:.3f} | {warm['final_eval_loss']:.3f} | "
+                f"{cold['final_eval_loss']:.3f} | "
+                f"{warm['final_eval_loss'] - cold['final_eval_loss']:+.3f} |"
+            )
+    lines += ["", "Plots: `loss_vs_data.png`, `curves.png`.", ""]
+    (out_dir / "report.md").write_text("\n".join(lines))
+    (out_dir / "results.json").write_text(
+        json.dumps([{k: v for k, v in r.items() if k != "curve"} for r in results], indent=2) + "\n"
+    )
+    return out_dir / "report.md"
