@@ -231,55 +231,45 @@ def write_report(config: ExperimentConfig, out_dir: Path) -> Path:
     settings = sorted({(r["embedding"], r["radius"]) for r in results})
     by = {(r["embedding"], r["radius"], r["tokens"], r["arm"]): r for r in results}
 
-    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.6), squeeze=False)
-    for ax, (embedding, radius) in zip(axes[0], settings, strict=True):
+    def versus_data(ax, embedding: str, radius: int) -> None:
         for arm, style in (("warm", "o-"), ("cold", "s--")):
             rows = sorted(
                 (t, r) for (e, k, t, a), r in by.items() if (e, k, a) == (embedding, radius, arm)
             )
+            tokens = [t for t, _ in rows]
             ax.plot(
-                [t for t, _ in rows],
-                [r["final_eval_loss"] for _, r in rows],
-                style,
-                label=f"{arm} start + backprop",
+                tokens, [r["final_eval_loss"] for _, r in rows], style, label=f"{arm} + backprop"
             )
             if arm == "warm":
-                ax.plot(
-                    [t for t, _ in rows],
-                    [r["initial_eval_loss"] for _, r in rows],
-                    "^:",
-                    label="explicit solution alone",
-                )
+                explicit = [r["initial_eval_loss"] for _, r in rows]
+                ax.plot(tokens, explicit, "^:", label="explicit solution alone")
         ax.set_xscale("log")
         ax.set_title(f"{embedding}, K = {radius}", fontsize=9)
         ax.set_xlabel("training tokens")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out loss (nats/token)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss_vs_data.png", dpi=130)
-    plt.close(fig)
 
     largest = max(config.data_tokens)
-    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.4), squeeze=False)
-    for ax, (embedding, radius) in zip(axes[0], settings, strict=True):
+
+    def curves(ax, embedding: str, radius: int) -> None:
         for arm, style in (("warm", "-"), ("cold", "--")):
             run = by.get((embedding, radius, largest, arm))
             if run:
-                ax.plot(
-                    [c["step"] for c in run["curve"]],
-                    [c["eval_loss"] for c in run["curve"]],
-                    style,
-                    label=arm,
-                )
+                steps = [c["step"] for c in run["curve"]]
+                ax.plot(steps, [c["eval_loss"] for c in run["curve"]], style, label=arm)
         ax.set_title(f"{embedding}, K = {radius}, {largest:,} tokens", fontsize=9)
         ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out loss")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "curves.png", dpi=130)
-    plt.close(fig)
+
+    for draw, name in ((versus_data, "loss_vs_data.png"), (curves, "curves.png")):
+        fig, axes = plt.subplots(
+            1, len(settings), figsize=(4.2 * len(settings), 3.6), squeeze=False
+        )
+        for ax, (embedding, radius) in zip(axes[0], settings, strict=True):
+            draw(ax, embedding, radius)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("held-out loss (nats/token)")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=130)
+        plt.close(fig)
 
     lines = [
         "# SAFFU: explicit warm start + backprop vs backprop alone",
