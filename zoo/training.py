@@ -389,10 +389,12 @@ def train(
     flops_per_token: int | None = None,
     echo: Callable[[str], None] | None = None,
     save_final: bool = True,
+    progress: bool = True,
 ) -> TrainResult:
     """Train `recipe` (see the module docstring); `model` replaces the recipe's (a benchmark
     trains transformers' own Llama in this same loop), `resume` is "auto" (the newest complete
-    checkpoint in output_dir, if any), "never", or a checkpoint folder."""
+    checkpoint in output_dir, if any), "never", or a checkpoint folder. `progress=False` hides
+    the step bar (sweeps show one bar for all their runs)."""
     t, log = recipe.training, recipe.logging
     if accelerator is None:
         precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision]
@@ -485,7 +487,7 @@ def train(
         total=plan.steps,
         desc=Path(recipe.source or "train").stem,
         unit="step",
-        disable=not accelerator.is_local_main_process,
+        disable=not (progress and accelerator.is_local_main_process),
         dynamic_ncols=True,
     )
     for step in progress:

@@ -1,8 +1,7 @@
 """Worker processes for the sweeps that train many small models at once (scaling, STAR).
 
-Spawned, not forked (torch and its thread pools do not survive a fork well), without progress
-bars of their own (the parent shows one for the sweep), and on Linux each worker asks the kernel
-to kill it when its parent dies: `kill PID` of a sweep stops its training
+Spawned, not forked (torch and its thread pools do not survive a fork well), and on Linux each
+worker asks the kernel to kill it when its parent dies: `kill PID` of a sweep stops its training
 workers too, instead of leaving them running as orphans (Ctrl-C already reaches the whole
 process group).
 """
@@ -13,7 +12,6 @@ import concurrent.futures
 import contextlib
 import ctypes
 import multiprocessing
-import os
 import signal
 import sys
 
@@ -21,9 +19,6 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _init_worker() -> None:
-    # The parent shows one progress bar for the whole sweep; the workers' own bars would
-    # interleave with it on the same terminal.
-    os.environ["TQDM_DISABLE"] = "1"
     if sys.platform.startswith("linux"):
         # Without prctl (an unusual libc) orphans stay possible; nothing else changes.
         with contextlib.suppress(OSError, AttributeError):

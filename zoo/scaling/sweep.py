@@ -124,7 +124,7 @@ def train_recipe_file(recipe_path: str, threads: int) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     recipe = load_recipe(recipe_path)
-    result = train(recipe, resume="auto", save_final=False, echo=lambda _: None)
+    result = train(recipe, resume="auto", save_final=False, echo=lambda _: None, progress=False)
     record = {
         "recipe": recipe_path,
         "eval_loss": result.eval_loss,
