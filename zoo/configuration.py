@@ -519,19 +519,6 @@ class ZooConfig(PreTrainedConfig):
             object.__setattr__(layer, key, value)
         return layer
 
-    @property
-    def has_sharing(self) -> bool:
-        """Whether any layer shares weights or K/V with another."""
-        return any(
-            j is not None
-            for sources in (
-                self.mixer_weight_source,
-                self.channel_mixer_weight_source,
-                self.kv_source,
-            )
-            for j in sources or []
-        )
-
     def _validate_moe(self) -> None:
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError(
