@@ -213,6 +213,13 @@ def explicit_softmax_solution(cooccurrence: torch.Tensor, mass: float, eps: floa
     return (smoothed / smoothed.sum(-1, keepdim=True)).log().div(mass).float()
 
 
+def _lagged(x: torch.Tensor, K: int, fill: float) -> torch.Tensor:
+    """(B, T, K, C) windows of x (B, T, C): entry [:, t, k] is x[:, t − k], `fill` before t = 0."""
+    T = x.shape[1]
+    padded = F.pad(x, (0, 0, K - 1, 0), value=fill)  # (B, K−1+T, C)
+    return torch.stack([padded[:, K - 1 - k : K - 1 - k + T] for k in range(K)], dim=2)
+
+
 # -- the model ------------------------------------------------------------------------------------
 
 
@@ -245,10 +252,8 @@ class SAFFUForCausalLM(PreTrainedModel, GenerationMixin):
         """(B, T, K, b) features of each position's window and the (B, T, K) mask of positions
         inside the sequence (position k of token t is token t − k)."""
         K = self.config.context_radius
-        feats = self.embedding[input_ids]  # (B, T, b)
-        padded = F.pad(feats, (0, 0, K - 1, 0))  # (B, K−1+T, b)
+        windows = _lagged(self.embedding[input_ids], K, 0.0)  # (B, T, K, b)
         T = input_ids.shape[1]
-        windows = torch.stack([padded[:, K - 1 - k : K - 1 - k + T] for k in range(K)], dim=2)
         inside = torch.arange(T, device=input_ids.device)[:, None] >= torch.arange(K)[None, :]
         return windows, inside.expand(input_ids.shape[0], T, K)
 
@@ -307,7 +312,7 @@ def assign_features(model: SAFFUForCausalLM, corpus: TokenDocuments) -> None:
 
 
 @torch.no_grad()
-def solve(model: SAFFUForCausalLM, corpus: TokenDocuments, batch_docs: int = 64) -> None:
+def solve(model: SAFFUForCausalLM, corpus: TokenDocuments) -> None:
     """The warm start: count on `corpus` and set every weight to its explicit solution.
 
     Bit-cipher codes are assigned by the corpus's token frequencies first; then W_A from the
@@ -321,17 +326,13 @@ def solve(model: SAFFUForCausalLM, corpus: TokenDocuments, batch_docs: int = 64)
     assign_features(model, corpus)
     pieces = [torch.tensor(doc) for doc in corpus.documents if len(doc) > 1]
     phi_attention = torch.zeros(K * b, K, dtype=torch.float64)
-    for start in range(0, len(pieces), batch_docs):
-        for ids in pieces[start : start + batch_docs]:
-            windows, inside = model.window(ids[None, :-1])
-            next_token = ids[1:]
-            tokens = F.pad(ids[None, :-1], (K - 1, 0), value=-1)  # (1, K−1+T)
-            T = next_token.shape[0]
-            at = torch.stack([tokens[:, K - 1 - k : K - 1 - k + T] for k in range(K)], dim=2)
-            match = (at[0] == next_token[:, None]) & inside[0]  # (T, K)
-            found = match.any(-1)
-            target = match[found].double() / match[found].sum(-1, keepdim=True)
-            phi_attention += windows[0, found].flatten(1).double().T @ target
+    for ids in pieces:
+        windows, _ = model.window(ids[None, :-1])
+        # (T, K): window positions holding the next token (−1 before the start matches none)
+        match = _lagged(ids[None, :-1, None], K, -1)[0, :, :, 0] == ids[1:, None]
+        found = match.any(-1)
+        target = match[found].double() / match[found].sum(-1, keepdim=True)
+        phi_attention += windows[0, found].flatten(1).double().T @ target
     model.attention.copy_(explicit_softmax_solution(phi_attention, K, config.eps))
 
     phi_ff = torch.zeros((K + 1) * b, config.vocab_size, dtype=torch.float64)
