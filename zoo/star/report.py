@@ -23,9 +23,10 @@ from zoo.star.search import (
     RESULT,
     SEARCH_FILE,
     SearchConfig,
-    TrainingQuality,
     backbone_of,
+    base_recipe,
     baseline_genomes,
+    candidate_recipe,
     load_search,
     model_size,
 )
@@ -283,8 +284,8 @@ def export_genome(genome: str, search_file: str | Path, out: str | Path) -> Path
     out.mkdir(parents=True, exist_ok=True)
     decode(parsed, space).save_pretrained(out)
     digest = parsed.digest(space)
-    quality = TrainingQuality(config, Path("runs/star-export"), workers=1, threads=1)
-    recipe = quality.recipe(digest, decode_fields(parsed, space))
+    output_dir = Path("runs/star-export") / digest
+    recipe = candidate_recipe(base_recipe(config), decode_fields(parsed, space), output_dir)
     path = out / "recipe.yaml"
     header = f"# STAR genome {parsed}\n# from {search_file}\n"
     path.write_text(header + yaml.safe_dump(recipe, sort_keys=False))

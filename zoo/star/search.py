@@ -134,26 +134,35 @@ def model_size(genome: Genome, space: Backbone, cache_context: int) -> tuple[int
     return model.num_parameters(), model.state_size(1, cache_context)
 
 
+def base_recipe(config: SearchConfig) -> dict[str, Any]:
+    """The recipe fields every candidate of `config` shares (its base file and overrides)."""
+    fields = merge_fields(recipe_fields(config.base), config.overrides)
+    fields.pop("source", None)
+    return fields
+
+
+def candidate_recipe(
+    base: dict[str, Any], model_fields: dict[str, Any], output_dir: Path
+) -> dict[str, Any]:
+    """The recipe a candidate trains with: the base recipe, the decoded model."""
+    top = {
+        "model": {"preset": "hybrid", "size": None, "pattern": None},
+        "output_dir": str(output_dir),
+    }
+    fields = merge_fields(base, top)
+    fields["model"]["overrides"] = model_fields
+    return fields
+
+
 class TrainingQuality:
     """The default quality: train the search's recipe with the candidate model in a worker
     process (`workers` at a time, `threads` torch threads each) and read its held-out loss."""
 
     def __init__(self, config: SearchConfig, run_dir: Path, workers: int, threads: int) -> None:
-        self.fields = merge_fields(recipe_fields(config.base), config.overrides)
-        self.fields.pop("source", None)
+        self.base = base_recipe(config)
         self.run_dir = run_dir
         self.workers = workers
         self.threads = threads
-
-    def recipe(self, digest: str, model_fields: dict[str, Any]) -> dict[str, Any]:
-        """The recipe a candidate trains with: the base recipe, the decoded model."""
-        top = {
-            "model": {"preset": "hybrid", "size": None, "pattern": None},
-            "output_dir": str(self.run_dir / "evals" / digest),
-        }
-        fields = merge_fields(self.fields, top)
-        fields["model"]["overrides"] = model_fields
-        return fields
 
     def __call__(
         self, todo: list[tuple[str, dict[str, Any]]], done: Callable[[str, float], None]
@@ -168,7 +177,8 @@ class TrainingQuality:
             folder = self.run_dir / "evals" / digest
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / "recipe.yaml"
-            path.write_text(yaml.safe_dump(self.recipe(digest, model_fields), sort_keys=False))
+            recipe = candidate_recipe(self.base, model_fields, folder)
+            path.write_text(yaml.safe_dump(recipe, sort_keys=False))
             paths[digest] = str(path)
         if self.workers <= 1:
             for digest, path in paths.items():
