@@ -99,6 +99,12 @@ def load_note(dev: dict[str, Any]) -> str:
     return note + "\n"
 
 
+def with_notes(lines: list[str], notes: list[str], dev: dict[str, Any]) -> str:
+    """A benchmark's table text: its lines, its notes after a blank line, the load note."""
+    note = load_note(dev)
+    return "\n".join(lines + (["", *notes] if notes else [])) + ("\n" + note if note else "")
+
+
 def versions() -> dict[str, str]:
     return {
         "python": platform.python_version(),

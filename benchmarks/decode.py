@@ -51,11 +51,11 @@ from common import (
     finish,
     fla_op,
     fla_version,
-    load_note,
     new_result,
     sync,
     time_once,
     warm_up,
+    with_notes,
 )
 
 from zoo.cache import cache_nbytes, new_cache
@@ -395,8 +395,7 @@ def table(result: dict[str, Any]) -> str:
                 f"| {res['cache_nbytes']:,} "
                 f"| {_mib(res.get('max_memory_allocated_decode_bytes'))} |"
             )
-    note = load_note(result["device"])
-    return "\n".join(lines + (["", *notes] if notes else [])) + ("\n" + note if note else "")
+    return with_notes(lines, notes, result["device"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 import torch
-from common import finish, load_note, new_result, time_once
+from common import finish, new_result, time_once, with_notes
 
 from zoo.kernels.grouped_gemm import grouped_gemm, grouped_gemm_torch
 
@@ -113,8 +113,7 @@ def table(result: dict[str, Any]) -> str:
     for key, row in result["rows"].items():
         cells = [f"{row[v]['fwd_tflops']:.3f} / {row[v]['fwd_bwd_tflops']:.3f}" for v in labels]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    note = load_note(result["device"])
-    return "\n".join(lines) + ("\n" + note if note else "")
+    return with_notes(lines, [], result["device"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

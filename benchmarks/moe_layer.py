@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import finish, load_note, new_result, time_once
+from common import finish, new_result, time_once, with_notes
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -203,8 +203,7 @@ def table(result: dict[str, Any]) -> str:
         f"Best zoo ({b['best_zoo']}) vs fastest transformers ({b['fastest_transformers']}): "
         f"{b['speedup_best_zoo_over_fastest_transformers']:.2f}x",
     ]
-    note = load_note(dev)
-    return "\n".join(lines) + ("\n" + note if note else "")
+    return with_notes(lines, [], dev)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

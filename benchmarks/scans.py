@@ -54,10 +54,10 @@ from common import (
     fla_op,
     fla_version,
     fwd_bwd_table,
-    load_note,
     measure_fwd_bwd,
     new_result,
     warm_up,
+    with_notes,
 )
 
 from zoo.kernels.hgrn2 import hgrn2
@@ -211,8 +211,7 @@ def table(result: dict[str, Any]) -> str:
         "",
         *lines,
     ]
-    note = load_note(result["device"])
-    return "\n".join(lines + (["", *notes] if notes else [])) + ("\n" + note if note else "")
+    return with_notes(lines, notes, result["device"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -68,10 +68,10 @@ from common import (
     finish,
     fla_version,
     fwd_bwd_table,
-    load_note,
     measure_fwd_bwd,
     new_result,
     warm_up,
+    with_notes,
 )
 
 from zoo.kernels.long_conv import long_conv, long_conv_fft, short_conv
@@ -395,8 +395,7 @@ def table(result: dict[str, Any]) -> str:
         *table_lines,
     ]
     lines += _length_table(result["rows"]) + _goal_lines(result)
-    note = load_note(result["device"])
-    return "\n".join(lines + (["", *notes] if notes else [])) + ("\n" + note if note else "")
+    return with_notes(lines, notes, result["device"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

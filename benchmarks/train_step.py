@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from common import finish, load_note, new_result
+from common import finish, new_result, with_notes
 from transformers import AutoModelForCausalLM
 
 from zoo.configuration import HybridConfig, LlamaConfig, TNLConfig
@@ -187,8 +187,7 @@ def table(result: dict[str, Any]) -> str:
             f"{row['tokens_per_s']:,.0f} | {mfu} |"
         )
     lines += ["", f"zoo LLaMA / transformers Llama, same loop: {result['llama_over_hf']:.2f}x"]
-    note = load_note(dev)
-    return "\n".join(lines) + ("\n" + note if note else "")
+    return with_notes(lines, [], dev)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
