@@ -10,9 +10,7 @@ temporary name and renamed, so a crash never leaves half a results file.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import torch
 import transformers
 
 import zoo
+from zoo import atomic
 
 
 def lm_eval_layout(
@@ -52,17 +51,8 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write `payload` to `path` through a temporary file and a rename."""
-    path = Path(path)
-    payload = _json_safe(payload)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write `payload` to `path` atomically, NaN/inf as "N/A" (lm-eval's results files)."""
+    return atomic.write_json_atomic(path, _json_safe(payload))
 
 
 def results_table(payload: dict[str, Any]) -> str:

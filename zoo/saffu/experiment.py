@@ -16,13 +16,13 @@ Each run writes `runs/<name>/metrics.jsonl` and, when it ends, `runs/<name>/resu
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from zoo.atomic import write_json_atomic
 from zoo.recipe import load_settings_file
 from zoo.saffu.model import (
     SAFFUConfig,
@@ -202,9 +202,7 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, progress: bool
             config, point["arm"], settings, train, validation, folder / "metrics.jsonl"
         )
         result = {**point, "train_tokens": train.tokens, **result}
-        tmp = folder / "result.tmp"
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, folder / "result.json")
+        write_json_atomic(folder / "result.json", result)
         bar.set_postfix_str(f"{point['name']}: {result['final_eval_loss']:.3f}")
     return write_report(config, out_dir)
 

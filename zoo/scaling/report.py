@@ -14,16 +14,15 @@ embedded corpus at ~1e12 FLOPs, so exponents compare and absolute values do not.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from zoo.atomic import write_json_atomic
 from zoo.scaling import fit as fits
 from zoo.scaling.laws import SHEN_2024
 from zoo.scaling.runs import Run
@@ -392,9 +391,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     results = analyze(runs, bootstrap=bootstrap, seed=seed, full_grid=full_grid)
     payload = {"unfinished_runs": list(missing), **_jsonable(results)}
-    tmp = out / "fits.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, out / "fits.json")
+    write_json_atomic(out / "fits.json", payload)
     (out / "report.md").write_text(report_markdown(runs, results, missing))
     results["plots"] = [str(p) for p in _plots(runs, results, out)]
     return results

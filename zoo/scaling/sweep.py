@@ -14,7 +14,6 @@ in flight and `run` again picks up the rest.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from zoo.atomic import write_json_atomic
 from zoo.recipe import load_settings_file, merge_fields, recipe_fields
 from zoo.scaling.plan import (
     ModelSize,
@@ -134,10 +134,7 @@ def train_recipe_file(recipe_path: str, threads: int) -> dict[str, Any]:
         "flops": result.flops_per_token * result.tokens,
         "tokens_per_s": result.tokens_per_s,
     }
-    out = Path(recipe.output_dir) / RESULT
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json_atomic(Path(recipe.output_dir) / RESULT, record)
     return record
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from zoo.atomic import write_json_atomic, write_text_atomic
 from zoo.configuration import parse_layer_pattern
 from zoo.recipe import RecipeError, load_settings_file, merge_fields, recipe_fields
 from zoo.star.genome import Backbone, Genome, crossover, decode, from_layers, mutate, random_vector
@@ -210,10 +211,7 @@ class Evaluations:
         """Record a loss computed outside `TrainingQuality` (which writes result.json itself)."""
         path = self.run_dir / "evals" / digest / RESULT
         if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"eval_loss": loss}) + "\n")
-            os.replace(tmp, path)
+            write_json_atomic(path, {"eval_loss": loss})
 
     def __call__(self, genomes: list[Genome], progress: Callable[[int], None]) -> list[Evaluation]:
         from zoo.star.genome import decode_fields
@@ -298,12 +296,6 @@ def _first_front(values: np.ndarray) -> list[int]:
     return sorted(int(i) for i in NonDominatedSorting().do(values, only_non_dominated_front=True))
 
 
-def _write_json(path: Path, record: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _check_run_dir(run_dir: Path, config: SearchConfig) -> list[dict[str, Any]]:
     """The generations logged by an earlier search in `run_dir` (after checking it ran the same
     search file), or [] for a new folder."""
@@ -322,10 +314,7 @@ def _check_run_dir(run_dir: Path, config: SearchConfig) -> list[dict[str, Any]]:
                 "resume with the same search file (only `generations` may grow) or start a new "
                 "run folder"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = saved.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(fields, sort_keys=True))
-    os.replace(tmp, saved)
+    write_text_atomic(saved, yaml.safe_dump(fields, sort_keys=True))
     log = run_dir / LOG_FILE
     if not log.is_file():
         return []
@@ -407,7 +396,7 @@ def search(
         else:
             with (run_dir / LOG_FILE).open("a") as log:
                 log.write(json.dumps(record) + "\n")
-        _write_json(run_dir / POPULATION_FILE, record)
+        write_json_atomic(run_dir / POPULATION_FILE, record)
         best = min(e.loss for e in population)
         bar.set_postfix_str(f"gen {generation}: best loss {best:.3f}, front {len(front)}")
         generation += 1
