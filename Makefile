@@ -50,10 +50,10 @@ GPU_TESTS ?= tests/test_gpu.py tests/layers/test_moe.py tests/kernels tests/test
 BENCHMARKS ?= cpu_models moe_layer train_step grouped_gemm scans decode ssm_conv
 # Pure-Python pins and pydantic-core (one wheel per CPython version in .whl/, pip picks its own).
 GPU_WHEELS ?= transformers huggingface-hub pydantic pydantic-core annotated-types \
-	typing-inspection typer
+	typing-inspection typing-extensions typer
 gpu-setup:
 	@if ls .whl/*.whl >/dev/null 2>&1; then \
-		$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --find-links .whl $(GPU_WHEELS); fi
+		$(GPU_PYTHON) -m pip install --quiet --upgrade --no-index --no-deps --find-links .whl $(GPU_WHEELS); fi
 	$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
 	@# fla, the optional baseline of scans.py and decode.py: used when its wheel was fetched.
 	@if ls .whl/fla_core-*.whl >/dev/null 2>&1; then \

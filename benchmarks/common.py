@@ -7,14 +7,17 @@ The scripts run as `python benchmarks/<name>.py`, so this module imports as `com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import importlib
-import json
 import os
 import platform
+import signal
 import statistics
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ import torch
 import transformers
 
 import zoo
+from zoo.atomic import write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -106,20 +110,65 @@ def with_notes(lines: list[str], notes: list[str], dev: dict[str, Any]) -> str:
 
 
 def versions() -> dict[str, str]:
-    return {
+    out = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "zoo": zoo.__version__,
     }
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = "not installed"
+    if torch.version.cuda:
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def progress(message: str) -> None:
+    """A line on stderr, at once: a run cut off on a lent GPU still says how far it got."""
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise TimeoutError in the block after `seconds` of wall time (SIGALRM, so the main thread of
+    a POSIX process only; elsewhere, or with None, no limit). Python checks the alarm between
+    bytecodes: a first call stuck compiling or autotuning Triton kernels stops at its next
+    Python step, while one long CUDA kernel finishes first."""
+    usable = (
+        seconds is not None
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+    )
+    if not usable:
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"over the time limit of {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def checkpoint(result: dict[str, Any], out_path: Path) -> None:
+    """Write the result so far, marked partial: a run killed later keeps every finished row."""
+    write_json_atomic(out_path, {**result, "partial": True})
 
 
 def finish(result: dict[str, Any], out_path: Path, table: Callable[[dict[str, Any]], str]) -> None:
-    """Record the end load, print the table, write the JSON."""
+    """Record the end load, print the table, write the JSON (whole, replacing any partial one)."""
     result["device"]["loadavg_end"] = loadavg()
     print(table(result))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(out_path, result)
     print(f"wrote {out_path}")
 
 
@@ -170,14 +219,25 @@ def new_result(
     return result, out_path
 
 
-def bench_parser(doc: str | None, repeats: int, quick_help: str) -> argparse.ArgumentParser:
-    """The arguments of every benchmark: --device, --threads, --repeats, --quick, --out."""
+def bench_parser(
+    doc: str | None, repeats: int, quick_help: str, time_limit_s: float | None = None
+) -> argparse.ArgumentParser:
+    """The arguments of every benchmark: --device, --threads, --repeats, --quick, --out; with a
+    `time_limit_s` default also --time-limit (seconds per implementation and mode)."""
     parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
+    if time_limit_s is not None:
+        parser.add_argument(
+            "--time-limit",
+            type=float,
+            default=time_limit_s,
+            help="seconds one implementation may take per mode, first call (compile, autotune) "
+            "included, before it is recorded as timed out (default: %(default)s; 0: no limit)",
+        )
     return parser
 
 
@@ -187,11 +247,15 @@ def measure_fwd_bwd(
     grad: torch.Tensor,
     device: torch.device,
     repeats: int,
+    time_limit_s: float | None = None,
+    label: str = "",
 ) -> dict[str, dict[str, Any]]:
     """First call and steady-state time of fn(x) under no_grad and of fn(x).backward(grad).
 
-    The leaves are the tensors of x that need grad. A mode that raises is recorded with its error
-    (a kernel that fails is a result of the run, not its end); on CUDA the peak memory is kept.
+    The leaves are the tensors of x that need grad. A mode that raises, or runs past
+    `time_limit_s` (first call and timed calls together), is recorded with its error: a kernel
+    that fails or hangs is a result of the run, not its end. On CUDA the peak memory is kept.
+    Each mode's outcome goes to stderr as it lands, prefixed with `label`.
     """
     leaves = [t for t in x.values() if isinstance(t, torch.Tensor) and t.requires_grad]
 
@@ -212,15 +276,19 @@ def measure_fwd_bwd(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            first = time_once(step, device)
-            seconds = median_time(step, device, warmup=1, repeats=repeats)
+            with time_limit(time_limit_s):
+                first = time_once(step, device)
+                seconds = median_time(step, device, warmup=1, repeats=repeats)
         except Exception as exc:
             out[mode] = {"error": error_text(exc)}
+            progress(f"{label} {mode}: {out[mode]['error']}")
             clear()
             if device.type == "cuda":
+                sync(device)
                 torch.cuda.empty_cache()
             continue
         out[mode] = {"first_call_s": first, "ms": 1e3 * seconds}
+        progress(f"{label} {mode}: first call {first:.3g} s, then {1e3 * seconds:.4g} ms")
         if device.type == "cuda":
             out[mode]["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     clear()

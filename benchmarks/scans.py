@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from common import (
     bench_parser,
+    checkpoint,
     finish,
     fla_op,
     fla_version,
@@ -176,9 +177,20 @@ def flops_forward(op: str, shape: tuple[int, int, int, int]) -> int:
 
 
 def bench(
-    shapes: list[tuple[int, int, int, int]], device: torch.device, dtype: torch.dtype, repeats: int
+    shapes: list[tuple[int, int, int, int]],
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int,
+    time_limit_s: float | None = None,
+    on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
 ) -> list[dict[str, Any]]:
+    """One row per shape, op and implementation; `on_row` sees the rows after each one lands."""
     rows: list[dict[str, Any]] = []
+
+    def keep(row: dict[str, Any]) -> None:
+        rows.append(row)
+        on_row(rows)
+
     for shape in shapes:
         B, T, H, D = shape
         for op in OPS:
@@ -187,16 +199,17 @@ def bench(
             for impl, entry in implementations(op, device).items():
                 row: dict[str, Any] = {"B": B, "T": T, "H": H, "D": D, "op": op, "impl": impl}
                 if isinstance(entry, str):
-                    rows.append({**row, "skipped": entry})
+                    keep({**row, "skipped": entry})
                     continue
                 call, fn = entry
                 K = x["q"].shape[-1]
                 row.update(call=call, K=K, V=D, flops_fwd=flops)
-                row.update(measure_fwd_bwd(fn, x, grad, device, repeats))
+                label = f"{shape} {op} {impl}"
+                row.update(measure_fwd_bwd(fn, x, grad, device, repeats, time_limit_s, label))
                 for mode, factor in (("fwd", 1), ("fwd_bwd", 3)):
                     if "ms" in row[mode]:
                         row[mode]["tflops"] = factor * flops / (row[mode]["ms"] * 1e-3) / 1e12
-                rows.append(row)
+                keep(row)
             del x, grad
             gc.collect()
             if device.type == "cuda":
@@ -215,7 +228,9 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = bench_parser(__doc__, repeats=10, quick_help="one small shape (a smoke run)")
+    parser = bench_parser(
+        __doc__, repeats=10, quick_help="one small shape (a smoke run)", time_limit_s=120.0
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -233,7 +248,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     warm_up(device)
     shapes = (QUICK_SHAPES if args.quick else SHAPES)[device.type]
-    result["rows"] = bench(shapes, device, dtype, args.repeats)
+    result["time_limit_s"] = args.time_limit or None
+    result["rows"] = bench(
+        shapes,
+        device,
+        dtype,
+        args.repeats,
+        result["time_limit_s"],
+        on_row=lambda rows: checkpoint({**result, "rows": rows}, out_path),
+    )
     result["wall_s"] = time.perf_counter() - start
     finish(result, out_path, table)
     return result

@@ -16,8 +16,9 @@ Ops, channels last like the zoo layers (D_in = D):
 - long convolution: `zoo.kernels.long_conv.long_conv(u, k)`, u (B, T, D), filters k (D, T) (scaled
   by T^−½), no skip bias, against `zoo.kernels.long_conv.long_conv_fft`, the plain torch FFT conv
   (rfft, product, irfft, in fp32) the issue names as the bar. backend="torch" dispatches: the FFT
-  under autograd, the direct conv for a forward of T ≤ 128 without it. On CUDA also at T = 256,
-  1024 and 4096 (B = 8, D = 2048), so the Triton-vs-FFT crossover can be read off by length.
+  under autograd, the direct conv for a forward of T ≤ 128 without it. On CUDA also at T = 64,
+  128, 256, 1024 and 4096 (B = 8, D = 2048), so the Triton-vs-FFT crossover can be read off by
+  length.
 - short conv: `zoo.kernels.long_conv.short_conv(u, weight, bias)`, K = 4 taps, weight (D, K),
   bias (D,), against `causal_conv1d.causal_conv1d_fn(x, weight, bias)` on its (B, D, T) layout
   (made contiguous outside the timed region; no activation, since ours has none).
@@ -42,9 +43,9 @@ implementations of an op, not a count of what each kernel moves (the torch forms
 and materialise per-token states or spectra).
 
 GPU: (8, 2048, 2048) and (1, 32768, 2048) in bf16, plus the long conv alone at (8, T, 2048),
-T ∈ {256, 1024, 4096}. CPU (the default): (2, 256, 64) and (1, 1024, 64) in fp32, plus the long
-conv at (2, 64, 64) and (2, 1024, 64), the torch forms only (Triton runs on a CPU only in its
-interpreter, and the baselines are CUDA kernels), which keeps the script itself tested.
+T ∈ {64, 128, 256, 1024, 4096}. CPU (the default): (2, 256, 64) and (1, 1024, 64) in fp32, plus
+the long conv at (2, 64, 64) and (2, 1024, 64), the torch forms only (Triton runs on a CPU only in
+its interpreter, and the baselines are CUDA kernels), which keeps the script itself tested.
 
     .venv/bin/python benchmarks/ssm_conv.py                 # CPU, fp32, well under a minute
     .venv/bin/python benchmarks/ssm_conv.py --quick         # tiny shapes, seconds
@@ -64,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from common import (
     bench_parser,
+    checkpoint,
     error_text,
     finish,
     fla_version,
@@ -85,7 +87,7 @@ SHAPES: dict[str, list[Shape]] = {
 QUICK_SHAPES: dict[str, list[Shape]] = {"cuda": [(1, 2048, 2048)], "cpu": [(1, 128, 16)]}
 # The long conv alone at more lengths: where the Triton kernel and the FFT cross over.
 LONG_CONV_SHAPES: dict[str, list[Shape]] = {
-    "cuda": [(8, 256, 2048), (8, 1024, 2048), (8, 4096, 2048)],
+    "cuda": [(8, 64, 2048), (8, 128, 2048), (8, 256, 2048), (8, 1024, 2048), (8, 4096, 2048)],
     "cpu": [(2, 64, 64), (2, 1024, 64)],
 }
 QUICK_LONG_CONV_SHAPES: dict[str, list[Shape]] = {"cuda": [], "cpu": [(1, 64, 16)]}
@@ -267,8 +269,16 @@ def bench(
     device: torch.device,
     dtype: torch.dtype,
     repeats: int,
+    time_limit_s: float | None = None,
+    on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
 ) -> list[dict[str, Any]]:
+    """One row per shape, op and implementation; `on_row` sees the rows after each one lands."""
     rows: list[dict[str, Any]] = []
+
+    def keep(row: dict[str, Any]) -> None:
+        rows.append(row)
+        on_row(rows)
+
     for shape, ops in plan:
         B, T, D = shape
         for op in ops:
@@ -281,20 +291,21 @@ def bench(
                 elif op == "short_conv":
                     row["K"] = SHORT_K
                 if isinstance(entry, str):
-                    rows.append({**row, "skipped": entry})
+                    keep({**row, "skipped": entry})
                     continue
                 row.update(call=entry.call, **nbytes)
                 try:
                     xv, dyv = entry.relayout(x, dy) if entry.relayout else (x, dy)
                 except Exception as exc:  # e.g. out of memory for the copies
                     failed = {"error": error_text(exc)}
-                    rows.append({**row, "fwd": failed, "fwd_bwd": dict(failed)})
+                    keep({**row, "fwd": failed, "fwd_bwd": dict(failed)})
                     continue
-                row.update(measure_fwd_bwd(entry.fn, xv, dyv, device, repeats))
+                label = f"{shape} {op} {impl}"
+                row.update(measure_fwd_bwd(entry.fn, xv, dyv, device, repeats, time_limit_s, label))
                 for mode in ("fwd", "fwd_bwd"):
                     if "ms" in row[mode]:
                         row[mode]["gb_s"] = row[f"bytes_{mode}"] / (row[mode]["ms"] * 1e-3) / 1e9
-                rows.append(row)
+                keep(row)
                 del xv, dyv
             del x, dy
             gc.collect()
@@ -399,7 +410,9 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = bench_parser(__doc__, repeats=10, quick_help="tiny shapes (a smoke run)")
+    parser = bench_parser(
+        __doc__, repeats=10, quick_help="tiny shapes (a smoke run)", time_limit_s=120.0
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -422,7 +435,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shapes = (QUICK_SHAPES if args.quick else SHAPES)[device.type]
     extra = (QUICK_LONG_CONV_SHAPES if args.quick else LONG_CONV_SHAPES)[device.type]
     plan = [(shape, tuple(OPS)) for shape in shapes] + [(shape, ("long_conv",)) for shape in extra]
-    result["rows"] = bench(plan, device, dtype, args.repeats)
+    result["time_limit_s"] = args.time_limit or None
+    result["rows"] = bench(
+        plan,
+        device,
+        dtype,
+        args.repeats,
+        result["time_limit_s"],
+        on_row=lambda rows: checkpoint({**result, "rows": rows}, out_path),
+    )
     result["goals"] = goal_ratios(result["rows"])
     result["wall_s"] = time.perf_counter() - start
     finish(result, out_path, table)

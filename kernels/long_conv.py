@@ -106,13 +106,12 @@ __all__ = [
 _DIRECT_MAX_NEW_TOKENS = 128
 # The same choice on the Triton path (forward and backward alike: the Triton backward is the
 # same O(T·N) walk, unlike conv1d's): new tokens up to this many run the direct kernel, more
-# the FFT. A PLACEHOLDER, not a measurement: this machine has no GPU. A rough H100 estimate (the
-# direct kernel bound by L1 at ~64 bf16 multiply-adds per clock per SM, ~40 µs forward at
-# (8, 256, 2048); the FFT form ~10 memory-bound passes over fp32 and complex copies) puts the
-# crossover between T = 256 and 1024, so we start low. To be replaced by the crossover that
-# benchmarks/ssm_conv.py measures in `make bench-gpu` (long conv at (8, T, 2048), T = 256 …
-# 4096; its goal is "≤ the torch FFT conv at every length").
-_TRITON_DIRECT_MAX_NEW_TOKENS = 256
+# the FFT. Measured on an H200 in bf16 at (8, T, 2048) (benchmarks/results/gpu_ssm_conv.json,
+# 2026-12-04): at T = 256 the direct kernel took 1.39x (forward) and 1.13x (forward+backward)
+# the FFT form's time, so the FFT already wins there; shorter lengths were not measured (the
+# benchmark now times T = 64 and 128 too). The direct kernel keeps chunked prefills and short
+# continuations, where its T·N work shrinks with T while the FFT's does not.
+_TRITON_DIRECT_MAX_NEW_TOKENS = 128
 # Tiles: rows (output positions, or lags for the tap gradient) × channels, and warps. ptxas
 # (sm_90, bf16 and fp32; tests/kernels/sm90_compile.py --spills) reports no spills for any
 # kernel here: at 64×64 and 8 warps at most 145 registers a thread (47-80 once the channel

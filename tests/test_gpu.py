@@ -14,7 +14,9 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_logits_match_cpu(family):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, hidden_size=256)).eval()
+    model = AutoModelForCausalLM.from_config(
+        tiny_config(family, hidden_size=256, max_position_embeddings=512)
+    ).eval()
     ids = torch.randint(0, 256, (2, 300))
     expected = model(ids).logits
     got = model.cuda()(ids.cuda()).logits.cpu()
@@ -24,7 +26,13 @@ def test_cuda_logits_match_cpu(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_bf16_is_close_to_fp32(family):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, hidden_size=256)).cuda().eval()
+    model = (
+        AutoModelForCausalLM.from_config(
+            tiny_config(family, hidden_size=256, max_position_embeddings=512)
+        )
+        .cuda()
+        .eval()
+    )
     ids = torch.randint(0, 256, (2, 300), device="cuda")
     reference = model(ids).logits.float()
     low = model.to(torch.bfloat16)(ids).logits.float()

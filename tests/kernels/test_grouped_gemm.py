@@ -99,8 +99,8 @@ def test_cuda_bf16_matches_fp32_reference(trans_b):
     grad = torch.randn(m, n, device="cuda")
     results = []
     for dtype, backend in ((torch.float32, "torch"), (torch.bfloat16, "triton")):
-        xi = x.to(dtype).requires_grad_()
-        wi = w.to(dtype).requires_grad_()
+        xi = x.to(dtype).detach().requires_grad_()  # fresh leaves, also for fp32
+        wi = w.to(dtype).detach().requires_grad_()
         out = grouped_gemm(xi, wi, offsets, trans_b, backend=backend)
         out.backward(grad.to(dtype))
         results.append([t.float() for t in (out, xi.grad, wi.grad)])

@@ -191,9 +191,14 @@ def test_cuda_bf16_within_1e2_of_fp32_oracle(op, head_dim):
     if op == "cosformer2":  # LRPE doubles the key width
         q, k = torch.cat([q, q.flip(-1)], -1), torch.cat([k, k.flip(-1)], -1)
         s0 = torch.cat([s0, s0], 2)
-    # bf16 activations; the decay (log λ, or HGRN2's fp32 log f) and the state stay fp32.
-    ours = leaves([q.bfloat16(), k.bfloat16(), v.bfloat16(), decay, s0])
-    ref = leaves([q, k, v, decay, s0])
+    # bf16 activations; the decay (log λ, or HGRN2's fp32 log f) and the state stay fp32. The
+    # oracle runs in fp32 on the same bf16-rounded values, so what is measured is the kernel's
+    # error, not the inputs' rounding: TNL's per-head decay gradient sums B·T·K·V terms that
+    # nearly cancel, and rounding q, k, v alone moves it by tens of percent (seen on an H200:
+    # 5.8% against the fp32-input oracle).
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    ours = leaves([q, k, v, decay, s0])
+    ref = leaves([q.float(), k.float(), v.float(), decay, s0])
     o, s = run(op, *ours, backend="triton", chunk_size=64)
     o_ref, s_ref = oracle(op, *ref)
     assert o.dtype == torch.bfloat16 and s.dtype == torch.float32

@@ -351,7 +351,7 @@ def test_cuda_bf16_backend_matches_fp32_torch(backend, case):
 
     def run(module, dtype, name):
         module.zero_grad()
-        xi = x.to(dtype).requires_grad_()
+        xi = x.to(dtype).detach().requires_grad_()  # a leaf of its own, also for fp32
         out = experts_forward(module, xi, index, weights, backend=name)
         out.backward(grad.to(dtype))
         return [t.float() for t in (out, xi.grad, module.gate_up_proj.grad, module.down_proj.grad)]
