@@ -1,0 +1,60 @@
+"""Checkpoints written by earlier code keep loading: same config values, bit-identical logits.
+
+`tests/fixtures/checkpoints/` holds tiny models of every family, a MoE LLaMA, a striped MoE
+hybrid and a STAR export with tied weights, saved before the mixer registry (issue 21) with
+their inputs, logits and loaded config (`make.py` there says how; it is never rerun to make an
+old fixture pass).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import zoo  # noqa: F401  (registers the zoo's Auto classes)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
+NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file())
+# Keys that say which library version wrote or read the file, not what the model is.
+VOLATILE = {"transformers_version", "_name_or_path"}
+
+
+def test_every_fixture_is_here():
+    assert set(NAMES) == {
+        "llama", "tnl", "hgrn2", "cosformer2", "mamba", "hyena", "hybrid", "shared",
+        "llama-moe", "star-export",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_loads_with_same_config_and_identical_logits(name):
+    folder = FIXTURES / name
+    expected_config = json.loads((folder / "expected_config.json").read_text())
+    config = json.loads(json.dumps(AutoConfig.from_pretrained(folder).to_dict()))  # as stored
+    for key in VOLATILE:
+        config.pop(key, None)
+        expected_config.pop(key, None)
+    for key, value in expected_config.items():
+        assert config.get(key, "<missing>") == value, f"{name}: config.{key} changed"
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    expected = load_file(folder / "expected.safetensors")
+    with torch.no_grad():
+        logits = model(
+            input_ids=expected["input_ids"],
+            attention_mask=expected["attention_mask"],
+            use_cache=False,
+        ).logits
+    difference = (logits - expected["logits"]).abs().max()
+    with safe_open(folder / "expected.safetensors", "pt") as f:
+        written_on = f.metadata()
+    here = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if written_on == here and torch.get_num_threads() == 1:
+        assert torch.equal(logits, expected["logits"]), f"{name}: logits differ by {difference:.3g}"
+    else:  # another torch build or vector unit sums in another order: equal to rounding only
+        assert difference < 1e-6, f"{name}: logits differ by {difference:.3g} ({written_on})"
