@@ -29,23 +29,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-from zoo.configuration import (
-    CosFormer2Config,
-    HGRN2Config,
-    HybridConfig,
-    HyenaConfig,
-    LlamaConfig,
-    MambaConfig,
-    TNLConfig,
-    ZooConfig,
-)
+from zoo import registry
+from zoo.configuration import HybridConfig, ZooConfig, parse_layer_pattern
+from zoo.training import IGNORE_INDEX as IGNORE
+from zoo.training import supervised_step
 
-IGNORE = -100
 Instance = tuple[np.ndarray, np.ndarray]
 
 
@@ -325,43 +318,56 @@ def make_dataset(
 # Architectures and the protocol
 
 
-# MAD's standard model: 2 blocks of [sequence mixer, channel mixer] at width 128 (4 MAD layers);
-# each zoo block is one such pair. The striped hybrids (striped-*) put attention in the second
-# block; -moe ones use MoE channel mixers.
-ARCHITECTURES: dict[str, Callable[[int, int], ZooConfig]] = {
-    "transformer++": lambda v, d: LlamaConfig(**_base(v, d)),
-    "mamba": lambda v, d: MambaConfig(**_base(v, d), channel_mixers=["swiglu"] * 2),
-    "hyena": lambda v, d: HyenaConfig(**_base(v, d)),
-    "tnl": lambda v, d: TNLConfig(**_base(v, d)),
-    "hgrn2": lambda v, d: HGRN2Config(**_base(v, d), hgrn2_expand_ratio=d // 4),
-    "cosformer2": lambda v, d: CosFormer2Config(**_base(v, d)),
-    "striped-hyena": lambda v, d: HybridConfig.from_pattern(
-        "hyena:swiglu attention:swiglu", **_base(v, d, layers=False)
-    ),
-    "striped-hyena-moe": lambda v, d: HybridConfig.from_pattern(
-        "hyena:moe attention:moe", **_base(v, d, layers=False), **_moe(d)
-    ),
-    "striped-mamba-moe": lambda v, d: HybridConfig.from_pattern(
-        "mamba:moe attention:moe", **_base(v, d, layers=False), **_moe(d)
-    ),
+# MAD's standard model: 2 blocks of [sequence mixer, channel mixer] at width 128 (4 MAD layers),
+# each zoo block one such pair with a SwiGLU channel mixer: every registered sequence mixer is
+# an architecture of that shape, under its own name. The striped hybrids put attention in the
+# second block; the -moe ones use MoE channel mixers (mad-lab's moe-mlp).
+STRIPES: dict[str, str] = {
+    "striped-hyena": "hyena:swiglu attention:swiglu",
+    "striped-hyena-moe": "hyena:moe attention:moe",
+    "striped-mamba-moe": "mamba:moe attention:moe",
 }
 
 
-def _base(vocab: int, width: int, layers: bool = True) -> dict[str, Any]:
-    fields = {
+def architectures() -> list[str]:
+    """The named architectures: every registered sequence mixer, then the stripes. Any layer
+    pattern (`"lightning:swiglu attention:moe"`) is an architecture too."""
+    return [*registry.sequence_mixers(), *STRIPES]
+
+
+def architecture_config(architecture: str, vocab: int, width: int) -> ZooConfig:
+    """The model of an architecture (a name of `architectures()` or a layer pattern) for a task
+    with `vocab` tokens at MAD width `width`; MoE layers get mad-lab's expert settings."""
+    if architecture in registry.sequence_mixers():
+        pattern = f"{architecture}:swiglu*2"
+    else:
+        pattern = STRIPES.get(architecture, architecture)
+    try:
+        _, channel_mixers = parse_layer_pattern(pattern)
+        moe = any(registry.channel_mixer(c).routed for c in channel_mixers)
+        return HybridConfig.from_pattern(
+            pattern, **_base(vocab, width), **(_moe(width) if moe else {})
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"unknown architecture {architecture!r}: not one of {architectures()} and not a "
+            f"layer pattern ({error})"
+        ) from None
+
+
+def _base(vocab: int, width: int) -> dict[str, Any]:
+    return {
         "vocab_size": vocab,
         "hidden_size": width,
         "num_attention_heads": 4,
         "intermediate_size": 16 * math.ceil(int(8 * width / 3) / 16),  # mad-lab's SwiGLU width
         "max_position_embeddings": 2048,
         "hyena_filter_order": 32,
+        "tie_word_embeddings": False,  # an unembedding of its own, as mad-lab's models have
         "pad_token_id": None,
         "bos_token_id": None,
         "eos_token_id": None,
     }
-    if layers:
-        fields["num_hidden_layers"] = 2
-    return fields
 
 
 def _moe(width: int) -> dict[str, Any]:
@@ -376,6 +382,7 @@ class AutoEncoder(nn.Module):
 
     def __init__(self, config: ZooConfig) -> None:
         super().__init__()
+        self.config = config
         self.encoder = AutoModelForCausalLM.from_config(config)
         d = config.hidden_size
         layers: list[nn.Module] = []
@@ -392,11 +399,16 @@ class AutoEncoder(nn.Module):
         table[:, 1::2] = torch.cos(pos * freq[: width // 2])
         return table
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder.model(input_ids=input_ids, use_cache=False).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> MoeCausalLMOutputWithPast:
+        """The decoded logits, and the encoder's router logits (MoE layers) for their losses."""
+        outputs = self.encoder.model(input_ids=input_ids, use_cache=False)
+        hidden = outputs.last_hidden_state
         code = hidden[:, -1:]
         length, width = input_ids.shape[1], hidden.shape[-1]
-        return self.decoder(code + self.positions(length, width, input_ids.device))
+        logits = self.decoder(code + self.positions(length, width, input_ids.device))
+        return MoeCausalLMOutputWithPast(
+            logits=logits, router_logits=getattr(outputs, "router_logits", None)
+        )
 
 
 @dataclass
@@ -443,12 +455,6 @@ MAD_SCALES: dict[str, MADSettings] = {
 }
 
 
-def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    if isinstance(model, AutoEncoder):
-        return model(inputs)
-    return model(input_ids=inputs, use_cache=False).logits
-
-
 def score(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, vocab: int) -> dict:
     """Accuracy over the scored (non-ignored) positions: per position and class-averaged."""
     correct, total = 0, 0
@@ -458,7 +464,7 @@ def score(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, vocab: 
     with torch.no_grad():
         for start in range(0, inputs.shape[0], 64):
             x, y = inputs[start : start + 64], targets[start : start + 64]
-            pred = _logits(model, x).argmax(-1)
+            pred = model(input_ids=x, use_cache=False).logits.argmax(-1)
             mask = y != IGNORE
             hits = (pred == y) & mask
             correct += int(hits.sum())
@@ -473,17 +479,18 @@ def score(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, vocab: 
 def train_task(
     architecture: str, task: str, settings: MADSettings, progress: bool = False, **task_settings
 ) -> dict[str, Any]:
-    """Train `architecture` on `task` and score it on the test set (see the module docstring)."""
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
+    """Train `architecture` on `task` and score it on the test set (see the module docstring).
+
+    The training loss is the cross-entropy on the scored positions plus, for MoE architectures,
+    the router losses the recipe loop adds (`zoo.training.supervised_step`)."""
     overrides = {**settings.task_overrides.get(task, {}), **task_settings}
     num_train = overrides.pop("train_size", settings.num_train)
+    vocab = {**TASKS[task][1], **overrides}["vocab_size"]
+    config = architecture_config(architecture, vocab, settings.width)  # before any data
     x_train, y_train, x_test, y_test = make_dataset(
         task, num_train, settings.num_test, settings.seed, **overrides
     )
-    vocab = {**TASKS[task][1], **overrides}["vocab_size"]
     torch.manual_seed(settings.seed)
-    config = ARCHITECTURES[architecture](vocab, settings.width)
     model = (
         AutoEncoder(config) if task == "compression" else AutoModelForCausalLM.from_config(config)
     )
@@ -499,14 +506,7 @@ def train_task(
         order = torch.randperm(num_train, generator=generator)
         for start in range(0, num_train, settings.batch_size):
             batch = order[start : start + settings.batch_size]
-            logits = _logits(model, x_train[batch])
-            loss = F.cross_entropy(
-                logits.flatten(0, 1).float(), y_train[batch].flatten(), ignore_index=IGNORE
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            loss = supervised_step(model, optimizer, x_train[batch], y_train[batch], scheduler)
             bar.update()
     bar.close()
     result = score(model, x_test, y_test, vocab)
@@ -515,7 +515,7 @@ def train_task(
         "task": task,
         "settings": {**TASKS[task][1], **overrides, "train_size": num_train},
         "params": sum(p.numel() for p in model.parameters()),
-        "final_train_loss": float(loss.detach()),
+        "final_train_loss": float(loss),
         **result,
     }
 
@@ -592,12 +592,14 @@ def mad_plot(result: dict[str, Any], path: Any) -> Any:
 
 
 __all__ = [
-    "ARCHITECTURES",
     "DIFFICULTY_SWEEP",
     "IGNORE",
+    "STRIPES",
     "TASKS",
     "AutoEncoder",
     "MADSettings",
+    "architecture_config",
+    "architectures",
     "compression",
     "fuzzy_in_context_recall",
     "in_context_recall",

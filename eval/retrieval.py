@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from zoo.eval.mad import ARCHITECTURES, IGNORE
+from zoo.eval.mad import IGNORE, architecture_config
+from zoo.training import supervised_step
 
 # ---------------------------------------------------------------------------------------------
 # MQAR
@@ -123,12 +123,12 @@ def mqar_grid(
 
 
 def train_mqar(architecture: str, settings: MQARSettings | None = None) -> dict[str, Any]:
-    """Train `architecture` (a MAD architecture name) on MQAR; accuracy per test (L, K) cell."""
+    """Train `architecture` (a MAD architecture name or layer pattern) on MQAR; accuracy per
+    test (L, K) cell. MoE architectures train with their router losses (`supervised_step`)."""
     s = settings or MQARSettings()
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
+    config = architecture_config(architecture, s.vocab_size, s.width)
     torch.manual_seed(s.seed)
-    model = AutoModelForCausalLM.from_config(ARCHITECTURES[architecture](s.vocab_size, s.width))
+    model = AutoModelForCausalLM.from_config(config)
     per_cell = s.num_train // len(s.train_cells)
     train_sets = [
         multiquery_ar(s.vocab_size, per_cell, length, s.seed + i, pairs)
@@ -146,13 +146,7 @@ def train_mqar(architecture: str, settings: MQARSettings | None = None) -> dict[
             for idx in torch.randperm(x.shape[0], generator=generator).split(s.batch_size)
         ]
         for i in torch.randperm(len(batches), generator=generator).tolist():
-            x, y = batches[i]
-            logits = model(input_ids=x, use_cache=False).logits
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            supervised_step(model, optimizer, *batches[i], scheduler)
     cells = {}
     for length, pairs in s.test_cells:
         x, y = multiquery_ar(s.vocab_size, s.num_test, length, 2**31 + s.seed, pairs)

@@ -29,7 +29,10 @@ import zoo
         ({"output_gate_rank": 0}, "output_gate_rank=0"),
         ({"mamba_d_state": 0}, "mamba_d_state=0"),
         ({"mamba_dt_max": float("inf")}, "mamba_dt_max=inf must be a finite number"),
-        ({"mamba_dt_min": 0.5, "mamba_dt_max": 0.1}, "0 < mamba_dt_min <= mamba_dt_max"),
+        (
+            {"mixers": ["mamba"] * 4, "mamba_dt_min": 0.5, "mamba_dt_max": 0.1},
+            "0 < mamba_dt_min <= mamba_dt_max",
+        ),
         ({"mamba_conv_bias": "yes"}, "mamba_conv_bias='yes' must be True or False"),
         ({"hyena_order": 1}, "hyena_order=1 must be an integer >= 2"),
         ({"hyena_emb_dim": 4}, "hyena_emb_dim=4 must be an odd integer >= 3"),
@@ -65,7 +68,7 @@ _STRIPE = {
         (
             {"mixers": ["hgrn2"] * 4, "hgrn2_expand_ratio": 16,
              "layer_overrides": [None, {"hgrn2_expand_ratio": 48}, None, None]},
-            r"layer_overrides\[1\]\.hgrn2_expand_ratio=48 does not divide",
+            r"layer_overrides\[1\]: hgrn2_expand_ratio=48 does not divide",
         ),
         ({"mixer_weight_source": [None, None, 2, None]}, "must be None or an earlier layer"),
         ({"mixer_weight_source": [None, 0, None, None]}, "layer 1 is 'gated_conv', layer 0"),

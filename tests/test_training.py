@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import zoo
+from zoo import registry
 from zoo.recipe import RecipeError, load_recipe
 from zoo.training import Checkpoints, NonFiniteLossError, train
 
@@ -35,7 +35,7 @@ def _records(run: Path) -> list[dict]:
 
 def test_every_family_has_a_tiny_recipe():
     families = {load_recipe(CONFIGS / name).model.preset for name in TINY}
-    assert families == set(zoo.recipe.FAMILIES)
+    assert families == set(registry.families())
     assert "tiny-striped-moe.yaml" in TINY
 
 

@@ -25,27 +25,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import zoo
-from zoo.configuration import PRESETS, ZooConfig
+from zoo import registry
+from zoo.configuration import ZooConfig
 from zoo.flops import model_flops
-
-# Vocabulary each family's named sizes are counted with (the papers' tokenizers).
-PRESET_VOCAB = {
-    "zoo_llama": 100_280,
-    "zoo_tnl": 100_280,
-    "zoo_hgrn2": 100_280,
-    "zoo_cosformer2": 100_280,
-    "zoo_mamba": 50_280,
-    "zoo_hyena": 50_264,
-    "zoo_hybrid": 50_280,
-}
-FAMILY_NAMES = {
-    "attention": "LLaMA attention",
-    "lightning": "TNL lightning attention",
-    "hgrn2": "HGRN2",
-    "cosformer2": "cosFormer2",
-    "mamba": "Mamba",
-    "hyena": "Hyena",
-}
 
 
 def _millions(n: float) -> str:
@@ -142,7 +124,7 @@ def render_card(
         eval_results=eval_results_from_json(eval_results) if eval_results else None,
     )
     counts = Counter(config.mixers)
-    mix = ", ".join(f"{n} × {FAMILY_NAMES[m]}" for m, n in counts.items())
+    mix = ", ".join(f"{n} × {registry.sequence_mixer(m).display_name}" for m, n in counts.items())
     default_summary = (
         f"A {_millions(model.num_parameters())}-parameter causal language model from "
         f"hybrid-zoo: {config.num_hidden_layers} "
@@ -219,10 +201,10 @@ def card_for_run(run_dir: str | Path, repo_id: str | None = None) -> Path:
 def preset_cards() -> dict[str, ModelCard]:
     """file name -> card of every named size of every family."""
     cards = {}
-    for cls in PRESETS:
-        family = cls.model_type.removeprefix("zoo_")
+    for family, entry in registry.families().items():
+        cls = entry.config_class()
         for size in cls.named_sizes:
-            config = cls.from_size(size, vocab_size=PRESET_VOCAB[cls.model_type])
+            config = cls.from_size(size, vocab_size=entry.card_vocab)
             name = f"{family}-{size}"
             cards[f"{name}.md"] = render_card(config, f"hybrid-zoo/{name}")
     return cards

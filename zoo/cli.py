@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -37,7 +37,7 @@ def demo(
         typer.Option(
             "--families",
             "--family",
-            help="Comma-separated families: llama, tnl, hgrn2, cosformer2, mamba, hyena, hybrid.",
+            help="Comma-separated families (zoo describe --list shows them).",
         ),
     ] = "llama,tnl",
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default).")] = 0,
@@ -47,13 +47,15 @@ def demo(
     from rich.console import Console
     from rich.table import Table
 
-    from zoo.demo import DEMO_FAMILIES, DemoSettings, run_demo
+    from zoo import registry
+    from zoo.demo import DemoSettings, run_demo
 
     names = [name.strip() for name in families.split(",") if name.strip()]
-    unknown = [name for name in names if name not in DEMO_FAMILIES]
+    unknown = [name for name in names if name not in registry.families()]
     if unknown or not names:
         raise typer.BadParameter(
-            f"unknown families {unknown}; allowed: {list(DEMO_FAMILIES)}", param_hint="--families"
+            f"unknown families {unknown}; allowed: {list(registry.families())}",
+            param_hint="--families",
         )
     if steps <= 0:
         raise typer.BadParameter(f"steps={steps} must be positive", param_hint="--steps")
@@ -249,16 +251,22 @@ def convert(
 @app.command()
 def describe(
     model: Annotated[
-        str,
+        str | None,
         typer.Argument(
-            help="A family (llama, tnl, hgrn2, cosformer2, mamba, hyena, hybrid) or a layer "
-            "pattern such as '(lightning:moe*3 attention:moe)*2'."
+            help="A family (see --list) or a layer pattern such as "
+            "'(lightning:moe*3 attention:moe)*2'."
         ),
-    ],
+    ] = None,
     size: Annotated[str | None, typer.Option(help="A named size of the family.")] = None,
     hidden_size: Annotated[int | None, typer.Option(help="Width (default: the size's).")] = None,
     vocab_size: Annotated[int | None, typer.Option(help="Vocabulary (default: bytes).")] = None,
     save: Annotated[Path | None, typer.Option(help="Write the config.json here.")] = None,
+    list_registry: Annotated[
+        bool,
+        typer.Option(
+            "--list", help="List the registered families, mixers and their settings instead."
+        ),
+    ] = False,
 ) -> None:
     """Layers, parameters (total and active), MoE sparsity and decode state of a config."""
     import torch
@@ -266,9 +274,15 @@ def describe(
     from rich.table import Table
     from transformers import AutoModelForCausalLM
 
-    from zoo.configuration import PRESETS, HybridConfig
+    from zoo import registry
+    from zoo.configuration import HybridConfig
 
-    families = {cls.model_type.removeprefix("zoo_"): cls for cls in PRESETS}
+    console = Console(width=max(Console().width, 100))
+    if list_registry or model is None:
+        _print_registry(console)
+        return
+
+    families = {name: entry.config_class() for name, entry in registry.families().items()}
     overrides = {
         name: value
         for name, value in (("hidden_size", hidden_size), ("vocab_size", vocab_size))
@@ -286,7 +300,6 @@ def describe(
         raise typer.BadParameter(str(error), param_hint="MODEL / --size") from None
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config)
-    console = Console(width=max(Console().width, 100))
     table = Table(title=f"{type(config).__name__}: {config.num_hidden_layers} layers")
     for column in ("layer", "sequence mixer", "channel mixer", "cache"):
         table.add_column(column)
@@ -307,6 +320,35 @@ def describe(
     if save is not None:
         config.save_pretrained(save)
         console.print(f"wrote {save / 'config.json'}")
+
+
+def _print_registry(console: Any) -> None:
+    """The registry as tables: families, sequence mixers (with their cache and settings) and
+    channel mixers."""
+    from rich.table import Table
+
+    from zoo import registry
+
+    families = Table(title="families (zoo describe FAMILY --size SIZE)")
+    for column in ("family", "preset", "default layers", "named sizes"):
+        families.add_column(column)
+    for name, entry in registry.families().items():
+        cls = entry.config_class()
+        layers = f"{cls.default_mixer}:{cls.default_channel_mixer}" if cls.default_mixer else "-"
+        families.add_row(name, cls.__name__, layers, ", ".join(cls.named_sizes) or "-")
+    console.print(families)
+    for kind, entries in (
+        ("sequence mixers", registry.sequence_mixers()),
+        ("channel mixers", registry.channel_mixers()),
+    ):
+        table = Table(title=kind)
+        for column in ("name", "what", "settings (default)"):
+            table.add_column(column)
+        for name, entry in entries.items():
+            cache = f" [{entry.cache}]" if hasattr(entry, "cache") else ""
+            settings = ", ".join(f"{k}={v.default!r}" for k, v in entry.settings.items())
+            table.add_row(name, entry.doc + cache, settings or "-")
+        console.print(table)
 
 
 scaling_app = typer.Typer(

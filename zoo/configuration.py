@@ -13,6 +13,7 @@ value and what is allowed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -20,42 +21,18 @@ from typing import Any, ClassVar
 
 from transformers import PreTrainedConfig
 
-# Sequence mixers and the transformers cache layer type each one keeps its decode state in
-# (`DynamicCache(config=...)` builds one cache layer per entry of `layer_types`).
-SEQUENCE_MIXERS: dict[str, str] = {
-    "attention": "full_attention",
-    "lightning": "linear_attention",
-    "hgrn2": "linear_attention",
-    "cosformer2": "linear_attention",
-    "mamba": "linear_attention",  # conv state + SSM state
-    # Hyena's long convolution needs the whole input history to decode: it grows like a KV cache.
-    "hyena": "full_attention",
-    "gated_conv": "linear_attention",  # conv state only
-}
-CHANNEL_MIXERS: tuple[str, ...] = ("swiglu", "glu", "moe", "none")
-NORM_TYPES: tuple[str, ...] = ("rmsnorm", "srmsnorm")
-LIGHTNING_DECAY_FORMS: tuple[str, ...] = ("alibi", "paper")
-KERNEL_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
-# Implementations of the MoE experts (zoo/layers/moe.py); all compute the same function.
-MOE_BACKENDS: tuple[str, ...] = ("auto", "torch", "torch_grouped_mm", "triton", "megablocks")
-ROUTER_SCORING_FUNCS: tuple[str, ...] = ("softmax", "sigmoid")
+from zoo import registry
 
-# Fields a layer may set for itself in `layer_overrides` (the rest are the model's): the widths
-# and state sizes that STAR's operator genomes vary per layer (zoo.star).
-LAYER_OVERRIDE_FIELDS: tuple[str, ...] = (
-    "num_key_value_heads",
-    "intermediate_size",
-    "moe_intermediate_size",
-    "mamba_d_state",
-    "mamba_expand",
-    "hgrn2_expand_ratio",
-    "hyena_order",
-    "gated_conv_kernel",
-)
-_CHANNEL_FIELDS = frozenset({"intermediate_size", "moe_intermediate_size"})
+NORM_TYPES: tuple[str, ...] = ("rmsnorm", "srmsnorm")
+KERNEL_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 
 # The byte tokenizer's ids (zoo/tokenizer.py): 256 bytes, then <s>, </s>, <pad>.
 _BYTE_VOCAB, _BOS, _EOS, _PAD = 259, 256, 257, 258
+
+
+def default_intermediate_size(hidden_size: int) -> int:
+    """The channel-mixer width g when none is given: 8d/3 rounded up to a multiple of 256."""
+    return _round_up(8 * hidden_size / 3, 256)
 
 
 @dataclass(frozen=True)
@@ -106,15 +83,15 @@ def parse_layer_pattern(pattern: str) -> tuple[list[str], list[str]]:
                 f"pattern {pattern!r}: cannot read layer {token!r}; write mixer:channel_mixer"
             )
         mixer, channel, repeat = match.group(1), match.group(2) or "swiglu", match.group(3)
-        if mixer not in SEQUENCE_MIXERS:
+        if mixer not in registry.sequence_mixers():
             raise ValueError(
                 f"pattern {pattern!r}: {mixer!r} is not a sequence mixer; "
-                f"allowed: {sorted(SEQUENCE_MIXERS)}"
+                f"allowed: {sorted(registry.sequence_mixers())}"
             )
-        if channel not in CHANNEL_MIXERS:
+        if channel not in registry.channel_mixers():
             raise ValueError(
                 f"pattern {pattern!r}: {channel!r} is not a channel mixer; "
-                f"allowed: {list(CHANNEL_MIXERS)}"
+                f"allowed: {list(registry.channel_mixers())}"
             )
         count = int(repeat) if repeat else 1
         mixers += [mixer] * count
@@ -147,6 +124,10 @@ class ZooConfig(PreTrainedConfig):
 
     Use a family preset (`LlamaConfig`, `TNLConfig`, ...) unless you are writing a hybrid by
     hand; the base class has no default mixer and needs `mixers` and `channel_mixers`.
+
+    The fields below are the backbone's. Every registered mixer adds its own settings as further
+    keys (`mamba_d_state`, `num_experts`, ...: `zoo.registry`, or `zoo describe --list`);
+    each config carries all of them, with their defaults unless given.
     """
 
     model_type = "zoo"
@@ -155,6 +136,8 @@ class ZooConfig(PreTrainedConfig):
     default_mixer: ClassVar[str | None] = None
     default_channel_mixer: ClassVar[str | None] = None
     named_sizes: ClassVar[dict[str, NamedSize]] = {}
+    # A preset's own defaults for mixer settings (keys of `zoo.registry.all_settings()`).
+    setting_defaults: ClassVar[dict[str, Any]] = {}
 
     # Vocabulary size; the default is the embedded byte tokenizer's (256 bytes + 3 specials).
     vocab_size: int = _BYTE_VOCAB
@@ -162,68 +145,23 @@ class ZooConfig(PreTrainedConfig):
     hidden_size: int = 256
     # Number of blocks l.
     num_hidden_layers: int = 4
-    # Sequence mixer per layer (see SEQUENCE_MIXERS); None repeats the family's default.
+    # Sequence mixer per layer (see zoo.registry); None repeats the family's default.
     mixers: list[str] | None = None
-    # Channel mixer per layer (see CHANNEL_MIXERS); None repeats the family's default.
+    # Channel mixer per layer (see zoo.registry); None repeats the family's default.
     channel_mixers: list[str] | None = None
     # Heads of the attention and linear-attention mixers; head dim = hidden_size / heads.
     num_attention_heads: int = 4
-    # Key/value heads of softmax attention (grouped-query attention); None = num_attention_heads.
-    num_key_value_heads: int | None = None
     # Channel-mixer width g; None = 8d/3 rounded up to a multiple of 256 (the paper's rule).
     intermediate_size: int | None = None
     # Norm of the blocks and the final norm: "rmsnorm" (with gain) or "srmsnorm" (no gain).
     norm_type: str = "rmsnorm"
     # Epsilon of every RMS norm.
     rms_norm_eps: float = 1e-6
-    # RoPE base wavelength of softmax attention.
-    rotary_base: float = 10000.0
     # Longest context the model was trained for; Hyena's implicit filters span exactly this many
     # positions (safari's l_max), every other mixer takes it as information only.
     max_position_embeddings: int = 8192
-    # TNL decay: "alibi" (released TransNormerLLM code) or "paper" (TNL paper Eq. 10).
-    lightning_decay: str = "alibi"
-    # Chunk length of the chunked lightning-attention form.
-    lightning_chunk_size: int = 64
-    # Rank t of TNL's low-rank sigmoid output gate; None = head dim (arXiv 2406.16690 A.1.2).
-    output_gate_rank: int | None = None
-    # HGRN2: forget/query dimension e of each head (state expansion); heads = hidden_size / e.
-    hgrn2_expand_ratio: int = 128
-    # HGRN2: chunk length of the chunked gated scan.
-    hgrn2_chunk_size: int = 64
-    # Mamba: SSM state size N per channel.
-    mamba_d_state: int = 16
-    # Mamba: kernel width of the causal depthwise conv.
-    mamba_d_conv: int = 4
-    # Mamba: inner width D_in = expand · hidden_size.
-    mamba_expand: int = 2
-    # Mamba: rank R of the Δ projection; None = ceil(hidden_size / 16).
-    mamba_dt_rank: int | None = None
-    # Mamba: range of the initial Δ (dt_proj bias = softplus⁻¹ of a log-uniform draw) and its floor.
-    mamba_dt_min: float = 1e-3
-    mamba_dt_max: float = 0.1
-    mamba_dt_init_floor: float = 1e-4
-    # Mamba: bias on the depthwise conv (on in the paper) and on in_proj/out_proj (off).
-    mamba_conv_bias: bool = True
-    mamba_proj_bias: bool = False
-    # Mamba: chunk length of the chunked selective scan.
-    mamba_chunk_size: int = 64
-    # Hyena: order N (N - 1 long convolutions in the safari form; >= 2).
-    hyena_order: int = 2
-    # Hyena: width of the implicit filter FFN.
-    hyena_filter_order: int = 64
-    # Hyena: kernel width of the short depthwise conv on the projections.
-    hyena_short_filter: int = 3
-    # Hyena: positional-encoding features of the implicit filter (odd, >= 3).
-    hyena_emb_dim: int = 33
-    # Hyena: hidden Sin layers of the filter FFN.
-    hyena_num_inner_mlps: int = 2
-    # Hyena: multiply the filters by the exponential decay window.
-    hyena_modulate: bool = True
-    # Gated short conv (STAR's GConv-1): kernel width of its causal depthwise conv.
-    gated_conv_kernel: int = 3
-    # Per-layer settings: one dict per layer (or None) of fields from LAYER_OVERRIDE_FIELDS that
-    # replace the model's value in that layer only, e.g. {"num_key_value_heads": 1}.
+    # Per-layer settings: one dict per layer (or None) of fields that replace the model's value in
+    # that layer only, e.g. {"num_key_value_heads": 1}; each mixer names the fields it allows.
     layer_overrides: list[dict[str, Any] | None] | None = None
     # Weight sharing across layers (STAR's featurizer sharing): per layer, the index of an earlier
     # layer whose sequence-mixer weights this layer uses (tied parameters, saved once), or None.
@@ -236,34 +174,6 @@ class ZooConfig(PreTrainedConfig):
     kv_source: list[int | None] | None = None
     # Kernel backend of the mixer ops: "auto" (Triton on CUDA when built, torch otherwise).
     kernel_backend: str = "auto"
-    # MoE (layers whose channel mixer is "moe"; names follow transformers' MoE models).
-    # Routed experts E per MoE layer.
-    num_experts: int = 8
-    # Experts k each token is sent to; sparsity = 1 - k/E (Abnar et al., arXiv 2501.12370).
-    num_experts_per_tok: int = 2
-    # Width of one SwiGLU expert; None = intermediate_size. Smaller experts with more of them is
-    # DeepSeekMoE's fine-grained segmentation.
-    moe_intermediate_size: int | None = None
-    # Always-on shared experts (DeepSeekMoE), run as one SwiGLU of width
-    # num_shared_experts * moe_intermediate_size; 0 = none (Mixtral, OLMoE).
-    num_shared_experts: int = 0
-    # Router scores: "softmax" over experts (Mixtral, OLMoE) or per-expert "sigmoid" (DeepSeek-V3).
-    router_scoring_func: str = "softmax"
-    # Rescale the k selected scores to sum to 1 (Mixtral: yes; OLMoE: no).
-    norm_topk_prob: bool = True
-    # Weight of the Switch load-balancing loss in the training loss (0 turns it off).
-    router_aux_loss_coef: float = 0.01
-    # Weight of the router z-loss (ST-MoE, arXiv 2202.08906; Abnar et al. use 1e-3).
-    router_z_loss_coef: float = 0.001
-    # Capacity factor c: each expert takes at most ceil(c * tokens * k / E) tokens per call and
-    # drops the rest (first choices first, then in token order); None = dropless (the default).
-    moe_capacity_factor: float | None = None
-    # Experts implementation: "auto" (torch_grouped_mm where the build has it, else torch),
-    # "torch" (reference), "torch_grouped_mm", "triton", "megablocks" (GPU, optional extra).
-    moe_backend: str = "auto"
-    # Return the router logits of every MoE layer in the output (the loss includes the aux losses
-    # whenever labels are given, whatever this says).
-    output_router_logits: bool = False
     # Std of the normal init of every Linear and Embedding (TNL/HGRN2 code and LLaMA use 0.02).
     initializer_range: float = 0.02
     # Share the input embedding and the LM head.
@@ -277,108 +187,83 @@ class ZooConfig(PreTrainedConfig):
     layer_types: list[str] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
-        self._fill_defaults()
+        # Mixers registered outside the zoo, by name, with the module of their layer (kept in
+        # config.json, so that loading without them says what to import).
+        recorded = dict(kwargs.pop("mixer_modules", None) or {})
+        for key, setting in registry.all_settings().items():
+            default = self.setting_defaults.get(key, setting.default)
+            setattr(self, key, kwargs.pop(key) if key in kwargs else default)
+        self._fill_defaults(recorded)
         self._validate()
-        self.layer_types = [SEQUENCE_MIXERS[m] for m in self.mixers]
+        self.layer_types = [registry.sequence_mixer(m).cache for m in self.mixers]
+        modules = {
+            entry.name: entry.module
+            for entry in self._layer_entries()
+            if not entry.module.startswith("zoo.")
+        }
+        if modules:
+            self.mixer_modules = modules
         super().__post_init__(**kwargs)
 
-    def _fill_defaults(self) -> None:
+    @classmethod
+    def field_names(cls) -> set[str]:
+        """Every key a config of this class takes: the backbone's and every mixer setting."""
+        return {f.name for f in dataclasses.fields(cls)} | set(registry.all_settings())
+
+    def _layer_entries(self) -> list[registry.SequenceMixer | registry.ChannelMixer]:
+        """The registry entries of the mixers this config stacks, each once."""
+        entries = {m: registry.sequence_mixer(m) for m in self.mixers}
+        entries.update({c: registry.channel_mixer(c) for c in self.channel_mixers})
+        return list(entries.values())
+
+    def _fill_defaults(self, mixer_modules: dict[str, str] | None = None) -> None:
         n = self.num_hidden_layers
         if isinstance(n, int) and n > 0:
             if self.mixers is None:
                 if self.default_mixer is None:
                     raise ValueError(
                         f"{type(self).__name__} has no default mixer: pass mixers=[...] with one "
-                        f"of {sorted(SEQUENCE_MIXERS)} per layer, or use a family preset"
+                        f"of {sorted(registry.sequence_mixers())} per layer, or use a family "
+                        "preset"
                     )
                 self.mixers = [self.default_mixer] * n
             if self.channel_mixers is None:
                 if self.default_channel_mixer is None:
                     raise ValueError(
                         f"{type(self).__name__} has no default channel mixer: pass "
-                        f"channel_mixers=[...] with one of {list(CHANNEL_MIXERS)} per layer"
+                        f"channel_mixers=[...] with one of {list(registry.channel_mixers())} per "
+                        "layer"
                     )
                 self.channel_mixers = [self.default_channel_mixer] * n
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
         if self.intermediate_size is None and isinstance(self.hidden_size, int):
-            self.intermediate_size = _round_up(8 * self.hidden_size / 3, 256)
-        if self.moe_intermediate_size is None:
-            self.moe_intermediate_size = self.intermediate_size
+            self.intermediate_size = default_intermediate_size(self.hidden_size)
+        self._validate_backbone(mixer_modules or {})
+        # Derived defaults only for the mixers in use: another mixer's derived setting stays None
+        # rather than follow fields it does not depend on here.
+        for entry in self._layer_entries():
+            for key, setting in entry.settings.items():
+                if getattr(self, key) is None and setting.derive is not None:
+                    setattr(self, key, setting.derive(self))
 
     def _validate(self) -> None:
         self._validate_fields()
         self._validate_layers()
 
-    def _validate_fields(self) -> None:
+    def _validate_backbone(self, mixer_modules: dict[str, str] | None = None) -> None:
+        """The backbone fields (before mixer settings are derived from them); `mixer_modules`
+        (from a saved config) names the module of a mixer that is not registered here."""
         for name in (
             "vocab_size",
             "hidden_size",
             "num_hidden_layers",
             "num_attention_heads",
-            "num_key_value_heads",
             "intermediate_size",
-            "lightning_chunk_size",
             "max_position_embeddings",
-            "hgrn2_expand_ratio",
-            "hgrn2_chunk_size",
-            "mamba_d_state",
-            "mamba_d_conv",
-            "mamba_expand",
-            "mamba_chunk_size",
-            "hyena_filter_order",
-            "hyena_short_filter",
-            "hyena_num_inner_mlps",
-            "gated_conv_kernel",
-            "num_experts",
-            "num_experts_per_tok",
-            "moe_intermediate_size",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        self._validate_moe()
-        if self.mamba_dt_rank is not None and (
-            not isinstance(self.mamba_dt_rank, int)
-            or isinstance(self.mamba_dt_rank, bool)
-            or self.mamba_dt_rank <= 0
-        ):
-            raise ValueError(f"mamba_dt_rank={self.mamba_dt_rank!r} must be a positive integer")
-        for name in ("mamba_dt_min", "mamba_dt_max", "mamba_dt_init_floor"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-            ):
-                raise ValueError(f"{name}={value!r} must be a finite number")
-        if not 0 < self.mamba_dt_min <= self.mamba_dt_max:
-            raise ValueError(
-                f"mamba_dt_min={self.mamba_dt_min} and mamba_dt_max={self.mamba_dt_max} must "
-                "satisfy 0 < mamba_dt_min <= mamba_dt_max"
-            )
-        if self.mamba_dt_init_floor < 0:
-            raise ValueError(f"mamba_dt_init_floor={self.mamba_dt_init_floor!r} must be >= 0")
-        for name in ("mamba_conv_bias", "mamba_proj_bias", "hyena_modulate"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
-        if not isinstance(self.hyena_order, int) or self.hyena_order < 2:
-            raise ValueError(f"hyena_order={self.hyena_order!r} must be an integer >= 2")
-        emb_dim = self.hyena_emb_dim
-        if (
-            not isinstance(emb_dim, int)
-            or isinstance(emb_dim, bool)
-            or emb_dim < 3
-            or emb_dim % 2 == 0
-        ):
-            raise ValueError(f"hyena_emb_dim={emb_dim!r} must be an odd integer >= 3")
-        if self.output_gate_rank is not None and (
-            not isinstance(self.output_gate_rank, int) or self.output_gate_rank <= 0
-        ):
-            raise ValueError(
-                f"output_gate_rank={self.output_gate_rank!r} must be a positive integer"
-            )
-        for name in ("rms_norm_eps", "rotary_base", "initializer_range"):
+        for name in ("rms_norm_eps", "initializer_range"):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name}={value!r} must be positive")
@@ -387,12 +272,10 @@ class ZooConfig(PreTrainedConfig):
                 f"num_attention_heads={self.num_attention_heads} does not divide "
                 f"hidden_size={self.hidden_size}"
             )
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_key_value_heads={self.num_key_value_heads} does not divide "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
-        for name, allowed in (("mixers", SEQUENCE_MIXERS), ("channel_mixers", CHANNEL_MIXERS)):
+        for name, known in (
+            ("mixers", registry.sequence_mixers()),
+            ("channel_mixers", registry.channel_mixers()),
+        ):
             layers = getattr(self, name)
             if not isinstance(layers, (list, tuple)):
                 raise ValueError(f"{name}={layers!r} must be a list with one name per layer")
@@ -402,19 +285,36 @@ class ZooConfig(PreTrainedConfig):
                     f"num_hidden_layers={self.num_hidden_layers}"
                 )
             for i, mixer in enumerate(layers):
-                if mixer not in allowed:
+                if mixer not in known:
+                    hint = ""
+                    if mixer in (mixer_modules or {}):
+                        hint = (
+                            f"; it was registered by module {mixer_modules[mixer]!r}: "
+                            "import that module before loading"
+                        )
                     raise ValueError(
-                        f"{name}[{i}]={mixer!r} is not a known mixer; allowed: {sorted(allowed)}"
+                        f"{name}[{i}]={mixer!r} is not a known mixer; allowed: "
+                        f"{sorted(known)}{hint}"
                     )
-        for name, allowed in (
-            ("norm_type", NORM_TYPES),
-            ("lightning_decay", LIGHTNING_DECAY_FORMS),
-            ("kernel_backend", KERNEL_BACKENDS),
-        ):
+        for name, allowed in (("norm_type", NORM_TYPES), ("kernel_backend", KERNEL_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size={self.vocab_size} must be at least 2")
+
+    def _validate_fields(self) -> None:
+        """The backbone and every mixer setting's own check; then each mixer in use checks the
+        settings it combines with the backbone (a ratio that must divide the width, ...)."""
+        self._validate_backbone()
+        for key, setting in registry.all_settings().items():
+            if getattr(self, key) is None and setting.derive is not None:
+                continue  # a derived setting of a mixer this model does not use
+            complaint = setting.check(getattr(self, key)) if setting.check else None
+            if complaint:
+                raise ValueError(f"{key}={getattr(self, key)!r} {complaint}")
+        for entry in self._layer_entries():
+            if entry.validate is not None:
+                entry.validate(self)
 
     def _validate_layers(self) -> None:
         """Per-layer overrides and cross-layer sharing: every reference must be buildable."""
@@ -436,24 +336,17 @@ class ZooConfig(PreTrainedConfig):
                 continue
             if not isinstance(overrides, dict):
                 raise ValueError(f"layer_overrides[{i}]={overrides!r} must be a dict or None")
+            allowed = self._per_layer_fields(i)
             for key in overrides:
-                if key not in LAYER_OVERRIDE_FIELDS:
+                if key not in allowed:
                     raise ValueError(
-                        f"layer_overrides[{i}].{key}: not a per-layer field; "
-                        f"allowed: {list(LAYER_OVERRIDE_FIELDS)}"
+                        f"layer_overrides[{i}].{key}: not a per-layer field of layer {i} "
+                        f"({self.mixers[i]}:{self.channel_mixers[i]}); allowed: {list(allowed)}"
                     )
             try:
                 self.for_layer(i)._validate_fields()
             except ValueError as error:
                 raise ValueError(f"layer_overrides[{i}]: {error}") from None
-        for i, mixer in enumerate(self.mixers):
-            ratio = self.for_layer(i).hgrn2_expand_ratio
-            if mixer == "hgrn2" and self.hidden_size % ratio:
-                where = "" if ratio == self.hgrn2_expand_ratio else f"layer_overrides[{i}]."
-                raise ValueError(
-                    f"{where}hgrn2_expand_ratio={ratio} does not divide "
-                    f"hidden_size={self.hidden_size}"
-                )
         kinds = (
             ("mixer_weight_source", self.mixers),
             ("channel_mixer_weight_source", self.channel_mixers),
@@ -476,10 +369,15 @@ class ZooConfig(PreTrainedConfig):
                     raise ValueError(
                         f"{where}: layer {i} is {layers[i]!r}, layer {j} {layers[j]!r}"
                     )
-                if layers[i] == "none":
+                if name == "channel_mixer_weight_source" and (
+                    registry.channel_mixer(layers[i]).layer is None
+                ):
                     raise ValueError(f"{where}: layer {i} has no channel mixer to share")
-                if name == "kv_source" and layers[i] != "attention":
-                    raise ValueError(f"{where}: only softmax attention layers can share K/V")
+                if name == "kv_source" and not registry.sequence_mixer(layers[i]).kv_sharing:
+                    raise ValueError(
+                        f"{where}: layer {i} is {layers[i]!r}; only layers that can read another "
+                        "layer's keys and values (softmax attention) can share K/V"
+                    )
                 mine, theirs = self.for_layer(i), self.for_layer(j)
                 if name == "kv_source":
                     if mine.num_key_value_heads != theirs.num_key_value_heads:
@@ -502,12 +400,19 @@ class ZooConfig(PreTrainedConfig):
                         "(kv_source) and has no K/V projections to share"
                     )
 
+    def _per_layer_fields(self, layer_idx: int) -> tuple[str, ...]:
+        """The fields layer `layer_idx` may override: those its two mixers allow."""
+        mixer = registry.sequence_mixer(self.mixers[layer_idx])
+        channel = registry.channel_mixer(self.channel_mixers[layer_idx])
+        return mixer.per_layer + channel.per_layer
+
     def _part_overrides(self, layer_idx: int, sharing: str) -> dict[str, Any]:
         """The overrides of one layer that shape its channel mixer (for channel-mixer sharing)
         or its sequence mixer (otherwise)."""
         overrides = (self.layer_overrides or [None] * self.num_hidden_layers)[layer_idx] or {}
-        channel = sharing == "channel_mixer_weight_source"
-        return {k: v for k, v in overrides.items() if (k in _CHANNEL_FIELDS) == channel}
+        channel = registry.channel_mixer(self.channel_mixers[layer_idx]).per_layer
+        wanted = sharing == "channel_mixer_weight_source"
+        return {k: v for k, v in overrides.items() if (k in channel) == wanted}
 
     def for_layer(self, layer_idx: int) -> ZooConfig:
         """The config layer `layer_idx` is built from: this one with its `layer_overrides`."""
@@ -519,37 +424,6 @@ class ZooConfig(PreTrainedConfig):
             object.__setattr__(layer, key, value)
         return layer
 
-    def _validate_moe(self) -> None:
-        if self.num_experts_per_tok > self.num_experts:
-            raise ValueError(
-                f"num_experts_per_tok={self.num_experts_per_tok} must be <= "
-                f"num_experts={self.num_experts}: a token cannot visit more experts than exist"
-            )
-        shared = self.num_shared_experts
-        if not isinstance(shared, int) or isinstance(shared, bool) or shared < 0:
-            raise ValueError(f"num_shared_experts={shared!r} must be an integer >= 0")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name}={value!r} must be a number >= 0")
-        factor = self.moe_capacity_factor
-        if factor is not None and (
-            isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0
-        ):
-            raise ValueError(
-                f"moe_capacity_factor={factor!r} must be a positive number, or None for "
-                "dropless routing"
-            )
-        for name in ("norm_topk_prob", "output_router_logits"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
-        for name, allowed in (
-            ("router_scoring_func", ROUTER_SCORING_FUNCS),
-            ("moe_backend", MOE_BACKENDS),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
-
     @property
     def layer_pattern(self) -> str:
         """The layers in `parse_layer_pattern`'s compact syntax, e.g. "lightning:glu*24"."""
@@ -557,8 +431,8 @@ class ZooConfig(PreTrainedConfig):
 
     @property
     def has_moe(self) -> bool:
-        """Whether any layer's channel mixer is a MoE layer."""
-        return "moe" in self.channel_mixers
+        """Whether any layer's channel mixer is a routed (MoE) layer."""
+        return any(registry.channel_mixer(c).routed for c in self.channel_mixers)
 
     @property
     def sparsity(self) -> float:
@@ -568,14 +442,6 @@ class ZooConfig(PreTrainedConfig):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-    @property
-    def mamba_inner_size(self) -> int:
-        return self.mamba_expand * self.hidden_size
-
-    @property
-    def mamba_dt_rank_resolved(self) -> int:
-        return self.mamba_dt_rank or math.ceil(self.hidden_size / 16)
 
     @classmethod
     def from_size(cls, size: str, **overrides: Any) -> ZooConfig:
@@ -797,14 +663,3 @@ class HybridConfig(ZooConfig):
         mixers, channel_mixers = parse_layer_pattern(pattern)
         fields = {"num_hidden_layers": len(mixers), **overrides}
         return cls(mixers=mixers, channel_mixers=channel_mixers, **fields)
-
-
-PRESETS: tuple[type[ZooConfig], ...] = (
-    LlamaConfig,
-    TNLConfig,
-    HGRN2Config,
-    CosFormer2Config,
-    MambaConfig,
-    HyenaConfig,
-    HybridConfig,
-)

@@ -109,6 +109,7 @@ from transformers import AutoTokenizer
 
 import zoo
 from zoo.configuration import LlamaConfig, MambaConfig, ZooConfig
+from zoo.layers.mamba import dt_rank
 
 try:  # builds the target without drawing random weights that the state dict overwrites anyway
     from transformers.initialization import no_init_weights
@@ -601,7 +602,7 @@ def mamba_config_to_hf(config: ZooConfig) -> transformers.MambaConfig:
         state_size=config.mamba_d_state,
         conv_kernel=config.mamba_d_conv,
         expand=config.mamba_expand,
-        time_step_rank=config.mamba_dt_rank_resolved,
+        time_step_rank=dt_rank(config),
         time_step_min=config.mamba_dt_min,
         time_step_max=config.mamba_dt_max,
         time_step_floor=config.mamba_dt_init_floor,

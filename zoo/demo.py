@@ -20,18 +20,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from zoo import registry
 from zoo.cache import cache_nbytes, new_cache
 from zoo.card import card_for_run
-from zoo.configuration import (
-    CosFormer2Config,
-    HGRN2Config,
-    HybridConfig,
-    HyenaConfig,
-    LlamaConfig,
-    MambaConfig,
-    TNLConfig,
-    ZooConfig,
-)
+from zoo.configuration import ZooConfig
 from zoo.data import CorpusConfig, pack_tokens, synthetic_documents, unigram_entropy
 from zoo.eval.results import lm_eval_layout, write_json_atomic
 from zoo.eval.retrieval import niah_grid
@@ -40,15 +32,6 @@ from zoo.recipe import Recipe
 from zoo.tokenizer import byte_tokenizer
 from zoo.training import train
 
-DEMO_FAMILIES: dict[str, type[ZooConfig]] = {
-    "llama": LlamaConfig,
-    "tnl": TNLConfig,
-    "hgrn2": HGRN2Config,
-    "cosformer2": CosFormer2Config,
-    "mamba": MambaConfig,
-    "hyena": HyenaConfig,
-    "hybrid": HybridConfig,
-}
 PROMPT = "recall: ka=17 mo=3 zu=88 ; mo?"
 
 
@@ -84,34 +67,20 @@ class DemoResult:
 
 
 def _demo_fields(family: str, settings: DemoSettings) -> dict:
-    """Config fields of the tiny model of `family`: same width and depth budget for all."""
-    fields = {
+    """Config fields of the tiny model of `family`: the same width and depth budget for all,
+    adjusted by the family's registry entry (Mamba doubles its blocks, the hybrid stripes)."""
+    shared = {
         "hidden_size": settings.hidden_size,
         "num_hidden_layers": settings.num_hidden_layers,
         "num_attention_heads": settings.num_attention_heads,
         "tie_word_embeddings": True,
     }
-    if family == "hgrn2":
-        fields["hgrn2_expand_ratio"] = settings.hidden_size // settings.num_attention_heads
-    elif family == "mamba":
-        # No channel mixer: two Mamba blocks hold about one Transformer layer's parameters.
-        fields["num_hidden_layers"] = 2 * settings.num_hidden_layers
-    elif family == "hybrid":
-        # MAD's best stripes: three TNL blocks, then one attention block (25% attention), every
-        # channel mixer a MoE layer. Top-2 of 4 experts of half the dense width: the active
-        # channel-mixer compute of one dense SwiGLU (iso-active), twice its parameters.
-        n = settings.num_hidden_layers
-        dense = LlamaConfig(**fields)
-        fields["mixers"] = ["lightning"] * (n - 1) + ["attention"]
-        fields["channel_mixers"] = ["moe"] * n
-        fields["num_experts"], fields["num_experts_per_tok"] = 4, 2
-        fields["moe_intermediate_size"] = dense.intermediate_size // 2
-    return fields
+    return registry.family(family).demo_fields(shared)
 
 
 def demo_config(family: str, settings: DemoSettings) -> ZooConfig:
     """The tiny model of `family` the demo trains."""
-    return DEMO_FAMILIES[family](**_demo_fields(family, settings))
+    return registry.family(family).config_class()(**_demo_fields(family, settings))
 
 
 def demo_recipe(family: str, settings: DemoSettings, out_dir: Path) -> Recipe:

@@ -30,6 +30,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils.deprecation import deprecate_kwarg
 
+from zoo import registry
 from zoo.cache import new_cache
 from zoo.checkpoint import check_checkpoint_dir
 from zoo.configuration import (
@@ -44,7 +45,7 @@ from zoo.configuration import (
 )
 from zoo.layers import build_channel_mixer, build_sequence_mixer
 from zoo.layers.context import MixerContext
-from zoo.layers.moe import Experts, MoE, Router, load_balancing_loss, router_z_loss
+from zoo.layers.moe import Experts, Router, router_losses
 from zoo.layers.norm import build_norm
 from zoo.remote import write_remote_code
 
@@ -58,6 +59,7 @@ class ZooBlock(GradientCheckpointingLayer):
         self.mixer_norm = build_norm(config.norm_type, config.hidden_size, eps)
         self.mixer = build_sequence_mixer(config, layer_idx)
         self.channel_mixer = build_channel_mixer(config, layer_idx)
+        self.routed = registry.channel_mixer(config.channel_mixers[layer_idx]).routed
         self.channel_norm = (
             build_norm(config.norm_type, config.hidden_size, eps)
             if self.channel_mixer is not None
@@ -70,7 +72,7 @@ class ZooBlock(GradientCheckpointingLayer):
         """(hidden states, router logits [B·T, E] of a MoE channel mixer, else None)."""
         hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), context, cache)
         router_logits = None
-        if isinstance(self.channel_mixer, MoE):
+        if self.routed:
             out, router_logits = self.channel_mixer(
                 self.channel_norm(hidden_states), context.token_mask
             )
@@ -115,8 +117,9 @@ class ZooPreTrainedModel(PreTrainedModel):
                 init.normal_(param, mean=0.0, std=self.config.initializer_range)
         if hasattr(module, "init_zoo_weights"):
             module.init_zoo_weights()
-        if isinstance(module, ZooModel) and module.hgrn2_lower_bounds is not None:
-            init.zeros_(module.hgrn2_lower_bounds)
+        if isinstance(module, ZooModel):
+            for name, spec in module.mixer_parameter_specs().items():
+                spec.init(getattr(module, name))
 
     def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict[str, str]:
         """transformers' tied keys (the LM head on the embedding), plus the weights layers share
@@ -156,17 +159,21 @@ class ZooModel(ZooPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(ZooBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = build_norm(config.norm_type, config.hidden_size, config.rms_norm_eps)
-        # HGRN2's forget-gate lower bounds Γ (L, d): one row per layer, shared through a softmax
-        # over depth (arXiv 2404.07904), so they live on the model, not in one mixer.
-        self.hgrn2_lower_bounds = (
-            nn.Parameter(torch.zeros(config.num_hidden_layers, config.hidden_size))
-            if "hgrn2" in config.mixers
-            else None
-        )
+        # Parameters a mixer needs the model to hold for all its layers (HGRN2's lower bounds Γ,
+        # shared through a softmax over depth), under the names its registry entry gives them.
+        for name, spec in self.mixer_parameter_specs().items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(spec.shape(config))))
         self.gradient_checkpointing = False
         # transformers reads this when saving: the targets are written once, as their source.
         self._tied_weights_keys = self.shared_weight_keys()
         self.post_init()
+
+    def mixer_parameter_specs(self) -> dict[str, registry.ModelParameter]:
+        """The model-held parameters of the mixers this model stacks, by name."""
+        specs: dict[str, registry.ModelParameter] = {}
+        for name in dict.fromkeys(self.config.mixers):
+            specs.update(registry.sequence_mixer(name).model_parameters)
+        return specs
 
     def shared_weight_keys(self) -> dict[str, str]:
         """{target: source} parameter names of the weights layers share with earlier layers."""
@@ -216,7 +223,7 @@ class ZooModel(ZooPreTrainedModel):
         context = MixerContext.build(
             attention_mask, position_ids, batch, seq_len, past_len, inputs_embeds.device
         )
-        context.hgrn2_gamma = self.hgrn2_lower_bounds
+        context.parameters = {name: getattr(self, name) for name in self.mixer_parameter_specs()}
         if self.gradient_checkpointing and self.training and self.config.kv_source:
             checkpoint = getattr(self, "_gradient_checkpointing_func", None)
             if getattr(checkpoint, "keywords", {}).get("use_reentrant", True):
@@ -317,20 +324,9 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             token_mask = None
             if attention_mask is not None:  # the current tokens' columns
                 token_mask = attention_mask[:, -outputs.last_hidden_state.shape[1] :].bool()
-            config = self.config
-            aux_loss = load_balancing_loss(
-                outputs.router_logits,
-                config.num_experts_per_tok,
-                config.router_scoring_func,
-                token_mask,
-            )
+            aux_loss, router_loss = router_losses(outputs.router_logits, self.config, token_mask)
             if loss is not None:
-                z_loss = router_z_loss(outputs.router_logits, token_mask)
-                loss = (
-                    loss
-                    + config.router_aux_loss_coef * aux_loss.to(loss.device)
-                    + config.router_z_loss_coef * z_loss.to(loss.device)
-                )
+                loss = loss + router_loss.to(loss.device)
         return MoeCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
@@ -341,69 +337,29 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         )
 
 
-class LlamaModel(ZooModel):
-    config_class = LlamaConfig
+_FAMILY_CLASSES: dict[type[ZooConfig], tuple[type[ZooModel], type[ZooForCausalLM]]] = {}
 
 
-class LlamaForCausalLM(ZooForCausalLM):
-    config_class = LlamaConfig
+def causal_lm_classes(config_class: type[ZooConfig]) -> tuple[type[ZooModel], type[ZooForCausalLM]]:
+    """The base model and causal LM classes of a family preset, named after it (`TNLConfig` ->
+    `TNLModel`, `TNLForCausalLM`), made once: they only bind the config class, so that
+    transformers' Auto classes and `trust_remote_code` can find them."""
+    if config_class not in _FAMILY_CLASSES:
+        stem = config_class.__name__.removesuffix("Config")
+        module = __name__ if config_class.__module__ == ZooConfig.__module__ else None
+        made = []
+        for base, suffix in ((ZooModel, "Model"), (ZooForCausalLM, "ForCausalLM")):
+            cls = type(f"{stem}{suffix}", (base,), {"config_class": config_class})
+            cls.__module__ = module or config_class.__module__
+            made.append(cls)
+        _FAMILY_CLASSES[config_class] = (made[0], made[1])
+    return _FAMILY_CLASSES[config_class]
 
 
-class TNLModel(ZooModel):
-    config_class = TNLConfig
-
-
-class TNLForCausalLM(ZooForCausalLM):
-    config_class = TNLConfig
-
-
-class HGRN2Model(ZooModel):
-    config_class = HGRN2Config
-
-
-class HGRN2ForCausalLM(ZooForCausalLM):
-    config_class = HGRN2Config
-
-
-class CosFormer2Model(ZooModel):
-    config_class = CosFormer2Config
-
-
-class CosFormer2ForCausalLM(ZooForCausalLM):
-    config_class = CosFormer2Config
-
-
-class MambaModel(ZooModel):
-    config_class = MambaConfig
-
-
-class MambaForCausalLM(ZooForCausalLM):
-    config_class = MambaConfig
-
-
-class HyenaModel(ZooModel):
-    config_class = HyenaConfig
-
-
-class HyenaForCausalLM(ZooForCausalLM):
-    config_class = HyenaConfig
-
-
-class HybridModel(ZooModel):
-    config_class = HybridConfig
-
-
-class HybridForCausalLM(ZooForCausalLM):
-    config_class = HybridConfig
-
-
-# (config class, base model class, causal LM class) for the Auto registration in zoo/__init__.py.
-FAMILIES: tuple[tuple[type[ZooConfig], type[ZooModel], type[ZooForCausalLM]], ...] = (
-    (LlamaConfig, LlamaModel, LlamaForCausalLM),
-    (TNLConfig, TNLModel, TNLForCausalLM),
-    (HGRN2Config, HGRN2Model, HGRN2ForCausalLM),
-    (CosFormer2Config, CosFormer2Model, CosFormer2ForCausalLM),
-    (MambaConfig, MambaModel, MambaForCausalLM),
-    (HyenaConfig, HyenaModel, HyenaForCausalLM),
-    (HybridConfig, HybridModel, HybridForCausalLM),
-)
+LlamaModel, LlamaForCausalLM = causal_lm_classes(LlamaConfig)
+TNLModel, TNLForCausalLM = causal_lm_classes(TNLConfig)
+HGRN2Model, HGRN2ForCausalLM = causal_lm_classes(HGRN2Config)
+CosFormer2Model, CosFormer2ForCausalLM = causal_lm_classes(CosFormer2Config)
+MambaModel, MambaForCausalLM = causal_lm_classes(MambaConfig)
+HyenaModel, HyenaForCausalLM = causal_lm_classes(HyenaConfig)
+HybridModel, HybridForCausalLM = causal_lm_classes(HybridConfig)

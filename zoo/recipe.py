@@ -22,12 +22,11 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from zoo.configuration import PRESETS, HybridConfig, ZooConfig
+from zoo import registry
+from zoo.configuration import HybridConfig, ZooConfig
 from zoo.data import CorpusConfig
 
 M = TypeVar("M", bound=BaseModel)
-
-FAMILIES: dict[str, type[ZooConfig]] = {cls.model_type.removeprefix("zoo_"): cls for cls in PRESETS}
 
 
 class RecipeError(ValueError):
@@ -39,15 +38,15 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    preset: str = Field(description=f"family: one of {sorted(FAMILIES)}")
+    preset: str = Field(description="family: a registered family (zoo.registry.families())")
     size: str | None = Field(None, description="a named size of the family")
     pattern: str | None = Field(None, description="hybrid layer pattern (preset: hybrid)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="ZooConfig fields")
 
     @model_validator(mode="after")
     def _known_preset(self) -> ModelSection:
-        if self.preset not in FAMILIES:
-            raise ValueError(f"preset={self.preset!r} is not one of {sorted(FAMILIES)}")
+        if self.preset not in registry.families():
+            raise ValueError(f"preset={self.preset!r} is not one of {sorted(registry.families())}")
         if self.pattern is not None and self.preset != "hybrid":
             raise ValueError("pattern needs preset: hybrid")
         if self.pattern is not None and self.size is not None:
@@ -157,8 +156,8 @@ class Recipe(_Section):
     def build_config(self) -> ZooConfig:
         """The validated model config; unknown override fields and bad values name the key."""
         section = self.model
-        cls = FAMILIES[section.preset]
-        known = {f.name for f in dataclasses.fields(cls)}
+        cls = registry.family(section.preset).config_class()
+        known = cls.field_names()
         for key in section.overrides:
             if key not in known:
                 raise RecipeError(

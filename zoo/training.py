@@ -53,7 +53,7 @@ from zoo.data import (
     synthetic_documents,
 )
 from zoo.flops import model_flops
-from zoo.layers.moe import expert_load, load_imbalance
+from zoo.layers.moe import expert_load, load_imbalance, router_losses
 from zoo.recipe import Recipe, RecipeError, load_recipe, lr_factor
 from zoo.tokenizer import load_tokenizer
 
@@ -364,6 +364,52 @@ def evaluate(
     model.train(was_training)
     total = accelerator.reduce(total, reduction="sum")
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+IGNORE_INDEX = -100
+"""Targets with this value are not scored (PyTorch's and transformers' convention)."""
+
+
+def supervised_loss(
+    model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, shift: bool = False
+) -> torch.Tensor:
+    """Cross-entropy of `model(input_ids=inputs)` against `targets` (`IGNORE_INDEX` unscored),
+    plus the router losses of its MoE layers with the config's coefficients, as the recipe loop
+    trains. `targets` align with the input positions (MAD, MQAR); with `shift` they are the
+    inputs' own next tokens (language modelling: position t is scored on target t + 1).
+
+    The model returns `.logits` (B, T, V) and, if it routes, `.router_logits`; it is called with
+    `output_router_logits=True` and without a cache.
+    """
+    output = model(input_ids=inputs, use_cache=False, output_router_logits=True)
+    logits = output.logits
+    if shift:
+        logits, targets = logits[:, :-1], targets[:, 1:]
+    loss = F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+    )
+    router_logits = getattr(output, "router_logits", None)
+    if router_logits:
+        loss = loss + router_losses(router_logits, model.config)[1].to(loss.device)
+    return loss
+
+
+def supervised_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    shift: bool = False,
+) -> torch.Tensor:
+    """One optimizer step on `supervised_loss`; returns the loss (detached, no host sync)."""
+    loss = supervised_loss(model, inputs, targets, shift)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss.detach()
 
 
 def _model_config_dict(model: torch.nn.Module) -> dict[str, Any]:

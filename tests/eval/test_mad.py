@@ -5,8 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
+from zoo import registry
 from zoo.eval import mad
+from zoo.training import supervised_loss
 
 
 def _rng(seed: int = 0) -> np.random.Generator:
@@ -98,20 +102,41 @@ SMALL = mad.MADSettings(
 
 
 def test_attention_learns_in_context_recall():
-    result = mad.train_task("transformer++", "in_context_recall", SMALL, seq_len=32)
+    result = mad.train_task("attention", "in_context_recall", SMALL, seq_len=32)
     assert result["accuracy"] > 2 * (1 / 8), result  # chance: one of 8 values
 
 
 def test_attention_learns_selective_copying():
     result = mad.train_task(
-        "transformer++", "selective_copying", SMALL, seq_len=48, num_tokens_to_copy=4
+        "attention", "selective_copying", SMALL, seq_len=48, num_tokens_to_copy=4
     )
     assert result["accuracy"] > 0.5, result  # chance: one of 14 content tokens
 
 
 def test_every_architecture_runs_the_protocol():
     tiny = mad.MADSettings(width=32, num_train=32, num_test=8, epochs=1, batch_size=16)
-    result = mad.run_mad(list(mad.ARCHITECTURES), ["compression"], tiny, progress=False)
-    assert set(result["mad_score"]) == set(mad.ARCHITECTURES)
+    result = mad.run_mad(mad.architectures(), ["compression"], tiny, progress=False)
+    assert set(result["mad_score"]) == set(mad.architectures()) >= set(registry.sequence_mixers())
     table = mad.mad_table(result)
-    assert table.count("\n") == len(mad.ARCHITECTURES) + 1
+    assert table.count("\n") == len(mad.architectures()) + 1
+
+
+def test_moe_architectures_train_with_the_router_losses():
+    """MAD's step adds the load-balancing and z-losses (as the recipe loop does): the router
+    gets their gradient, so with a large aux coefficient its update differs."""
+    x, y, _, _ = mad.make_dataset("in_context_recall", 16, 1, seq_len=32)
+    grads = []
+    for coef in (0.0, 10.0):
+        torch.manual_seed(0)
+        config = mad.architecture_config("striped-mamba-moe", 16, 32)
+        config.router_aux_loss_coef, config.router_z_loss_coef = coef, 0.0
+        model = AutoModelForCausalLM.from_config(config)
+        loss = supervised_loss(model, x, y)
+        (grad,) = torch.autograd.grad(loss, model.model.layers[0].channel_mixer.gate.weight)
+        plain = F.cross_entropy(
+            model(input_ids=x, use_cache=False).logits.flatten(0, 1), y.flatten(), ignore_index=-100
+        )
+        grads.append((loss - plain).item())
+        grads.append(grad)
+    assert grads[0] == 0.0 and grads[2] > 0.0  # the aux term is in the loss ...
+    assert not torch.allclose(grads[1], grads[3])  # ... and reaches the router's gradient

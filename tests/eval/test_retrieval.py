@@ -54,7 +54,7 @@ def test_attention_solves_small_mqar():
         num_test=64,
         epochs=12,
     )
-    result = retrieval.train_mqar("transformer++", settings)
+    result = retrieval.train_mqar("attention", settings)
     assert result["accuracy"]["L=32,K=4"] > 0.9, result  # chance: 1/32
 
 
@@ -123,7 +123,7 @@ def test_unknown_task_and_missing_inputs_are_named(tmp_path):
         run_eval(EvalRequest(model="x", tasks=["trivia"], output=tmp_path))
     with pytest.raises(ValueError, match="task mad trains models: give --architectures"):
         run_eval(EvalRequest(model=None, tasks=["mad"], output=tmp_path))
-    with pytest.raises(ValueError, match="unknown architectures"):
+    with pytest.raises(ValueError, match="unknown architecture 'rnn'"):
         run_eval(EvalRequest(model=None, tasks=["mad"], architectures=["rnn"], output=tmp_path))
     with pytest.raises(ValueError, match="mad scale 'huge' is not one of"):
         run_eval(EvalRequest(model=None, tasks=["mad"], architectures=["tnl"], mad_scale="huge"))
@@ -135,10 +135,10 @@ def test_architecture_protocols_write_a_table_and_plot(tmp_path):
     request = EvalRequest(
         model=None,
         tasks=["mad", "mqar"],
-        architectures=["transformer++", "tnl"],
+        architectures=["attention", "lightning"],
         output=tmp_path,
         quick=True,
     )
     payload = run_eval(request, echo=lambda _: None)
-    assert {"mad/transformer++", "mad/tnl", "mqar/tnl"} <= set(payload["results"])
+    assert {"mad/attention", "mad/lightning", "mqar/lightning"} <= set(payload["results"])
     assert (tmp_path / "mad.png").is_file() and "MAD score" in (tmp_path / "mad.md").read_text()

@@ -34,7 +34,7 @@ def _mixer(layer_idx: int = 1, chunk_size: int = 8) -> HGRN2Attention:
 
 def _context(x, mask=None, past_len=0, gamma=None) -> MixerContext:
     context = MixerContext.build(mask, None, x.shape[0], x.shape[1], past_len, x.device)
-    context.hgrn2_gamma = _bounds()[0] if gamma is None else gamma
+    context.parameters["hgrn2_lower_bounds"] = _bounds()[0] if gamma is None else gamma
     return context
 
 

@@ -13,7 +13,7 @@ import zoo
 from tests.tiny import tiny_config
 from zoo.cache import new_cache
 from zoo.layers.context import MixerContext
-from zoo.layers.mamba import MambaMixer
+from zoo.layers.mamba import MambaMixer, dt_rank
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +137,7 @@ def test_init_follows_mamba():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     mixer = model.model.layers[1].mixer
-    n, k, rank = config.mamba_d_state, config.mamba_d_conv, config.mamba_dt_rank_resolved
+    n, k, rank = config.mamba_d_state, config.mamba_d_conv, dt_rank(config)
     expected = torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(mixer.d_inner, n)
     torch.testing.assert_close(mixer.A_log.detach(), expected)
     assert torch.equal(mixer.D.detach(), torch.ones(mixer.d_inner))

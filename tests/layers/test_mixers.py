@@ -5,29 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tiny import tiny_config
+from tests.tiny import tiny_mixer_config
+from zoo import registry
 from zoo.cache import new_cache
-from zoo.layers import _SEQUENCE_MIXER_PATHS, build_sequence_mixer
+from zoo.layers import build_sequence_mixer
 from zoo.layers.context import MixerContext
 
-MIXER_FAMILY = {
-    "attention": "llama",
-    "lightning": "tnl",
-    "cosformer2": "cosformer2",
-    "hgrn2": "hgrn2",
-    "hyena": "hyena",
-    "mamba": "mamba",
-    "gated_conv": "shared",
-}
-
-
-def test_every_mixer_is_covered():
-    assert set(MIXER_FAMILY) == set(_SEQUENCE_MIXER_PATHS)
+MIXERS = sorted(registry.sequence_mixers())
 
 
 def _mixer(name: str, layer_idx: int = 1):
     torch.manual_seed(layer_idx)
-    config = tiny_config(MIXER_FAMILY[name])
+    config = tiny_mixer_config(name)
     return build_sequence_mixer(config, layer_idx).eval(), config
 
 
@@ -35,7 +24,7 @@ def _context(x: torch.Tensor, mask: torch.Tensor | None = None, past_len: int = 
     return MixerContext.build(mask, None, x.shape[0], x.shape[1], past_len, x.device)
 
 
-@pytest.mark.parametrize("name", sorted(MIXER_FAMILY))
+@pytest.mark.parametrize("name", MIXERS)
 @pytest.mark.parametrize("seq_len", [1, 8, 13, 37])
 def test_parallel_matches_naive(name, seq_len):
     mixer, config = _mixer(name)
@@ -46,7 +35,7 @@ def test_parallel_matches_naive(name, seq_len):
     )
 
 
-@pytest.mark.parametrize("name", sorted(MIXER_FAMILY))
+@pytest.mark.parametrize("name", MIXERS)
 def test_recurrent_step_matches_parallel(name):
     mixer, config = _mixer(name, layer_idx=0)
     x = torch.randn(2, 21, config.hidden_size)
@@ -59,7 +48,7 @@ def test_recurrent_step_matches_parallel(name):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(MIXER_FAMILY))
+@pytest.mark.parametrize("name", MIXERS)
 def test_padding_does_not_leak(name):
     """A left-padded row gives the same outputs at its real tokens as the row alone."""
     mixer, config = _mixer(name)
@@ -78,7 +67,7 @@ def test_padding_does_not_leak(name):
 
 
 def test_state_size_counts_cache_elements():
-    for name in MIXER_FAMILY:
+    for name in MIXERS:
         mixer, config = _mixer(name, layer_idx=0)
         cache = new_cache(config)
         x = torch.randn(3, 11, config.hidden_size)

@@ -15,6 +15,7 @@ from transformers.models.mixtral.modeling_mixtral import (
 )
 
 import zoo
+from zoo import registry
 from zoo.layers.moe import (
     EXPERTS_BACKENDS,
     MoE,
@@ -276,7 +277,8 @@ def test_megablocks_backend_without_megablocks_names_the_extra():
 
 
 def test_every_backend_is_named_in_the_config():
-    assert set(EXPERTS_BACKENDS) | {"auto"} == set(zoo.configuration.MOE_BACKENDS)
+    allowed = registry.channel_mixer("moe").settings["moe_backend"].check.allowed
+    assert set(EXPERTS_BACKENDS) | {"auto"} == set(allowed)
 
 
 @pytest.mark.parametrize(

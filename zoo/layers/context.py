@@ -21,9 +21,10 @@ class MixerContext:
     """(B, T) bool, False at padded current tokens; None when nothing is padded."""
     key_mask: torch.Tensor | None = None
     """(B, S) bool over all tokens seen so far (cache + current); None when nothing is padded."""
-    hgrn2_gamma: torch.Tensor | None = None
-    """(L, d) HGRN2's shared lower-bound parameter Γ (set by the model); each HGRN2 mixer derives
-    its own β from it, so gradient checkpointing (reentrant too) recomputes it per block."""
+    parameters: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The parameters the model holds for all layers of a mixer (`zoo.registry.ModelParameter`),
+    by name, e.g. HGRN2's lower bounds Γ (L, d). A mixer derives what it needs from them in its
+    own forward, so gradient checkpointing (reentrant too) recomputes that per block."""
     shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """Keys and values (cache + current, after RoPE) of attention layers that later layers read
     (`ZooConfig.kv_source`), by layer index; filled as the forward reaches them."""

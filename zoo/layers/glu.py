@@ -16,8 +16,10 @@ from zoo.flops import linear_flops
 
 
 class GLU(nn.Module):
+    """TNL's activation-free GLU; `activation="silu"` (or `SwiGLU`) makes it LLaMA's SwiGLU."""
+
     def __init__(
-        self, config: ZooConfig, activation: str, intermediate_size: int | None = None
+        self, config: ZooConfig, activation: str = "identity", intermediate_size: int | None = None
     ) -> None:
         super().__init__()
         d, g = config.hidden_size, intermediate_size or config.intermediate_size
@@ -35,3 +37,10 @@ class GLU(nn.Module):
         if self.activation == "silu":
             gate = F.silu(gate)
         return self.down_proj(gate * self.up_proj(x))
+
+
+class SwiGLU(GLU):
+    """LLaMA's SwiGLU: the GLU with SiLU on the gate."""
+
+    def __init__(self, config: ZooConfig, intermediate_size: int | None = None) -> None:
+        super().__init__(config, "silu", intermediate_size)

@@ -9,8 +9,9 @@ forget/query dim e = `hgrn2_expand_ratio` (H = d / e heads), with this layer's l
     out = W_o Norm(concat_h y)                                          (no output gate)
 
 The recurrence is gated linear attention with q, k = 1 − f, v = i and log decay log f, run by
-`zoo.kernels.hgrn2`. β_l = `hgrn2_lower_bounds(Γ)[layer_idx]` comes from the model's shared Γ
-(L, d), passed as `context.hgrn2_gamma` (softmax over depth, cumsum, minus the first row), so
+`zoo.kernels.hgrn2`. β_l = `hgrn2_lower_bounds(Γ)[layer_idx]` comes from Γ (L, d), a parameter
+the model holds for all HGRN2 layers (declared in HGRN2's registry entry, passed as
+`context.parameters["hgrn2_lower_bounds"]`; softmax over depth, cumsum, minus the first row), so
 β_0 = 0 and deeper layers forget less.
 
 Choices where the sources differ (shared/papers/linear-families.md §2): q = SiLU and i = identity
@@ -40,8 +41,6 @@ from zoo.flops import linear_flops
 from zoo.kernels.hgrn2 import hgrn2, hgrn2_naive
 from zoo.layers.context import MixerContext
 from zoo.layers.norm import build_norm
-
-# Chunk length of the chunked form, fla's chunk_gla default; the config has no field for it yet.
 
 
 def hgrn2_lower_bounds(gamma: torch.Tensor) -> torch.Tensor:
@@ -83,8 +82,9 @@ class HGRN2Attention(nn.Module):
         q = F.silu(self.q_proj(x)).view(shape)  # (B, T, H, e)
         i = self.i_proj(x).view(shape)  # (B, T, H, e)
         log_f = F.logsigmoid(self.f_proj(x).float()).view(shape)  # (B, T, H, e)
-        if context.hgrn2_gamma is not None:
-            beta = hgrn2_lower_bounds(context.hgrn2_gamma)[self.layer_idx]  # (d,)
+        gamma = context.parameters.get("hgrn2_lower_bounds")  # (L, d)
+        if gamma is not None:
+            beta = hgrn2_lower_bounds(gamma)[self.layer_idx]  # (d,)
             beta = beta.view(self.num_heads, -1)  # (H, e)
             log_f = torch.logaddexp(_log_lower_bound(beta), torch.log1p(-beta) + log_f)
         if context.token_mask is not None:

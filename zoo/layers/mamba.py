@@ -49,6 +49,16 @@ from zoo.kernels.selective_scan import selective_scan, selective_scan_naive
 from zoo.layers.context import MixerContext
 
 
+def inner_size(config: ZooConfig) -> int:
+    """D_in = mamba_expand · hidden_size."""
+    return config.mamba_expand * config.hidden_size
+
+
+def dt_rank(config: ZooConfig) -> int:
+    """R, the rank of the Δ projection: mamba_dt_rank, or ceil(hidden_size / 16)."""
+    return config.mamba_dt_rank or math.ceil(config.hidden_size / 16)
+
+
 class MambaMixer(nn.Module):
     # Like mamba_ssm, A and D take no weight decay. The `_no_weight_decay` flag set on the
     # parameters below is mamba_ssm's convention but is lost when `from_pretrained` swaps in
@@ -58,10 +68,10 @@ class MambaMixer(nn.Module):
     def __init__(self, config: ZooConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.d_inner = config.mamba_inner_size
+        self.d_inner = inner_size(config)
         self.d_state = config.mamba_d_state
         self.d_conv = config.mamba_d_conv
-        self.dt_rank = config.mamba_dt_rank_resolved
+        self.dt_rank = dt_rank(config)
         self.dt_min = config.mamba_dt_min
         self.dt_max = config.mamba_dt_max
         self.dt_init_floor = config.mamba_dt_init_floor

@@ -500,3 +500,15 @@ def router_z_loss(
         for logits in router_logits
     ]
     return torch.stack(losses).mean()
+
+
+def router_losses(
+    router_logits: Sequence[torch.Tensor], config: ZooConfig, token_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(load-balancing loss, its weighted sum with the z-loss): what every training loss of a
+    MoE model adds, `router_aux_loss_coef` × aux + `router_z_loss_coef` × z."""
+    aux = load_balancing_loss(
+        router_logits, config.num_experts_per_tok, config.router_scoring_func, token_mask
+    )
+    z = router_z_loss(router_logits, token_mask)
+    return aux, config.router_aux_loss_coef * aux + config.router_z_loss_coef * z

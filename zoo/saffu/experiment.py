@@ -33,6 +33,7 @@ from zoo.saffu.model import (
     check_vocabulary,
     solve,
 )
+from zoo.training import supervised_step
 
 ARMS = ("warm", "cold")
 
@@ -152,10 +153,7 @@ def train_arm(
     for step in range(1, config.steps + 1):
         picks = torch.randint(len(pieces), (config.batch_size,), generator=generator)
         ((ids, labels),) = _batches([pieces[i] for i in picks], config.batch_size, pad)
-        loss = model(ids, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        loss = supervised_step(model, optimizer, ids, labels, shift=True)
         record: dict[str, Any] = {"step": step, "train_loss": loss.item()}
         if step % config.eval_every == 0 or step == config.steps:
             record["eval_loss"] = held_out_loss(model, evaluation)
