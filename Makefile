@@ -13,7 +13,7 @@ TORCH_PIP_ARGS ?=
 PYTEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format bench bench-gpu bench-gpu-tests bench-gpu-benchmarks gpu-setup clean
+.PHONY: demo test lint format reports bench bench-gpu bench-gpu-tests bench-gpu-benchmarks gpu-setup clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
@@ -36,6 +37,10 @@ format: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -n $(PYTEST_WORKERS)
+
+# Every study under experiments/: its report again from its tracked summary (zoo report).
+reports: $(STAMP)
+	$(VENV)/bin/zoo report
 
 bench: $(STAMP)
 	@for b in $(BENCHMARKS); do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py || exit 1; done

@@ -4,7 +4,7 @@
     (B, H, K, V) and output_final_state=True, the new state fed back as the next step's — at
     B = 1 and 64, H = 16, D = 128 (bf16 inputs): TNL (`zoo.kernels.lightning.lightning`,
     log_decay = tnl_log_decay(H, 0, 2)), cosFormer2 (the same op, log_decay = None, K = 2·D) and
-    HGRN2 (`zoo.kernels.hgrn2.hgrn2`, log_f = logsigmoid(randn)), with backend="torch" and, on
+    HGRN2 (its op `zoo.kernels.gla.gla`, log_f = logsigmoid(randn)), with backend="torch" and, on
     CUDA, backend="triton" and fla's fused recurrent kernels (`fused_recurrent_lightning_attn`
     else `fused_recurrent_simple_gla`, `fused_recurrent_linear_attn(normalize=False)`,
     `fused_recurrent_gla`) when `import fla` works. Microseconds per step: a loop of 100 steps
@@ -60,7 +60,7 @@ from common import (
 
 from zoo.cache import cache_nbytes, new_cache
 from zoo.configuration import TNLConfig
-from zoo.kernels.hgrn2 import hgrn2
+from zoo.kernels.gla import gla as zoo_gla
 from zoo.kernels.lightning import lightning, tnl_log_decay
 from zoo.modeling import ZooForCausalLM
 
@@ -138,7 +138,7 @@ def step_inputs(
 
 def _zoo_step(op: str, backend: str) -> tuple[str, Step]:
     if op == "hgrn2":
-        return f"zoo.kernels.hgrn2.hgrn2(backend={backend!r})", lambda x, s: hgrn2(
+        return f"zoo.kernels.gla.gla(backend={backend!r})", lambda x, s: zoo_gla(
             x["q"], x["k"], x["v"], x["log_f"], s, output_final_state=True, backend=backend
         )[1]
     return f"zoo.kernels.lightning.lightning(backend={backend!r})", lambda x, s: lightning(

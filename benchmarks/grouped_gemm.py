@@ -4,7 +4,7 @@ x [M, K] sorted by expert, W [E, N, K] (transformers' layout, trans_b), balanced
 routing (skewed: group sizes ∝ a Zipf law, one expert takes ~40%). Forward and forward+backward
 TFLOP/s (2·M·K·N per GEMM, 3× for forward+backward), all in one run on one device.
 
-GPU shapes (issue 10): OLMoE-like M=131072 E=64 K=2048 N=1024; Mixtral-like M=32768 E=8
+GPU shapes: OLMoE-like M=131072 E=64 K=2048 N=1024; Mixtral-like M=32768 E=8
 K=4096 N=7168; small M=16384 E=8 K=1024 N=2816; bf16. On a CPU the Triton kernel only runs in
 the interpreter (a correctness tool, not a speed one), so the CPU run times the torch paths on
 small shapes, which keeps the script itself tested.

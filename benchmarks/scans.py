@@ -11,8 +11,8 @@ Ops, in fla's layout (q, k (B, T, H, K); v (B, T, H, V)), scale 1, chunk size C 
   paper's form), else `fla.ops.simple_gla.chunk_simple_gla` with g = our log decay per token.
 - cosFormer2: the same op with log_decay = None (no decay) and K = 2·D (LRPE doubles the key
   dim), V = D; fla's `fla.ops.linear_attn.chunk_linear_attn(normalize=False)`.
-- HGRN2: `zoo.kernels.hgrn2.hgrn2`, log_f = logsigmoid(randn) (B, T, H, D), K = V = D; fla's
-  `fla.ops.gla.chunk_gla(g=log_f)`.
+- HGRN2: its op `zoo.kernels.gla.gla`, log_f = logsigmoid(randn) (B, T, H, D), K = V = D;
+  fla's `fla.ops.gla.chunk_gla(g=log_f)`.
 - softmax attention: `torch.nn.functional.scaled_dot_product_attention(is_causal=True)` on
   (B, H, T, D), with whatever backend torch picks (flash attention for bf16 on a recent GPU).
 Ours run with backend="torch" and, on CUDA, backend="triton". A variant that raises (a kernel
@@ -61,7 +61,7 @@ from common import (
     with_notes,
 )
 
-from zoo.kernels.hgrn2 import hgrn2
+from zoo.kernels.gla import gla as zoo_gla
 from zoo.kernels.lightning import lightning, tnl_log_decay
 
 SHAPES = {
@@ -106,7 +106,7 @@ def make_inputs(
 
 def _zoo(op: str, backend: str) -> tuple[str, Op]:
     if op == "hgrn2":
-        return f"zoo.kernels.hgrn2.hgrn2(backend={backend!r})", lambda x: hgrn2(
+        return f"zoo.kernels.gla.gla(backend={backend!r})", lambda x: zoo_gla(
             x["q"], x["k"], x["v"], x["log_f"], chunk_size=CHUNK, backend=backend
         )[0]
     return f"zoo.kernels.lightning.lightning(backend={backend!r})", lambda x: lightning(

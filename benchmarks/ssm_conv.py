@@ -15,7 +15,7 @@ Ops, channels last like the zoo layers (D_in = D):
   Mamba layer calls mamba_ssm's selective_scan_fn): the JSON records that, or fla's absence.
 - long convolution: `zoo.kernels.long_conv.long_conv(u, k)`, u (B, T, D), filters k (D, T) (scaled
   by T^−½), no skip bias, against `zoo.kernels.long_conv.long_conv_fft`, the plain torch FFT conv
-  (rfft, product, irfft, in fp32) the issue names as the bar. backend="torch" dispatches: the FFT
+  (rfft, product, irfft, in fp32), the bar to beat. backend="torch" dispatches: the FFT
   under autograd, the direct conv for a forward of T ≤ 128 without it. On CUDA also at T = 64,
   128, 256, 1024 and 4096 (B = 8, D = 2048), so the Triton-vs-FFT crossover can be read off by
   length.
@@ -23,11 +23,11 @@ Ops, channels last like the zoo layers (D_in = D):
   bias (D,), against `causal_conv1d.causal_conv1d_fn(x, weight, bias)` on its (B, D, T) layout
   (made contiguous outside the timed region; no activation, since ours has none).
 Ours run with backend="torch" and, on CUDA, backend="triton". A variant that raises (a kernel
-not built yet or failing to compile, a missing baseline) is recorded with its error and the run
-goes on. The baselines' versions, "not installed" or the import error are in the JSON
+failing to compile, a missing baseline) or runs past --time-limit is recorded with its error and
+the run goes on. The baselines' versions, "not installed" or the import error are in the JSON
 (`baselines`); mamba-ssm and causal-conv1d are CUDA extensions (benchmarks/README.md).
 
-Goals of issue 12 (CUDA, bf16): the selective scan's forward + backward ≤ 1.0× the time of
+Goals (CUDA, bf16): the selective scan's forward + backward ≤ 1.0× the time of
 mamba_ssm's CUDA kernel, and the long convolution ≤ the torch FFT conv's time at every length.
 The table ends with each ratio ours / reference (`goals` in the JSON; ≤ 1.00 meets the goal).
 

@@ -17,9 +17,9 @@ from tests.tiny import tiny_config
 from zoo.card import card_for_run, preset_cards
 from zoo.checkpoint import CheckpointError
 from zoo.cli import app
-from zoo.eval.results import lm_eval_layout, write_json_atomic
 from zoo.hub import push_run, run_files
 from zoo.recipe import load_recipe
+from zoo.results import lm_eval_layout, write_json_atomic
 from zoo.tokenizer import load_tokenizer
 from zoo.training import train
 

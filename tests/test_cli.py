@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
+from tests.tiny import FAMILIES
 from zoo.cli import app
 from zoo.tokenizer import byte_tokenizer
 
@@ -16,14 +18,15 @@ runner = CliRunner()
 CONVERTIBLE = {"llama": "llama", "mamba": "mamba"}
 
 
+def _saved(model, folder):
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f in CONVERTIBLE])
 def test_convert_round_trip_and_generate(family, tiny_model, tmp_path):
-    if family not in CONVERTIBLE:
-        result = runner.invoke(app, ["convert", str(tmp_path / "missing"), str(tmp_path / "x")])
-        assert result.exit_code == 2 and "config.json" in result.output
-        return
-    src, hf, back = tmp_path / "zoo", tmp_path / "hf", tmp_path / "back"
-    tiny_model.save_pretrained(src)
-    byte_tokenizer().save_pretrained(src)
+    src, hf, back = _saved(tiny_model, tmp_path / "zoo"), tmp_path / "hf", tmp_path / "back"
     assert runner.invoke(app, ["convert", str(src), str(hf)]).exit_code == 0
     hf_type = CONVERTIBLE[family]
     assert json.loads((hf / "config.json").read_text())["model_type"] == hf_type
@@ -33,6 +36,20 @@ def test_convert_round_trip_and_generate(family, tiny_model, tmp_path):
     result = runner.invoke(app, ["generate", str(back), "--prompt", "copy: ab |"])
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("copy: ab |")
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in CONVERTIBLE])
+def test_convert_refuses_a_family_without_a_counterpart(family, tiny_model, tmp_path):
+    src, out = _saved(tiny_model, tmp_path / "zoo"), tmp_path / "out"
+    result = runner.invoke(app, ["convert", str(src), str(out)])
+    assert result.exit_code == 2
+    assert f"model_type='{tiny_model.config.model_type}'" in result.output
+    assert "has no converter" in result.output and not out.exists()
+
+
+def test_convert_names_a_missing_checkpoint(tmp_path):
+    result = runner.invoke(app, ["convert", str(tmp_path / "missing"), str(tmp_path / "x")])
+    assert result.exit_code == 2 and "config.json" in result.output
 
 
 def test_convert_names_an_unsupported_architecture(tmp_path):

@@ -41,6 +41,7 @@ from zoo.modeling import (
 )
 from zoo.registry import Setting, register_channel_mixer, register_mixer
 from zoo.saffu.model import SAFFUConfig, SAFFUForCausalLM
+from zoo.version import __version__
 
 
 def _register_auto(family: registry.Family) -> None:
@@ -65,7 +66,6 @@ for _family in registry.families().values():
 AutoConfig.register(SAFFUConfig.model_type, SAFFUConfig, exist_ok=True)
 AutoModelForCausalLM.register(SAFFUConfig, SAFFUForCausalLM, exist_ok=True)
 
-__version__ = "0.1.0"
 __all__ = [
     "CosFormer2Config",
     "CosFormer2ForCausalLM",
@@ -94,6 +94,7 @@ __all__ = [
     "ZooConfig",
     "ZooForCausalLM",
     "ZooModel",
+    "__version__",
     "register_channel_mixer",
     "register_family",
     "register_mixer",

@@ -24,10 +24,10 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import zoo
 from zoo import registry
 from zoo.configuration import ZooConfig
 from zoo.flops import model_flops
+from zoo.version import __version__
 
 
 def _millions(n: float) -> str:
@@ -80,7 +80,7 @@ def eval_results_from_json(payload: dict[str, Any]) -> list[EvalResult]:
 def _eval_table(payload: dict[str, Any] | None) -> str:
     if not payload:
         return "No evaluation results yet: `zoo eval MODEL --tasks ...` writes them."
-    from zoo.eval.results import results_table
+    from zoo.results import results_table
 
     return results_table(payload)
 
@@ -167,7 +167,7 @@ def render_card(
         evaluation=_eval_table(eval_results),
         repo_id=repo_id,
         limitations=limitations,
-        zoo_version=zoo.__version__,
+        zoo_version=__version__,
     )
 
 

@@ -177,7 +177,7 @@ def eval_(
     )
     with _user_errors(ValueError, FileNotFoundError):
         payload = run_eval(request, echo=typer.echo)
-    from zoo.eval.results import results_table
+    from zoo.results import results_table
 
     typer.echo(results_table(payload))
     typer.echo(f"wrote {output / 'results.json'}")
@@ -457,17 +457,22 @@ def star_search(
 
 @star_app.command("report")
 def star_report(
-    run_dir: Annotated[Path, typer.Argument(help="A `zoo star search` run folder.")],
-    out: Annotated[Path, typer.Option(help="Where report.md, fronts and best configs go.")] = Path(
-        "star-report"
-    ),
+    run_dir: Annotated[
+        Path, typer.Argument(help="A `zoo star search` run folder (or a study folder).")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="The study folder: summary, report.md, fronts, best configs.")
+    ] = Path("star-report"),
 ) -> None:
-    """Pareto fronts (loss vs params, loss vs cache), the best genomes, the baselines."""
+    """Summarize a search run into a study folder, then its Pareto fronts (loss vs params, loss
+    vs cache), the best genomes and the baselines."""
     from zoo.recipe import RecipeError
-    from zoo.star.report import write_report
+    from zoo.star.report import summarize, write_report
 
     with _user_errors(RecipeError, FileNotFoundError):
-        written = write_report(run_dir, out)
+        if (run_dir / "evals").is_dir():
+            summarize(run_dir, out)
+        written = write_report(out)
     typer.echo((out / "report.md").read_text())
     typer.echo(f"wrote {len(written)} files under {out}")
 
@@ -516,6 +521,42 @@ def saffu_run(
         report = run_experiment(load_experiment(config), out_dir)
     typer.echo(report.read_text())
     typer.echo(f"wrote {report}, {out_dir / 'loss_vs_data.png'} and {out_dir / 'curves.png'}")
+
+
+@app.command()
+def report(
+    folders: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Study folders (default: every study under experiments/)."),
+    ] = None,
+) -> None:
+    """Make a study's report again from its tracked summary (MAD, scaling, STAR, SAFFU)."""
+    from zoo.studies import regenerate_report, study_folders
+
+    with _user_errors(FileNotFoundError, ValueError):
+        for folder in folders or study_folders():
+            typer.echo(f"wrote {regenerate_report(folder)}")
+
+
+mad_app = typer.Typer(
+    help="MAD studies: the synthetic tasks over many architectures, resumable.",
+    no_args_is_help=True,
+)
+app.add_typer(mad_app, name="mad")
+
+
+@mad_app.command("run")
+def mad_run(
+    folder: Annotated[Path, typer.Argument(help="The study folder (its study.yaml).")],
+    workers: Annotated[int, typer.Option(help="Runs trained at once (one process each).")] = 1,
+) -> None:
+    """Train every (architecture, task) run runs.jsonl lacks, then write report.md and mad.png."""
+    from zoo.eval.mad_study import run_study
+    from zoo.recipe import RecipeError
+
+    with _user_errors(RecipeError, ValueError):
+        report = run_study(folder, workers=workers, echo=typer.echo)
+    typer.echo(report.read_text())
 
 
 if __name__ == "__main__":

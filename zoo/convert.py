@@ -107,9 +107,9 @@ import torch
 import transformers
 from transformers import AutoTokenizer
 
-import zoo
 from zoo.configuration import LlamaConfig, MambaConfig, ZooConfig
 from zoo.layers.mamba import dt_rank
+from zoo.modeling import LlamaForCausalLM, MambaForCausalLM, ZooForCausalLM
 
 try:  # builds the target without drawing random weights that the state dict overwrites anyway
     from transformers.initialization import no_init_weights
@@ -188,6 +188,53 @@ _TOKENIZER_FILES = (
 
 # --------------------------------------------------------------------------------------- config
 
+# Fields that map one to one, as (zoo field, transformers field): each table serves both
+# directions, so a field added here converts both ways.
+_BACKBONE_FIELDS: tuple[tuple[str, str], ...] = (
+    ("vocab_size", "vocab_size"),
+    ("hidden_size", "hidden_size"),
+    ("num_hidden_layers", "num_hidden_layers"),
+    ("tie_word_embeddings", "tie_word_embeddings"),
+    ("initializer_range", "initializer_range"),
+    ("use_cache", "use_cache"),
+    ("bos_token_id", "bos_token_id"),
+    ("eos_token_id", "eos_token_id"),
+    ("pad_token_id", "pad_token_id"),
+)
+_LLAMA_FIELDS = (
+    *_BACKBONE_FIELDS,
+    ("num_attention_heads", "num_attention_heads"),
+    ("rms_norm_eps", "rms_norm_eps"),
+    ("max_position_embeddings", "max_position_embeddings"),
+)
+_MAMBA_FIELDS = (
+    *_BACKBONE_FIELDS,
+    ("mamba_d_state", "state_size"),
+    ("mamba_d_conv", "conv_kernel"),
+    ("mamba_dt_min", "time_step_min"),
+    ("mamba_dt_max", "time_step_max"),
+    ("mamba_dt_init_floor", "time_step_floor"),
+    ("mamba_conv_bias", "use_conv_bias"),
+    ("mamba_proj_bias", "use_bias"),
+    ("rms_norm_eps", "layer_norm_epsilon"),
+)
+# Defaults of optional transformers fields (a config from an older version may lack them).
+_HF_DEFAULTS = {"use_cache": True}
+
+
+def _from_hf(hf_config: Any, table: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    fields = {
+        zoo: getattr(hf_config, hf) if hasattr(hf_config, hf) else _HF_DEFAULTS[hf]
+        for zoo, hf in table
+    }
+    return {**fields, "dtype": getattr(hf_config, "dtype", None)}
+
+
+def _to_hf(config: ZooConfig, table: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    return {hf: getattr(config, zoo) for zoo, hf in table} | {
+        "dtype": getattr(config, "dtype", None)
+    }
+
 
 def _rope_theta(hf_config: Any) -> float:
     """The RoPE base of a transformers Llama config; refuses every non-default RoPE."""
@@ -245,24 +292,12 @@ def _llama_fields_from_hf(hf_config: Any) -> dict[str, Any]:
             dropout,
         )
     num_kv = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-    return dict(
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.hidden_size,
-        num_hidden_layers=hf_config.num_hidden_layers,
-        num_attention_heads=hf_config.num_attention_heads,
-        num_key_value_heads=num_kv,
-        intermediate_size=hf_config.intermediate_size,
-        rms_norm_eps=hf_config.rms_norm_eps,
-        rotary_base=rotary_base,
-        max_position_embeddings=hf_config.max_position_embeddings,
-        tie_word_embeddings=bool(hf_config.tie_word_embeddings),
-        initializer_range=hf_config.initializer_range,
-        use_cache=getattr(hf_config, "use_cache", True),
-        bos_token_id=hf_config.bos_token_id,
-        eos_token_id=hf_config.eos_token_id,
-        pad_token_id=hf_config.pad_token_id,
-        dtype=getattr(hf_config, "dtype", None),
-    )
+    return {
+        **_from_hf(hf_config, _LLAMA_FIELDS),
+        "num_key_value_heads": num_kv,
+        "intermediate_size": hf_config.intermediate_size,
+        "rotary_base": rotary_base,
+    }
 
 
 def _check_model_type(hf_config: Any, expected: str, function: str) -> None:
@@ -327,25 +362,13 @@ def _require_uniform(config: ZooConfig, mixer: str, channel_mixer: str, target: 
 
 
 def _llama_fields_to_hf(config: ZooConfig) -> dict[str, Any]:
-    return dict(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        hidden_act="silu",
-        rms_norm_eps=float(config.rms_norm_eps),
-        rope_parameters={"rope_type": "default", "rope_theta": float(config.rotary_base)},
-        max_position_embeddings=config.max_position_embeddings,
-        tie_word_embeddings=bool(config.tie_word_embeddings),
-        initializer_range=config.initializer_range,
-        use_cache=config.use_cache,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-        dtype=getattr(config, "dtype", None),
-    )
+    return {
+        **_to_hf(config, _LLAMA_FIELDS),
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(config.rotary_base)},
+    }
 
 
 def llama_config_to_hf(config: ZooConfig) -> transformers.LlamaConfig:
@@ -474,28 +497,28 @@ def _converted(
     return target
 
 
-def from_hf_llama(hf_model: transformers.LlamaForCausalLM) -> zoo.LlamaForCausalLM:
+def from_hf_llama(hf_model: transformers.LlamaForCausalLM) -> LlamaForCausalLM:
     """zoo's `LlamaForCausalLM` with the weights of a transformers `LlamaForCausalLM`."""
     config = llama_config_from_hf(hf_model.config)
     state_dict = llama_state_dict_from_hf(hf_model.state_dict())
-    return _converted(zoo.LlamaForCausalLM, config, hf_model, state_dict)
+    return _converted(LlamaForCausalLM, config, hf_model, state_dict)
 
 
-def to_hf_llama(model: zoo.ZooForCausalLM) -> transformers.LlamaForCausalLM:
-    """transformers' `LlamaForCausalLM` with the weights of a zoo LLaMA (`zoo.LlamaForCausalLM`)."""
+def to_hf_llama(model: ZooForCausalLM) -> transformers.LlamaForCausalLM:
+    """transformers' `LlamaForCausalLM` with the weights of a zoo LLaMA (`LlamaForCausalLM`)."""
     config = llama_config_to_hf(model.config)
     state_dict = llama_state_dict_to_hf(model.state_dict())
     return _converted(transformers.LlamaForCausalLM, config, model, state_dict)
 
 
-def from_hf_mixtral(hf_model: transformers.MixtralForCausalLM) -> zoo.LlamaForCausalLM:
+def from_hf_mixtral(hf_model: transformers.MixtralForCausalLM) -> LlamaForCausalLM:
     """zoo's MoE LLaMA with the weights of a transformers `MixtralForCausalLM`."""
     config = mixtral_config_from_hf(hf_model.config)
     state_dict = mixtral_state_dict_from_hf(hf_model.state_dict())
-    return _converted(zoo.LlamaForCausalLM, config, hf_model, state_dict)
+    return _converted(LlamaForCausalLM, config, hf_model, state_dict)
 
 
-def to_hf_mixtral(model: zoo.ZooForCausalLM) -> transformers.MixtralForCausalLM:
+def to_hf_mixtral(model: ZooForCausalLM) -> transformers.MixtralForCausalLM:
     """transformers' `MixtralForCausalLM` with the weights of a zoo MoE LLaMA."""
     config = mixtral_config_to_hf(model.config)
     state_dict = mixtral_state_dict_to_hf(model.state_dict())
@@ -567,28 +590,10 @@ def mamba_config_from_hf(hf_config: transformers.MambaConfig) -> MambaConfig:
                 "%s=%r only shapes a fresh init and has no zoo counterpart; dropped", field, value
             )
     return MambaConfig(
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.hidden_size,
-        num_hidden_layers=hf_config.num_hidden_layers,
-        # No attention in a pure Mamba; 1 divides any width.
-        num_attention_heads=1,
-        mamba_d_state=hf_config.state_size,
-        mamba_d_conv=hf_config.conv_kernel,
+        **_from_hf(hf_config, _MAMBA_FIELDS),
+        num_attention_heads=1,  # no attention in a pure Mamba; 1 divides any width
         mamba_expand=int(expand),
         mamba_dt_rank=int(hf_config.time_step_rank),
-        mamba_dt_min=float(hf_config.time_step_min),
-        mamba_dt_max=float(hf_config.time_step_max),
-        mamba_dt_init_floor=float(hf_config.time_step_floor),
-        mamba_conv_bias=bool(hf_config.use_conv_bias),
-        mamba_proj_bias=bool(hf_config.use_bias),
-        rms_norm_eps=hf_config.layer_norm_epsilon,
-        tie_word_embeddings=bool(hf_config.tie_word_embeddings),
-        initializer_range=hf_config.initializer_range,
-        use_cache=getattr(hf_config, "use_cache", True),
-        bos_token_id=hf_config.bos_token_id,
-        eos_token_id=hf_config.eos_token_id,
-        pad_token_id=hf_config.pad_token_id,
-        dtype=getattr(hf_config, "dtype", None),
     )
 
 
@@ -596,28 +601,11 @@ def mamba_config_to_hf(config: ZooConfig) -> transformers.MambaConfig:
     """transformers' `MambaConfig` for a zoo config whose every layer is a Mamba block."""
     _require_uniform(config, "mamba", "none", "Mamba")
     return transformers.MambaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        state_size=config.mamba_d_state,
-        conv_kernel=config.mamba_d_conv,
+        **_to_hf(config, _MAMBA_FIELDS),
         expand=config.mamba_expand,
         time_step_rank=dt_rank(config),
-        time_step_min=config.mamba_dt_min,
-        time_step_max=config.mamba_dt_max,
-        time_step_floor=config.mamba_dt_init_floor,
-        use_conv_bias=bool(config.mamba_conv_bias),
-        use_bias=bool(config.mamba_proj_bias),
         hidden_act="silu",
         residual_in_fp32=True,
-        layer_norm_epsilon=float(config.rms_norm_eps),
-        tie_word_embeddings=bool(config.tie_word_embeddings),
-        initializer_range=config.initializer_range,
-        use_cache=config.use_cache,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-        dtype=getattr(config, "dtype", None),
     )
 
 
@@ -672,15 +660,15 @@ def mamba_state_dict_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     )
 
 
-def from_hf_mamba(hf_model: transformers.MambaForCausalLM) -> zoo.MambaForCausalLM:
+def from_hf_mamba(hf_model: transformers.MambaForCausalLM) -> MambaForCausalLM:
     """zoo's `MambaForCausalLM` with the weights of a transformers `MambaForCausalLM`."""
     config = mamba_config_from_hf(hf_model.config)
     state_dict = mamba_state_dict_from_hf(hf_model.state_dict())
-    return _converted(zoo.MambaForCausalLM, config, hf_model, state_dict)
+    return _converted(MambaForCausalLM, config, hf_model, state_dict)
 
 
-def to_hf_mamba(model: zoo.ZooForCausalLM) -> transformers.MambaForCausalLM:
-    """transformers' `MambaForCausalLM` with the weights of a zoo Mamba (`zoo.MambaForCausalLM`)."""
+def to_hf_mamba(model: ZooForCausalLM) -> transformers.MambaForCausalLM:
+    """transformers' `MambaForCausalLM` with the weights of a zoo Mamba (`MambaForCausalLM`)."""
     config = mamba_config_to_hf(model.config)
     state_dict = mamba_state_dict_to_hf(model.state_dict())
     return _converted(transformers.MambaForCausalLM, config, model, state_dict)
@@ -716,16 +704,16 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> str:
         source = transformers.MixtralForCausalLM.from_pretrained(src, **load)
         target, direction = from_hf_mixtral(source), MIXTRAL_HF_TO_ZOO
     elif model_type == "zoo_llama" and "moe" in (fields.get("channel_mixers") or []):
-        source = zoo.LlamaForCausalLM.from_pretrained(src, **load)
+        source = LlamaForCausalLM.from_pretrained(src, **load)
         target, direction = to_hf_mixtral(source), MIXTRAL_ZOO_TO_HF
     elif model_type == "zoo_llama":
-        source = zoo.LlamaForCausalLM.from_pretrained(src, **load)
+        source = LlamaForCausalLM.from_pretrained(src, **load)
         target, direction = to_hf_llama(source), ZOO_TO_HF
     elif model_type == "mamba":
         source = transformers.MambaForCausalLM.from_pretrained(src, **load)
         target, direction = from_hf_mamba(source), MAMBA_HF_TO_ZOO
     elif model_type == "zoo_mamba":
-        source = zoo.MambaForCausalLM.from_pretrained(src, **load)
+        source = MambaForCausalLM.from_pretrained(src, **load)
         target, direction = to_hf_mamba(source), MAMBA_ZOO_TO_HF
     else:
         raise ValueError(

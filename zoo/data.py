@@ -183,7 +183,7 @@ def _clause(rng: random.Random) -> str:
     return f"{subject} {predicate}"
 
 
-def _sentence(rng: random.Random) -> str:
+def sentence(rng: random.Random) -> str:
     text = _clause(rng)
     if rng.random() < 0.3:
         conj = _CONJUNCTIONS.pick(rng)
@@ -193,7 +193,7 @@ def _sentence(rng: random.Random) -> str:
 
 
 def _grammar_document(rng: random.Random) -> str:
-    return " ".join(_sentence(rng) for _ in range(rng.randint(1, 4)))
+    return " ".join(sentence(rng) for _ in range(rng.randint(1, 4)))
 
 
 def _recall_document(rng: random.Random) -> str:
@@ -532,7 +532,7 @@ class PackedSequences:
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
 
 
-def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -555,7 +555,7 @@ def cached_token_stream(
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such data file")
-    key_parts = [_tokenizer_fingerprint(tokenizer), text_field]
+    key_parts = [tokenizer_fingerprint(tokenizer), text_field]
     for path in paths:
         stat = path.stat()
         key_parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")

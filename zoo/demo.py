@@ -25,10 +25,10 @@ from zoo.cache import cache_nbytes, new_cache
 from zoo.card import card_for_run
 from zoo.configuration import ZooConfig
 from zoo.data import CorpusConfig, pack_tokens, synthetic_documents, unigram_entropy
-from zoo.eval.results import lm_eval_layout, write_json_atomic
 from zoo.eval.retrieval import niah_grid
 from zoo.modeling import ZooForCausalLM
 from zoo.recipe import Recipe
+from zoo.results import lm_eval_layout, write_json_atomic
 from zoo.tokenizer import byte_tokenizer
 from zoo.training import train
 

@@ -15,12 +15,20 @@ Command-line overrides are dotted `key=value` pairs parsed as YAML scalars, e.g.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from zoo import registry
 from zoo.configuration import HybridConfig, ZooConfig
@@ -37,11 +45,30 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def import_modules(modules: list[str]) -> list[str]:
+    """Import `modules` (they register mixers or families with `zoo.register_mixer`, ...)."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ValueError(f"cannot import {module!r}: {error}") from None
+    return modules
+
+
 class ModelSection(_Section):
+    imports: list[str] = Field(
+        default_factory=list,
+        description="modules to import first: they register your own mixers or families",
+    )
     preset: str = Field(description="family: a registered family (zoo.registry.families())")
     size: str | None = Field(None, description="a named size of the family")
     pattern: str | None = Field(None, description="hybrid layer pattern (preset: hybrid)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="ZooConfig fields")
+
+    @field_validator("imports")
+    @classmethod
+    def _import_first(cls, modules: list[str]) -> list[str]:
+        return import_modules(modules)
 
     @model_validator(mode="after")
     def _known_preset(self) -> ModelSection:

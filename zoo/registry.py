@@ -407,6 +407,26 @@ def register_family(
     return entry
 
 
+def unregister_mixer(name: str) -> None:
+    """Remove a sequence or channel mixer registered outside the zoo (tests, notebooks)."""
+    for table in (_SEQUENCE, _CHANNEL):
+        entry = table.get(name)
+        if entry is not None:
+            if entry.module.startswith("zoo."):
+                raise RegistryError(f"mixer {name!r} is the zoo's own and cannot be removed")
+            del table[name]
+            return
+    raise _unknown("mixer", name, {**_SEQUENCE, **_CHANNEL})
+
+
+def unregister_family(name: str) -> None:
+    """Remove a family registered outside the zoo (its Auto-class entries stay, unused)."""
+    entry = family(name)
+    if entry.module.startswith("zoo."):
+        raise RegistryError(f"family {name!r} is the zoo's own and cannot be removed")
+    del _FAMILIES[name]
+
+
 def _unknown(kind: str, name: Any, known: Mapping[str, Any]) -> RegistryError:
     return RegistryError(f"{name!r} is not a registered {kind}; allowed: {sorted(known)}")
 
@@ -747,15 +767,14 @@ def _demo_hybrid(shared: dict[str, Any]) -> dict[str, Any]:
     # MAD's best stripes: TNL blocks, then one attention block (25% attention at 4 layers), every
     # channel mixer a MoE layer of top-2 of 4 experts of half the dense width: the active
     # channel-mixer compute of one dense SwiGLU (iso-active), twice its parameters.
-    from zoo.configuration import default_intermediate_size
-
-    n = shared["num_hidden_layers"]
+    n, d = shared["num_hidden_layers"], shared["hidden_size"]
+    dense_width = math.ceil(8 * d / 3 / 256) * 256  # the backbone's default intermediate_size
     return {
         "mixers": ["lightning"] * (n - 1) + ["attention"],
         "channel_mixers": ["moe"] * n,
         "num_experts": 4,
         "num_experts_per_tok": 2,
-        "moe_intermediate_size": default_intermediate_size(shared["hidden_size"]) // 2,
+        "moe_intermediate_size": dense_width // 2,
     }
 
 

@@ -43,6 +43,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
 
+from zoo.atomic import write_json_atomic
 from zoo.data import (
     CorpusConfig,
     PackedSequences,
@@ -650,6 +651,28 @@ def train(
 
 # ---------------------------------------------------------------------------------------------
 # Dry run and entry point
+
+
+RESULT_FILE = "result.json"
+
+
+def train_recipe_file(recipe_path: str, threads: int) -> dict[str, Any]:
+    """Train one recipe file (the job of a sweep's worker process) and write its
+    `result.json` (losses, tokens, FLOPs, speed) atomically beside its outputs."""
+    torch.set_num_threads(threads)
+    recipe = load_recipe(recipe_path)
+    result = train(recipe, resume="auto", save_final=False, echo=lambda _: None, progress=False)
+    record = {
+        "recipe": recipe_path,
+        "eval_loss": result.eval_loss,
+        "train_loss": result.train_loss,
+        "tokens": result.tokens,
+        "steps": result.steps,
+        "flops": result.flops_per_token * result.tokens,
+        "tokens_per_s": result.tokens_per_s,
+    }
+    write_json_atomic(Path(recipe.output_dir) / RESULT_FILE, record)
+    return record
 
 
 def dry_run(recipe: Recipe, world_size: int = 1) -> dict[str, Any]:

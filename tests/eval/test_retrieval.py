@@ -13,8 +13,8 @@ from tests.tiny import tiny_config
 from zoo.cli import app
 from zoo.eval import retrieval
 from zoo.eval.mad import IGNORE
-from zoo.eval.results import write_json_atomic
 from zoo.eval.runner import EvalRequest, run_eval
+from zoo.results import write_json_atomic
 from zoo.tokenizer import byte_tokenizer
 
 

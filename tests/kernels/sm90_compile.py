@@ -3,7 +3,7 @@
 The interpreter checks what the kernels compute; this checks that Triton's compiler accepts them
 (types, shapes, constexpr branches) at the tile shapes the launches use, down to PTX. With
 ``--spills`` it also runs the ptxas that ships with triton and prints registers and spills per
-kernel, which is how the tile shapes and warp counts in kernels/linear_attention.py were chosen.
+kernel, which is how the tile shapes and warp counts in zoo/kernels/linear_attention.py were chosen.
 Kernels: the linear-attention family (every decay mode), the grouped GEMM, the long and short
 convolutions and the selective scan.
 
@@ -80,10 +80,10 @@ def launches(dtype: str):
             step["ld_ptr"] = None
         yield la._step_kernel, dict(BK=b64, BV=b64, DECAY=decay, HAS_STATE=True, **step), 4
     yield la._chunk_cumsum_kernel, dict(C=c, BK=b64), 4
-    # The grouped GEMM's fixed tiles (kernels/grouped_gemm.py: _mm_triton, _wgrad_triton).
+    # The grouped GEMM's fixed tiles (zoo/kernels/grouped_gemm.py: _mm_triton, _wgrad_triton).
     yield gg._grouped_mm_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4
     yield gg._grouped_wgrad_kernel, dict(BLOCK_A=64, BLOCK_B=64, BLOCK_M=32), 4
-    # The long and short convs at full tiles (kernels/long_conv.py), history and bias present.
+    # The long and short convs at full tiles (zoo/kernels/long_conv.py), history and bias present.
     rows, channels = dict(BT=lc._ROWS, BD=lc._CHANNELS), dict(BT=lc._ROWS, BC=lc._CHANNELS)
     for reverse in (False, True):
         yield lc._long_conv_kernel, dict(**rows, REVERSE=reverse), lc._WARPS
@@ -93,7 +93,7 @@ def launches(dtype: str):
     yield lc._short_conv_kernel, dict(**channels, HAS_HISTORY=True, HAS_BIAS=True), lc._WARPS
     grads = dict(HAS_HISTORY=True, HISTORY_GRAD=True, WEIGHT_GRAD=True)
     yield lc._short_conv_grad_kernel, dict(**channels, **grads), lc._WARPS
-    # The selective scan at N = 16, every optional input present (kernels/selective_scan.py).
+    # The selective scan at N = 16, every optional input present (zoo/kernels/selective_scan.py).
     scan = dict(BT=ss._SCAN_BT, BD=ss._SCAN_BD, BN=16, HAS_D=True, HAS_Z=True)
     yield ss._scan_fwd_kernel, dict(**scan, HAS_H0=True, STORE_HT=True), ss._SCAN_WARPS
     yield ss._scan_bwd_kernel, dict(**scan, HAS_DHT=True, STORE_DH0=True), ss._SCAN_WARPS

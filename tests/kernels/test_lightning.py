@@ -197,16 +197,25 @@ def test_single_token_matches_chunked_path():
     assert_close(s, s_ref)
 
 
-def test_env_backend_override(monkeypatch):
+def test_env_backend_override(monkeypatch, ran):
+    """ZOO_KERNEL_BACKEND decides what "auto" runs: each value must reach its own code."""
+    import zoo.kernels.linear_attention as triton_forms
+
+    calls, spy = ran
+    spy(triton_forms, "chunk_linear_attention", "triton")
+    spy(lightning_module, "lightning_chunk_torch", "torch")
     q, k, v, _ = make_inputs(4)
-    monkeypatch.setenv("ZOO_KERNEL_BACKEND", "torch")
-    o, _ = lightning(q, k, v, LOG_DECAY)
-    assert_close(o, lightning_naive(q, k, v, LOG_DECAY)[0])
+    for env in ("torch", "triton"):  # triton: the interpreter, under the test conftest
+        monkeypatch.setenv("ZOO_KERNEL_BACKEND", env)
+        calls.clear()
+        assert_close(lightning(q, k, v, LOG_DECAY)[0], lightning_naive(q, k, v, LOG_DECAY)[0])
+        assert calls == [env]
+        calls.clear()
+        lightning(q, k, v, LOG_DECAY, backend="torch")  # an explicit backend is not overridden
+        assert calls == ["torch"]
     monkeypatch.setenv("ZOO_KERNEL_BACKEND", "cuda")
     with pytest.raises(ValueError, match="ZOO_KERNEL_BACKEND"):
         lightning(q, k, v, LOG_DECAY)
-    monkeypatch.setenv("ZOO_KERNEL_BACKEND", "triton")  # the interpreter, under the test conftest
-    assert_close(lightning(q, k, v, LOG_DECAY)[0], lightning_naive(q, k, v, LOG_DECAY)[0])
 
 
 # --- tnl_log_decay ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.kernels.hgrn2 import hgrn2, hgrn2_naive, hgrn2_step
+from zoo.kernels.gla import gla, gla_naive, gla_step
 from zoo.kernels.lightning import lightning, lightning_naive, lightning_step
 from zoo.kernels.linear_attention import chunk_linear_attention
 
@@ -47,13 +47,13 @@ def make_inputs(op, batch, T, K, V, device="cpu", min_log_f=-3.0, seed=0):
 
 def run(op, q, k, v, decay, s0, backend, cu_seqlens=None, chunk_size=16):
     if op == "hgrn2":
-        return hgrn2(q, k, v, decay, s0, True, cu_seqlens, chunk_size, backend)
+        return gla(q, k, v, decay, s0, True, cu_seqlens, chunk_size, backend)
     return lightning(q, k, v, decay, 0.7, s0, True, cu_seqlens, chunk_size, backend)
 
 
 def oracle(op, q, k, v, decay, s0):
     if op == "hgrn2":
-        return hgrn2_naive(q, k, v, decay, s0, output_final_state=True)
+        return gla_naive(q, k, v, decay, s0, output_final_state=True)
     if decay is None:
         decay = torch.zeros(H, device=q.device)
     return lightning_naive(q, k, v, decay, 0.7, s0, output_final_state=True)
@@ -134,7 +134,7 @@ def test_packed_varlen_sequences(op):
 def test_strong_per_key_decay_stays_finite(min_log_f):
     # In-chunk decays sum to about -600 (-2900): e^(-b) would overflow; every exponent here is <= 0.
     q, k, v, log_f, s0 = make_inputs("hgrn2", 1, 50, K=16, V=8, min_log_f=min_log_f)
-    o, s = hgrn2(q, k, v, log_f, s0, output_final_state=True, chunk_size=64, backend="triton")
+    o, s = gla(q, k, v, log_f, s0, output_final_state=True, chunk_size=64, backend="triton")
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
     check_against_oracle("hgrn2", [q, k, v, log_f, s0], chunk_size=64)
 
@@ -160,7 +160,7 @@ def test_fused_step_matches_torch_step(op):
         for state in (s0, None):
             o, s = run(op, q, k, v, decay, state, "triton")
             if op == "hgrn2":
-                o_ref, s_ref = hgrn2_step(q[:, 0], k[:, 0], v[:, 0], decay[:, 0], state)
+                o_ref, s_ref = gla_step(q[:, 0], k[:, 0], v[:, 0], decay[:, 0], state)
             else:
                 ld = decay if decay is not None else torch.zeros(H)
                 o_ref, s_ref = lightning_step(q[:, 0], k[:, 0], v[:, 0], ld, state, 0.7)
@@ -216,12 +216,12 @@ def test_cuda_bf16_within_1e2_of_fp32_oracle(op, head_dim):
 def test_cuda_auto_backend_picks_triton(monkeypatch):
     q, k, v, decay, _ = make_inputs("hgrn2", 1, 64, K=64, V=64, device="cuda")
     calls = []
-    import zoo.kernels.hgrn2 as module
+    import zoo.kernels.linear_attention as module
 
     original = module.chunk_linear_attention
     monkeypatch.setattr(
         module, "chunk_linear_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw)
     )
-    hgrn2(q, k, v, decay)
+    gla(q, k, v, decay)
     assert calls == [1]
-    assert F.mse_loss(hgrn2(q, k, v, decay)[0], hgrn2_naive(q, k, v, decay)[0]) < 1e-6
+    assert F.mse_loss(gla(q, k, v, decay)[0], gla_naive(q, k, v, decay)[0]) < 1e-6

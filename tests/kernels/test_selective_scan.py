@@ -246,21 +246,24 @@ def test_memory_is_linear_in_length(monkeypatch):
     assert 3.5 < ratio < 4.5, ratio  # linear: 4; quadratic would be 16
 
 
-def test_env_backend_override(monkeypatch):
+def test_env_backend_override(monkeypatch, ran):
+    """ZOO_KERNEL_BACKEND decides what "auto" runs: each value must reach its own code."""
+    calls, spy = ran
+    spy(scan_module._SelectiveScan, "apply", "triton")
+    spy(scan_module, "selective_scan_chunk_torch", "torch")
     u, delta, A, Bm, Cm, D, _ = make_inputs(4)
-    monkeypatch.setenv("ZOO_KERNEL_BACKEND", "triton")  # the interpreter, under the test conftest
-    assert_close(
-        selective_scan(u, delta, A, Bm, Cm, D)[0], selective_scan_naive(u, delta, A, Bm, Cm, D)[0]
-    )
-    # An explicit backend is not overridden.
-    monkeypatch.delenv("TRITON_INTERPRET")
-    selective_scan(u, delta, A, Bm, Cm, D, backend="torch")
+    reference = selective_scan_naive(u, delta, A, Bm, Cm, D)[0]
+    for env in ("torch", "triton"):  # triton: the interpreter, under the test conftest
+        monkeypatch.setenv("ZOO_KERNEL_BACKEND", env)
+        calls.clear()
+        assert_close(selective_scan(u, delta, A, Bm, Cm, D)[0], reference)
+        assert calls == [env]
+        calls.clear()
+        selective_scan(u, delta, A, Bm, Cm, D, backend="torch")  # an explicit one stays
+        assert calls == ["torch"]
     monkeypatch.setenv("ZOO_KERNEL_BACKEND", "cuda")
     with pytest.raises(ValueError, match="ZOO_KERNEL_BACKEND must be one of"):
         selective_scan(u, delta, A, Bm, Cm, D)
-    monkeypatch.setenv("ZOO_KERNEL_BACKEND", "torch")
-    y, _ = selective_scan(u, delta, A, Bm, Cm, D)
-    assert_close(y, selective_scan_naive(u, delta, A, Bm, Cm, D)[0])
 
 
 def test_error_backend(monkeypatch):

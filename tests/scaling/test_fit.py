@@ -16,7 +16,7 @@ from zoo.scaling.fit import (
     moe_accounting,
     optimal_sparsity,
 )
-from zoo.scaling.laws import CHINCHILLA, ChinchillaLaw, pf_days_to_flops, sparsity_loss
+from zoo.scaling.laws import CHINCHILLA, PF_DAY_FLOPS, ChinchillaLaw, sparsity_loss
 from zoo.scaling.runs import CurvePoint, Run
 
 LAW = CHINCHILLA["hoffmann2022"]
@@ -178,7 +178,7 @@ def test_envelope_recovers_the_frontier_of_a_pure_power_law():
     # The same fit with C in PF-days: same exponents, coefficients rescaled.
     pf = fit_envelope(runs, min_flops=1e17, max_flops=1e20, unit="pf_days")
     assert pf.loss.exponent == pytest.approx(fit.loss.exponent)
-    assert pf.predict(1.0).loss == pytest.approx(fit.predict(pf_days_to_flops(1.0)).loss)
+    assert pf.predict(1.0).loss == pytest.approx(fit.predict(PF_DAY_FLOPS).loss)
     json.dumps(fit.to_dict(), allow_nan=False)
 
 

@@ -109,7 +109,7 @@ def test_sweep_trains_pending_runs_and_resumes(tmp_path):
     )
     # A sweep "killed" after one run: only the other one is still pending, and runs again.
     first = pending_runs(plan_dir)[0]
-    from zoo.scaling.sweep import train_recipe_file
+    from zoo.training import train_recipe_file
 
     train_recipe_file(first["recipe_path"], threads=1)
     assert [e["name"] for e in pending_runs(plan_dir)] == [

@@ -9,7 +9,7 @@ forget/query dim e = `hgrn2_expand_ratio` (H = d / e heads), with this layer's l
     out = W_o Norm(concat_h y)                                          (no output gate)
 
 The recurrence is gated linear attention with q, k = 1 − f, v = i and log decay log f, run by
-`zoo.kernels.hgrn2`. β_l = `hgrn2_lower_bounds(Γ)[layer_idx]` comes from Γ (L, d), a parameter
+`zoo.kernels.gla`. β_l = `hgrn2_lower_bounds(Γ)[layer_idx]` comes from Γ (L, d), a parameter
 the model holds for all HGRN2 layers (declared in HGRN2's registry entry, passed as
 `context.parameters["hgrn2_lower_bounds"]`; softmax over depth, cumsum, minus the first row), so
 β_0 = 0 and deeper layers forget less.
@@ -38,7 +38,7 @@ from transformers.cache_utils import Cache
 from zoo.cache import recurrent_state
 from zoo.configuration import ZooConfig
 from zoo.flops import linear_flops
-from zoo.kernels.hgrn2 import hgrn2, hgrn2_naive
+from zoo.kernels.gla import gla, gla_naive
 from zoo.layers.context import MixerContext
 from zoo.layers.norm import build_norm
 
@@ -102,7 +102,7 @@ class HGRN2Attention(nn.Module):
     ) -> torch.Tensor:
         q, k, i, log_f = self._gates(hidden_states, context)
         state = recurrent_state(cache, self.layer_idx) if cache is not None else None
-        y, final_state = hgrn2(
+        y, final_state = gla(
             q,
             k,
             i,
@@ -119,7 +119,7 @@ class HGRN2Attention(nn.Module):
     def reference_forward(self, hidden_states: torch.Tensor, context: MixerContext) -> torch.Tensor:
         """The naive form over a whole sequence: the token-by-token recurrence in fp32."""
         q, k, i, log_f = self._gates(hidden_states, context)
-        y, _ = hgrn2_naive(q, k, i, log_f)
+        y, _ = gla_naive(q, k, i, log_f)
         return self._output(y, hidden_states)
 
     def flops_per_token(self, seq_len: int) -> int:

@@ -1,6 +1,7 @@
 """The SAFFU experiment: explicit warm start + backprop against backprop alone, at equal data.
 
-    zoo saffu run benchmarks/results/saffu/experiment.yaml benchmarks/results/saffu
+    zoo saffu run experiments/saffu/experiment.yaml experiments/saffu   # train what is missing
+    zoo report experiments/saffu                                        # the report again
 
 The experiment file (`ExperimentConfig`) names the embedded synthetic corpus, a grid of training
 data sizes × context radii × embeddings, and one training budget. Every grid point trains two
@@ -10,7 +11,9 @@ the validation documents is logged at step 0 and every `eval_every` steps.
 
 Each run writes `runs/<name>/metrics.jsonl` and, when it ends, `runs/<name>/result.json`
 (atomically): running the command again skips finished runs, so a killed experiment resumes.
-`report.md`, `results.json`, `loss_vs_data.png` and `curves.png` are written at the end.
+`runs/` is a cache. At the end every finished run goes into the summary `results.jsonl` (final
+and best losses, the held-out curve), and `report.md`, `loss_vs_data.png` and `curves.png` are
+made from it alone, so a folder without `runs/` (a clean clone) still regenerates its report.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from zoo.atomic import write_json_atomic
+from zoo.atomic import write_json_atomic, write_text_atomic
 from zoo.recipe import load_settings_file
 from zoo.saffu.model import (
     SAFFUConfig,
@@ -36,6 +39,7 @@ from zoo.saffu.model import (
 from zoo.training import supervised_step
 
 ARMS = ("warm", "cold")
+SUMMARY_FILE = "results.jsonl"
 
 
 class ExperimentConfig(BaseModel):
@@ -205,25 +209,31 @@ def run_experiment(config: ExperimentConfig, out_dir: str | Path, progress: bool
     return write_report(config, out_dir)
 
 
-def _load_results(out_dir: Path, config: ExperimentConfig) -> list[dict[str, Any]]:
-    results = []
+def load_results(out_dir: Path, config: ExperimentConfig) -> list[dict[str, Any]]:
+    """The finished runs in grid order: from the run cache `runs/` where it is here, else from
+    the summary `results.jsonl`."""
+    cached = []
     for point in grid(config):
         path = out_dir / "runs" / point["name"] / "result.json"
         if path.is_file():
-            results.append(json.loads(path.read_text()))
-    return results
+            cached.append(json.loads(path.read_text()))
+    summary = out_dir / SUMMARY_FILE
+    if cached or not summary.is_file():
+        return cached
+    return [json.loads(line) for line in summary.read_text().splitlines() if line.strip()]
 
 
 def write_report(config: ExperimentConfig, out_dir: Path) -> Path:
-    """report.md, results.json and the two plots from the finished runs."""
+    """`results.jsonl`, `report.md` and the two plots from the finished runs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = _load_results(out_dir, config)
+    results = load_results(out_dir, config)
     if not results:
-        raise FileNotFoundError(f"{out_dir}: no finished SAFFU runs")
+        raise FileNotFoundError(f"{out_dir}: no finished SAFFU runs and no {SUMMARY_FILE}")
+    write_text_atomic(out_dir / SUMMARY_FILE, "".join(json.dumps(r) + "\n" for r in results))
     settings = sorted({(r["embedding"], r["radius"]) for r in results})
     by = {(r["embedding"], r["radius"], r["tokens"], r["arm"]): r for r in results}
 
@@ -293,8 +303,4 @@ def write_report(config: ExperimentConfig, out_dir: Path) -> Path:
                 f"{warm['final_eval_loss'] - cold['final_eval_loss']:+.3f} |"
             )
     lines += ["", "Plots: `loss_vs_data.png`, `curves.png`.", ""]
-    (out_dir / "report.md").write_text("\n".join(lines))
-    (out_dir / "results.json").write_text(
-        json.dumps([{k: v for k, v in r.items() if k != "curve"} for r in results], indent=2) + "\n"
-    )
-    return out_dir / "report.md"
+    return write_text_atomic(out_dir / "report.md", "\n".join(lines))

@@ -135,14 +135,14 @@ class TokenDocuments:
     @classmethod
     def from_texts(cls, texts: Sequence[str], tokenizer) -> TokenDocuments:
         """Each text tokenized with bos and eos (as `zoo.data.pack_tokens`, but kept apart)."""
-        from zoo.data import _tokenizer_fingerprint
+        from zoo.data import tokenizer_fingerprint
 
         if not texts:
             raise ValueError("the corpus is empty: no documents")
         encoded = tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
         eos = tokenizer.eos_token_id
         docs = tuple(tuple(ids) + ((eos,) if eos is not None else ()) for ids in encoded)
-        return cls(docs, len(tokenizer), _tokenizer_fingerprint(tokenizer))
+        return cls(docs, len(tokenizer), tokenizer_fingerprint(tokenizer))
 
     def truncated(self, tokens: int) -> TokenDocuments:
         """The first documents holding `tokens` tokens (the last one cut)."""

@@ -47,16 +47,6 @@ MAD_STATE_EXPONENT = -0.28
 """c in P* ∝ M^c (MAD, via a third-party note; unverified)."""
 
 
-def flops_to_pf_days(flops: ArrayLike) -> np.ndarray | float:
-    """FLOPs → PFLOP/s-days (the unit of Shen et al.'s C)."""
-    return np.asarray(flops, dtype=float) / PF_DAY_FLOPS
-
-
-def pf_days_to_flops(pf_days: ArrayLike) -> np.ndarray | float:
-    """PFLOP/s-days → FLOPs."""
-    return np.asarray(pf_days, dtype=float) * PF_DAY_FLOPS
-
-
 @dataclasses.dataclass(frozen=True)
 class PowerLaw:
     """y = coef · x^exponent."""

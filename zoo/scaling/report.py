@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from zoo.atomic import write_json_atomic
+from zoo.atomic import write_json_atomic, write_text_atomic
 from zoo.scaling import fit as fits
 from zoo.scaling.laws import SHEN_2024
-from zoo.scaling.runs import Run
+from zoo.scaling.runs import SUMMARY_FILE, Run, write_summary
 
 logger = logging.getLogger(__name__)
 
@@ -386,12 +386,14 @@ def write_report(
     seed: int = 0,
     full_grid: bool = False,
 ) -> dict[str, Any]:
-    """fits.json, report.md and the PNGs of `analyze(runs)` in `out` (written atomically)."""
+    """`runs.jsonl` (the runs, from which this report regenerates), fits.json, report.md and the
+    PNGs of `analyze(runs)` in `out` (written atomically)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    write_summary(list(runs), list(missing), out / SUMMARY_FILE)
     results = analyze(runs, bootstrap=bootstrap, seed=seed, full_grid=full_grid)
     payload = {"unfinished_runs": list(missing), **_jsonable(results)}
     write_json_atomic(out / "fits.json", payload)
-    (out / "report.md").write_text(report_markdown(runs, results, missing))
+    write_text_atomic(out / "report.md", report_markdown(runs, results, missing))
     results["plots"] = [str(p) for p in _plots(runs, results, out)]
     return results

@@ -3,8 +3,9 @@
 A `Run` is what every fitter reads: its size (total and active parameters), the tokens it saw,
 the training FLOPs by the zoo's own accounting (`zoo.flops`), its final held-out loss, and where
 they exist its MoE sparsity, inference state size and loss curve. `load_runs` builds them from a
-sweep's run folders (each with the recipe loop's `recipe.yaml` and `metrics.jsonl`) or from a
-CSV with the same columns.
+sweep's run folders (each with the recipe loop's `recipe.yaml` and `metrics.jsonl`), from the
+summary `runs.jsonl` a report writes beside itself (every field, curves included, so the report
+regenerates without the run folders), or from a CSV with the same columns.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from zoo.atomic import write_text_atomic
 from zoo.data import iter_jsonl
 from zoo.scaling.plan import load_plan
 
@@ -136,6 +138,36 @@ def runs_from_plan(plan_dir: Path) -> tuple[list[Run], list[str]]:
     return runs, missing
 
 
+SUMMARY_FILE = "runs.jsonl"
+
+
+def write_summary(runs: list[Run], missing: list[str], path: str | Path) -> Path:
+    """`runs.jsonl`: one line per run (curves as [tokens, flops, loss] triples), then one line
+    per planned run without a result (`{"name": ..., "unfinished": true}`)."""
+    lines = []
+    for run in runs:
+        record = dataclasses.asdict(run)
+        record["curve"] = [[p.tokens, p.flops, p.loss] for p in run.curve]
+        lines.append(json.dumps(record))
+    lines += [json.dumps({"name": name, "unfinished": True}) for name in missing]
+    return write_text_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def runs_from_summary(path: Path) -> tuple[list[Run], list[str]]:
+    """The runs and unfinished names of a `runs.jsonl` (see `write_summary`)."""
+    runs, missing = [], []
+    for line, record in iter_jsonl(path):
+        if record.get("unfinished"):
+            missing.append(record["name"])
+            continue
+        try:
+            curve = tuple(CurvePoint(*point) for point in record.pop("curve", ()))
+            runs.append(Run(**record, curve=curve))
+        except TypeError as error:
+            raise ValueError(f"{line}: not a run record ({error})") from None
+    return runs, missing
+
+
 def check_runs(runs: list[Run], source: Path) -> None:
     """Every number a fit reads must be finite and positive (sparsity in [0, 1)): a diverged
     run's NaN loss, or a zero parameter count, is named here rather than deep inside a fit."""
@@ -151,13 +183,19 @@ def check_runs(runs: list[Run], source: Path) -> None:
 
 
 def load_runs(path: str | Path) -> tuple[list[Run], list[str]]:
-    """Runs from a plan folder (see `runs_from_plan`) or a CSV file; and the unfinished ones."""
+    """Runs from a plan folder (see `runs_from_plan`), a `runs.jsonl` summary or a CSV file; and
+    the unfinished ones."""
     path = Path(path)
     if path.is_file() and path.suffix == ".csv":
         runs, missing = runs_from_csv(path), []
+    elif path.is_file() and path.suffix == ".jsonl":
+        runs, missing = runs_from_summary(path)
     elif path.is_dir():
         runs, missing = runs_from_plan(path)
     else:
-        raise ValueError(f"{path}: neither a plan folder (with plan.json) nor a .csv file of runs")
+        raise ValueError(
+            f"{path}: neither a plan folder (with plan.json), a runs.jsonl summary nor a .csv of "
+            "runs"
+        )
     check_runs(runs, path)
     return runs, missing

@@ -21,7 +21,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from zoo.atomic import write_json_atomic
 from zoo.recipe import load_settings_file, merge_fields, recipe_fields
 from zoo.scaling.plan import (
     ModelSize,
@@ -32,9 +31,8 @@ from zoo.scaling.plan import (
     plan_run,
     write_plan,
 )
+from zoo.training import RESULT_FILE, train_recipe_file
 from zoo.workers import process_pool
-
-RESULT = "result.json"
 
 
 class _Section(BaseModel):
@@ -115,36 +113,13 @@ def plan_sweep(config_path: str | Path, out_dir: str | Path) -> list[PlannedRun]
     return runs
 
 
-def train_recipe_file(recipe_path: str, threads: int) -> dict[str, Any]:
-    """Train one recipe file (in a worker process) and write its result.json atomically."""
-    import torch
-
-    from zoo.recipe import load_recipe
-    from zoo.training import train
-
-    torch.set_num_threads(threads)
-    recipe = load_recipe(recipe_path)
-    result = train(recipe, resume="auto", save_final=False, echo=lambda _: None, progress=False)
-    record = {
-        "recipe": recipe_path,
-        "eval_loss": result.eval_loss,
-        "train_loss": result.train_loss,
-        "tokens": result.tokens,
-        "steps": result.steps,
-        "flops": result.flops_per_token * result.tokens,
-        "tokens_per_s": result.tokens_per_s,
-    }
-    write_json_atomic(Path(recipe.output_dir) / RESULT, record)
-    return record
-
-
 def pending_runs(plan_dir: str | Path) -> list[dict[str, Any]]:
     """Planned runs without a result yet, largest FLOPs first (so the slowest start early)."""
     plan = load_plan(plan_dir)
     todo = []
     for entry in plan:
         recipe = yaml.safe_load(Path(entry["recipe_path"]).read_text())
-        if not (Path(recipe["output_dir"]) / RESULT).is_file():
+        if not (Path(recipe["output_dir"]) / RESULT_FILE).is_file():
             todo.append(entry)
     return sorted(todo, key=lambda e: -e["flops"])
 

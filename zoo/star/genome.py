@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from zoo import registry
 from zoo.configuration import HybridConfig, format_layer_pattern
 
 # Positions of the backbone tuple.
@@ -130,6 +131,10 @@ class Backbone:
     num_experts_per_tok: int = 2
     config: dict[str, Any] = field(default_factory=dict)
     """Any other `HybridConfig` fields every decoded model gets (vocab, chunk sizes, context)."""
+    token_classes: tuple[LIVClass, ...] = TOKEN_CLASSES
+    """The token-mixing pool: the zoo's classes, plus any `LIVClass` of a mixer registered
+    elsewhere (`zoo.register_mixer`)."""
+    channel_classes: tuple[LIVClass, ...] = CHANNEL_CLASSES
 
     def __post_init__(self) -> None:
         for name in ("blocks", "hidden_size", "num_attention_heads", "groups"):
@@ -138,7 +143,18 @@ class Backbone:
                 raise GenomeError(f"backbone.{name}={value!r} must be a positive integer")
         if self.groups > 9:
             raise GenomeError(f"backbone.groups={self.groups} must be <= 9 (one digit per gene)")
-        for cls in POOL:
+        for classes, known, kind in (
+            (self.token_classes, registry.sequence_mixers(), "sequence mixer"),
+            (self.channel_classes, registry.channel_mixers(), "channel mixer"),
+        ):
+            for cls in classes:
+                if cls.operator not in known:
+                    raise GenomeError(
+                        f"class {cls.name}: {cls.operator!r} is not a registered {kind}"
+                    )
+        if len({c.name for c in self.pool}) != len(self.pool):
+            raise GenomeError("the pool names a class twice")
+        for cls in self.pool:
             for name, value in cls.expansion:
                 if name == "hgrn2_expand_ratio" and self.hidden_size % value:
                     raise GenomeError(
@@ -153,16 +169,21 @@ class Backbone:
                     )
 
     @property
+    def pool(self) -> tuple[LIVClass, ...]:
+        """Token classes, then channel classes: the order of the operator genes."""
+        return self.token_classes + self.channel_classes
+
+    @property
     def positions(self) -> int:
         return 2 * self.blocks
 
     @property
     def length(self) -> int:
         """Genes in the flat vector: 5 per position, 2 per class of the pool."""
-        return 5 * self.positions + 2 * len(POOL)
+        return 5 * self.positions + 2 * len(self.pool)
 
     def classes_at(self, position: int) -> tuple[LIVClass, ...]:
-        return TOKEN_CLASSES if position % 2 == 0 else CHANNEL_CLASSES
+        return self.token_classes if position % 2 == 0 else self.channel_classes
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Inclusive (low, high) of every gene of the flat vector."""
@@ -171,7 +192,7 @@ class Backbone:
             n = len(self.classes_at(position))
             low += [1, 1, 1, 1, 1]
             high += [n, self.groups, 2, self.groups, 2]
-        for cls in POOL:
+        for cls in self.pool:
             low += [0, 0]
             high += [cls.n_expansion - 1, cls.n_repeat - 1]
         return np.array(low), np.array(high)
@@ -183,6 +204,8 @@ class Genome:
 
     backbone: tuple[tuple[int, int, int, int, int], ...]
     operators: tuple[tuple[int, int], ...]
+    token_classes: int = field(default=len(TOKEN_CLASSES), compare=False)
+    """How many of `operators` belong to token classes (where `str` puts the '|')."""
 
     # -- the flat integer vector pymoo evolves -----------------------------------------------
 
@@ -197,19 +220,20 @@ class Genome:
         if len(values) != space.length:
             raise GenomeError(
                 f"a genome of this backbone has {space.length} genes "
-                f"({space.positions} positions × 5 + {len(POOL)} classes × 2), got {len(values)}"
+                f"({space.positions} positions × 5 + {len(space.pool)} classes × 2), "
+                f"got {len(values)}"
             )
         cut = 5 * space.positions
         backbone = tuple(tuple(values[i : i + 5]) for i in range(0, cut, 5))
         operators = tuple(tuple(values[i : i + 2]) for i in range(cut, len(values), 2))
-        return cls(backbone, operators)  # type: ignore[arg-type]
+        return cls(backbone, operators, len(space.token_classes))  # type: ignore[arg-type]
 
     # -- text ---------------------------------------------------------------------------------
 
     def __str__(self) -> str:
         backbone = "-".join("".join(map(str, t)) for t in self.backbone)
-        token = " ".join(f"{e}{r}" for e, r in self.operators[: len(TOKEN_CLASSES)])
-        channel = " ".join(f"{e}{r}" for e, r in self.operators[len(TOKEN_CLASSES) :])
+        token = " ".join(f"{e}{r}" for e, r in self.operators[: self.token_classes])
+        channel = " ".join(f"{e}{r}" for e, r in self.operators[self.token_classes :])
         return f"{backbone}|{token}|{channel}"
 
     @classmethod
@@ -225,7 +249,7 @@ class Genome:
         digits = "".join(re.sub(r"\s", "", p) for p in parts[1:])
         if not re.fullmatch(r"\d*", digits):
             raise GenomeError(f"genome {text!r}: operator genes must be digits")
-        operators = [int(c) for c in digits] or [0] * (2 * len(POOL))
+        operators = [int(c) for c in digits] or [0] * (2 * len(space.pool))
         genome = cls.from_vector(backbone + operators, space)
         check(genome, space)
         return genome
@@ -264,7 +288,7 @@ def problems(genome: Genome, space: Backbone) -> list[str]:
                 where = f"position {i // 5} ({names[i % 5]})"
             else:
                 k = (i - 5 * space.positions) // 2
-                where = f"class {POOL[k].name} ({'repeat' if i % 2 else 'expansion'})"
+                where = f"class {space.pool[k].name} ({'repeat' if i % 2 else 'expansion'})"
             found.append(f"{where}: {value} is outside [{lo}, {hi}]")
     return found
 
@@ -315,8 +339,8 @@ def _decode(genome: Genome, space: Backbone) -> dict[str, Any]:
         layer: dict[str, Any] = {}
         for kind, part in enumerate(("mixer", "channel_mixer")):
             genes = genome.backbone[2 * block + kind]
-            k = genes[CLASS] - 1 + (len(TOKEN_CLASSES) if kind else 0)
-            cls = POOL[k]
+            k = genes[CLASS] - 1 + (len(space.token_classes) if kind else 0)
+            cls = space.pool[k]
             (channels if kind else mixers).append(cls.operator)
             layer.update(_class_overrides(cls, genome.operators[k], space))
             if cls.operator == "none":
@@ -375,10 +399,10 @@ def describe(genome: Genome, space: Backbone) -> list[str]:
     lines = []
     for block in range(space.blocks):
         token = genome.backbone[2 * block][CLASS] - 1
-        channel = genome.backbone[2 * block + 1][CLASS] - 1 + len(TOKEN_CLASSES)
+        channel = genome.backbone[2 * block + 1][CLASS] - 1 + len(space.token_classes)
         parts = []
         for k, part in ((token, "mixer"), (channel, "channel_mixer")):
-            cls = POOL[k]
+            cls = space.pool[k]
             options = _class_overrides(cls, genome.operators[k], space)
             text = cls.name + (
                 f"({', '.join(f'{a}={b}' for a, b in options.items())})" if options else ""
@@ -412,8 +436,8 @@ def from_layers(
             f"need {space.blocks} mixers and channel mixers, "
             f"got {len(mixers)} and {len(channel_mixers)}"
         )
-    token_ids = {c.operator: i + 1 for i, c in enumerate(TOKEN_CLASSES)}
-    channel_ids = {c.operator: i + 1 for i, c in enumerate(CHANNEL_CLASSES)}
+    token_ids = {c.operator: i + 1 for i, c in enumerate(space.token_classes)}
+    channel_ids = {c.operator: i + 1 for i, c in enumerate(space.channel_classes)}
     backbone = []
     for mixer, channel in zip(mixers, channel_mixers, strict=True):
         if mixer not in token_ids:
@@ -424,8 +448,8 @@ def from_layers(
             )
         backbone += [(token_ids[mixer], 1, 1, 1, 1), (channel_ids[channel], 1, 1, 1, 1)]
     genes = operators or {}
-    ops = tuple(genes.get(c.name, (0, 0)) for c in POOL)
-    genome = Genome(tuple(backbone), ops)  # type: ignore[arg-type]
+    ops = tuple(genes.get(c.name, (0, 0)) for c in space.pool)
+    genome = Genome(tuple(backbone), ops, len(space.token_classes))  # type: ignore[arg-type]
     check(genome, space)
     return genome
 
@@ -489,10 +513,11 @@ def encode(config: Any, space: Backbone) -> Genome:
         )
     n = space.blocks
     overrides = [(config.layer_overrides or [None] * n)[b] or {} for b in range(n)]
-    token_ids = {c.operator: i for i, c in enumerate(TOKEN_CLASSES)}
-    channel_ids = {c.operator: i + len(TOKEN_CLASSES) for i, c in enumerate(CHANNEL_CLASSES)}
+    n_token = len(space.token_classes)
+    token_ids = {c.operator: i for i, c in enumerate(space.token_classes)}
+    channel_ids = {c.operator: i + n_token for i, c in enumerate(space.channel_classes)}
     classes: dict[str, list[int]] = {"mixer": [], "channel_mixer": []}
-    operators = [(0, 0)] * len(POOL)
+    operators = [(0, 0)] * len(space.pool)
     for b in range(n):
         for part, ids, name in (
             ("mixer", token_ids, config.mixers[b]),
@@ -501,7 +526,7 @@ def encode(config: Any, space: Backbone) -> Genome:
             if name not in ids:
                 raise GenomeError(f"{part}s[{b}]={name!r} is not in the pool {sorted(ids)}")
             k = ids[name]
-            cls = POOL[k]
+            cls = space.pool[k]
             # A class without layer overrides runs the model-wide value: option 0 must give it.
             layer = {f: overrides[b].get(f, getattr(config, f)) for f, _ in cls.expansion}
             if cls.repeat:
@@ -521,9 +546,9 @@ def encode(config: Any, space: Backbone) -> Genome:
             kv_sources = config.kv_source or [None] * n
             kv = _sharing_genes(classes[part], kv_sources, space.groups, "kv_source")
         for b in range(n):
-            k = classes[part][b] - (len(TOKEN_CLASSES) if kind else 0)
+            k = classes[part][b] - (n_token if kind else 0)
             backbone[2 * b + kind] = [k + 1, *fz[b], *kv[b]]
-    genome = Genome(tuple(map(tuple, backbone)), tuple(operators))  # type: ignore[arg-type]
+    genome = Genome(tuple(map(tuple, backbone)), tuple(operators), n_token)  # type: ignore[arg-type]
     check(genome, space)
     return genome
 
@@ -556,7 +581,7 @@ def crossover(
     """k-point crossover (STAR: k = 2) with cut points on gene-tuple boundaries, so a position's
     five genes and a class's two genes always travel together."""
     bounds = [5 * p for p in range(1, space.positions + 1)]
-    bounds += [5 * space.positions + 2 * k for k in range(1, len(POOL))]
+    bounds += [5 * space.positions + 2 * k for k in range(1, len(space.pool))]
     cuts = sorted(rng.choice(bounds, size=min(points, len(bounds)), replace=False))
     child_a, child_b = np.asarray(a).copy(), np.asarray(b).copy()
     swap = False

@@ -1,8 +1,12 @@
 """The report of a STAR search: Pareto fronts, the best genomes, the hand-made baselines.
 
-    zoo star report runs/star --out benchmarks/results/star
+    zoo star report experiments/star/runs --out experiments/star   # summarize a run, report
+    zoo report experiments/star                                    # report from the summary
 
-Writes `report.md` (the final front as genomes, per-layer patterns and objectives, each checked
+A search run folder holds every candidate's training logs (a cache). `summarize` condenses it
+into a study folder: the search file, the generations log and `evaluations.jsonl` (one line per
+trained candidate: loss, parameters, cache, config fields). `write_report` reads only those and
+writes `report.md` (the final front as genomes, per-layer patterns and objectives, each checked
 against the baselines), `front_params.png` (loss vs parameters), `front_cache.png` (loss vs
 decode cache), `generations.png` (loss of the population per generation), `front.json` and
 `best/<rank>-<digest>/config.json` (each front member as a config `AutoConfig` loads).
@@ -17,10 +21,11 @@ from typing import Any
 
 import yaml
 
+from zoo.atomic import write_json_atomic, write_text_atomic
 from zoo.star.genome import Backbone, Genome, decode, decode_fields, describe, layer_pattern
 from zoo.star.search import (
     LOG_FILE,
-    RESULT,
+    RESULT_FILE,
     SEARCH_FILE,
     SearchConfig,
     backbone_of,
@@ -28,12 +33,12 @@ from zoo.star.search import (
     baseline_genomes,
     candidate_recipe,
     load_search,
-    model_size,
 )
 
 # A candidate "matches" a baseline's quality when its loss is at most this much higher (nats):
 # below the spread of one training seed at this scale.
 MATCH_TOLERANCE = 0.01
+EVALUATIONS_FILE = "evaluations.jsonl"
 
 
 @dataclass(frozen=True)
@@ -44,46 +49,75 @@ class Point:
     cache: int
 
 
-def _load_run(run_dir: Path) -> tuple[SearchConfig, list[dict[str, Any]]]:
-    path = run_dir / SEARCH_FILE
+def _load_log(folder: Path) -> tuple[SearchConfig, list[dict[str, Any]]]:
+    """The search file and the generations logged in `folder` (a run or a study folder)."""
+    path = folder / SEARCH_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no {SEARCH_FILE}; is it a `zoo star search` folder?")
+        raise FileNotFoundError(f"{folder}: no {SEARCH_FILE}; is it a STAR search or study folder?")
     config = SearchConfig.model_validate(yaml.safe_load(path.read_text()))
-    log = run_dir / LOG_FILE
+    log = folder / LOG_FILE
     if not log.is_file() or not log.read_text().strip():
         raise FileNotFoundError(f"{log}: no finished generation yet")
     return config, [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
-def evaluated_points(run_dir: Path, space: Backbone, cache_context: int) -> list[Point]:
-    """Every trained candidate of the run (survivors or not), from its recipe and result."""
+def evaluated_points(run_dir: Path, space: Backbone, cache_context: int) -> list[dict[str, Any]]:
+    """Every trained candidate of a run (survivors or not): its digest, held-out loss,
+    parameters and decode cache, and the config fields it was built from."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from zoo.configuration import HybridConfig
 
     points = []
-    for result in sorted((run_dir / "evals").glob(f"*/{RESULT}")):
-        recipe = yaml.safe_load((result.parent / "recipe.yaml").read_text())
+    for result in sorted((run_dir / "evals").glob(f"*/{RESULT_FILE}")):
+        fields = yaml.safe_load((result.parent / "recipe.yaml").read_text())["model"]["overrides"]
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(HybridConfig(**recipe["model"]["overrides"]))
-        loss = json.loads(result.read_text())["eval_loss"]
+            model = AutoModelForCausalLM.from_config(HybridConfig(**fields))
         points.append(
-            Point(
-                result.parent.name, loss, model.num_parameters(), model.state_size(1, cache_context)
-            )
+            {
+                "digest": result.parent.name,
+                "loss": json.loads(result.read_text())["eval_loss"],
+                "params": model.num_parameters(),
+                "cache": model.state_size(1, cache_context),
+                "fields": fields,
+            }
         )
     return points
 
 
-def _baselines(config: SearchConfig, run_dir: Path) -> dict[str, Point]:
+def summarize(run_dir: str | Path, out: str | Path) -> Path:
+    """The study summary of a search run in `out`: its search file, its generations log and
+    `evaluations.jsonl` (one line per trained candidate): all a report needs, in ~100 KB."""
+    run_dir, out = Path(run_dir), Path(out)
+    config, _ = _load_log(run_dir)
+    points = evaluated_points(run_dir, backbone_of(config), config.cache_context)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / SEARCH_FILE).is_file():  # a study folder keeps its own (commented) input
+        write_text_atomic(out / SEARCH_FILE, (run_dir / SEARCH_FILE).read_text())
+    if (out / LOG_FILE).resolve() != (run_dir / LOG_FILE).resolve():
+        write_text_atomic(out / LOG_FILE, (run_dir / LOG_FILE).read_text())
+    return write_text_atomic(
+        out / EVALUATIONS_FILE, "".join(json.dumps(p, sort_keys=True) + "\n" for p in points)
+    )
+
+
+def _points(folder: Path) -> list[Point]:
+    path = folder / EVALUATIONS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no summary; `zoo star report RUN --out {folder}`")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [Point(r["digest"], r["loss"], r["params"], r["cache"]) for r in rows]
+
+
+def _baselines(config: SearchConfig, points: list[Point]) -> dict[str, Point]:
     space = backbone_of(config)
+    by_digest = {p.name: p for p in points}
     out = {}
     for name, genome in baseline_genomes(config).items():
-        result = run_dir / "evals" / genome.digest(space) / RESULT
-        if result.is_file():
-            params, cache = model_size(genome, space, config.cache_context)
-            out[name] = Point(name, json.loads(result.read_text())["eval_loss"], params, cache)
+        point = by_digest.get(genome.digest(space))
+        if point is not None:
+            out[name] = Point(name, point.loss, point.params, point.cache)
     return out
 
 
@@ -195,18 +229,19 @@ def _plot_generations(records: list[dict[str, Any]], out: Path) -> Path:
     return out
 
 
-def write_report(run_dir: str | Path, out: str | Path) -> list[Path]:
-    """Write the report of a search run (finished or not: the last logged generation)."""
-    run_dir, out = Path(run_dir), Path(out)
-    config, records = _load_run(run_dir)
+def write_report(folder: str | Path) -> list[Path]:
+    """The report of a study folder (its search file, generations log and `evaluations.jsonl`,
+    see `summarize`): fronts, the front's configs, the baselines (the last logged generation
+    of an unfinished search)."""
+    out = Path(folder)
+    config, records = _load_log(out)
     space = backbone_of(config)
-    out.mkdir(parents=True, exist_ok=True)
     last = records[-1]
     # Genomes that differ only in genes without effect are one architecture: listed once.
     unique = {last["population"][i]["digest"]: last["population"][i] for i in last["front"]}
     front = sorted(unique.values(), key=lambda m: m["loss"])
-    baselines = _baselines(config, run_dir)
-    points = evaluated_points(run_dir, space, config.cache_context)
+    points = _points(out)
+    baselines = _baselines(config, points)
 
     written = [
         _plot(points, front, baselines, "params", out / "front_params.png"),
@@ -216,7 +251,7 @@ def write_report(run_dir: str | Path, out: str | Path) -> list[Path]:
     lines = [
         "# STAR search on CPU",
         "",
-        f"Run `{run_dir}`: {len(records)} generations of {config.population}, "
+        f"{len(records)} generations of {config.population}, "
         f"{len(points)} candidates trained; objectives {', '.join(config.objectives)} "
         f"(cache at {config.cache_context} tokens, batch 1). Backbone: {space.blocks} blocks, "
         f"width {space.hidden_size}, {space.num_attention_heads} heads, "
@@ -265,12 +300,12 @@ def write_report(run_dir: str | Path, out: str | Path) -> list[Path]:
         "above it. Plots: `front_params.png`, `front_cache.png`, `generations.png`.",
         "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
+    write_text_atomic(out / "report.md", "\n".join(lines))
     front_json = {
         "baselines": {k: vars(v) for k, v in baselines.items()},
         "front": summary,
     }
-    (out / "front.json").write_text(json.dumps(front_json, indent=2) + "\n")
+    write_json_atomic(out / "front.json", front_json)
     return [*written, out / "report.md", out / "front.json"]
 
 

@@ -39,9 +39,27 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from zoo.atomic import write_json_atomic, write_text_atomic
 from zoo.configuration import parse_layer_pattern
-from zoo.recipe import RecipeError, load_settings_file, merge_fields, recipe_fields
-from zoo.star.genome import Backbone, Genome, crossover, decode, from_layers, mutate, random_vector
+from zoo.recipe import (
+    RecipeError,
+    import_modules,
+    load_settings_file,
+    merge_fields,
+    recipe_fields,
+)
+from zoo.star.genome import (
+    CHANNEL_CLASSES,
+    TOKEN_CLASSES,
+    Backbone,
+    Genome,
+    LIVClass,
+    crossover,
+    decode,
+    from_layers,
+    mutate,
+    random_vector,
+)
 from zoo.star.genome import repair as repair_vector
+from zoo.training import RESULT_FILE, train_recipe_file
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +67,24 @@ OBJECTIVES = ("loss", "params", "cache")
 SEARCH_FILE = "search.yaml"
 LOG_FILE = "generations.jsonl"
 POPULATION_FILE = "population.json"
-RESULT = "result.json"
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LIVClassSection(_Section):
+    """A class added to the pool: a mixer registered outside the zoo (see `zoo.star.LIVClass`)."""
+
+    name: str
+    operator: str = Field(description="the registered sequence or channel mixer")
+    kind: Literal["token", "channel"] = "token"
+    code: tuple[int, int, int, int, int] = Field(
+        description="STAR's operator code: featurizer, token mixing, sparsity, nonlinearity, "
+        "channel mixing"
+    )
+    expansion: list[tuple[str, Any]] = Field(default_factory=list)
+    repeat: list[int] = Field(default_factory=list)
 
 
 class BackboneSection(_Section):
@@ -64,9 +95,16 @@ class BackboneSection(_Section):
     num_experts: int = Field(4, gt=0, description="experts of the MoE class")
     num_experts_per_tok: int = Field(2, gt=0)
     config: dict[str, Any] = Field(default_factory=dict, description="other HybridConfig fields")
+    classes: list[LIVClassSection] = Field(
+        default_factory=list, description="classes added to the zoo's pool"
+    )
 
 
 class SearchConfig(_Section):
+    imports: list[str] = Field(
+        default_factory=list,
+        description="modules to import first: they register the mixers `backbone.classes` name",
+    )
     base: Path = Field(description="the recipe every candidate trains with (relative to this file)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="recipe keys, nested")
     backbone: BackboneSection = BackboneSection()
@@ -89,7 +127,25 @@ def load_search(path: str | Path) -> SearchConfig:
 
 
 def backbone_of(config: SearchConfig) -> Backbone:
-    return Backbone(**config.backbone.model_dump())
+    """The search space: the backbone with the zoo's pool plus the search's own classes."""
+    import_modules(config.imports)
+    fields = config.backbone.model_dump(exclude={"classes"})
+    extra = {"token": [], "channel": []}
+    for cls in config.backbone.classes:
+        extra[cls.kind].append(
+            LIVClass(
+                cls.name,
+                cls.operator,
+                cls.code,
+                tuple(tuple(option) for option in cls.expansion),
+                tuple(cls.repeat),
+            )
+        )
+    return Backbone(
+        **fields,
+        token_classes=TOKEN_CLASSES + tuple(extra["token"]),
+        channel_classes=CHANNEL_CLASSES + tuple(extra["channel"]),
+    )
 
 
 def baseline_genomes(config: SearchConfig) -> dict[str, Genome]:
@@ -170,7 +226,6 @@ class TrainingQuality:
     ) -> None:
         import concurrent.futures
 
-        from zoo.scaling.sweep import train_recipe_file
         from zoo.workers import process_pool
 
         paths = {}
@@ -202,14 +257,14 @@ class Evaluations:
         self._sizes: dict[str, tuple[int, int]] = {}
 
     def cached_loss(self, digest: str) -> float | None:
-        path = self.run_dir / "evals" / digest / RESULT
+        path = self.run_dir / "evals" / digest / RESULT_FILE
         if not path.is_file():
             return None
         return float(json.loads(path.read_text())["eval_loss"])
 
     def store(self, digest: str, loss: float) -> None:
         """Record a loss computed outside `TrainingQuality` (which writes result.json itself)."""
-        path = self.run_dir / "evals" / digest / RESULT
+        path = self.run_dir / "evals" / digest / RESULT_FILE
         if not path.is_file():
             write_json_atomic(path, {"eval_loss": loss})
 
