@@ -211,3 +211,15 @@ def test_every_token_class_decodes_to_a_zoo_mixer():
     for k, cls in enumerate(TOKEN_CLASSES, start=1):
         genome = _with_layers([(k, 1, 1, 1, 1), (SWIGLU, 1, 1, 1, 1)] * 3)
         assert decode(genome, SPACE).mixers == [cls.operator] * 3
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"hidden_size": 40}, r"class Rec-HGRN2.*hgrn2_expand_ratio=16 does not divide"),
+        ({"num_attention_heads": 3, "hidden_size": 48}, r"class SA.*num_key_value_heads"),
+    ],
+)
+def test_a_backbone_whose_options_do_not_build_names_the_class(fields, message):
+    with pytest.raises(GenomeError, match=message):
+        Backbone(**fields)

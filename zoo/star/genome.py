@@ -39,6 +39,7 @@ Our choices where the paper is silent or the zoo differs (shared/papers/star.md)
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -154,19 +155,32 @@ class Backbone:
                     )
         if len({c.name for c in self.pool}) != len(self.pool):
             raise GenomeError("the pool names a class twice")
-        for cls in self.pool:
-            for name, value in cls.expansion:
-                if name == "hgrn2_expand_ratio" and self.hidden_size % value:
-                    raise GenomeError(
-                        f"backbone.hidden_size={self.hidden_size} is not a multiple of "
-                        f"{cls.name}'s {name}={value}"
-                    )
-            for repeat in cls.repeat:
-                if self.num_attention_heads % repeat:
-                    raise GenomeError(
-                        f"backbone.num_attention_heads={self.num_attention_heads} is not a "
-                        f"multiple of {cls.name}'s repeat factor {repeat}"
-                    )
+        for k, cls in enumerate(self.pool):
+            for genes in itertools.product(range(cls.n_expansion), range(cls.n_repeat)):
+                self._check_option(cls, genes, channel=k >= len(self.token_classes))
+
+    def _check_option(self, cls: LIVClass, genes: tuple[int, int], channel: bool) -> None:
+        """Every option of a class must build on this backbone: one layer of it is validated
+        as a config (a ratio that must divide the width, heads per K/V head, ...)."""
+        overrides = _class_overrides(cls, genes, self)
+        layer = {"mixers": ["attention"], "channel_mixers": [cls.operator]}
+        if not channel:
+            layer = {"mixers": [cls.operator], "channel_mixers": ["none"]}
+        try:
+            HybridConfig(
+                **{
+                    "num_attention_heads": self.num_attention_heads,
+                    "num_experts": self.num_experts,
+                    "num_experts_per_tok": self.num_experts_per_tok,
+                    **self.config,
+                    "hidden_size": self.hidden_size,
+                    "num_hidden_layers": 1,
+                    **layer,
+                    "layer_overrides": [overrides or None],
+                }
+            )
+        except ValueError as error:
+            raise GenomeError(f"class {cls.name}, option {genes}: {error}") from None
 
     @property
     def pool(self) -> tuple[LIVClass, ...]:
