@@ -181,10 +181,41 @@ def test_corpus_config_validation_names_the_field() -> None:
 # --- local files --------------------------------------------------------------------------------
 
 
-def test_load_txt(tmp_path: Path) -> None:
+def test_a_text_file_is_one_document_kept_verbatim(tmp_path: Path) -> None:
+    text = "    indented first line\r\n\n\n  \nsecond part\n\nthird é\n"
     path = tmp_path / "docs.txt"
-    path.write_text("first doc\nline two\n\n\n  \nsecond doc\n\nthird é\n", encoding="utf-8")
-    assert load_documents(path) == ["first doc\nline two", "second doc", "third é"]
+    path.write_bytes(text.encode("utf-8"))
+    assert load_documents(path) == [text]  # CRLF, leading blanks, trailing newline: all kept
+    assert load_documents(path, documents="blank_lines") == [
+        "    indented first line\r",
+        "second part",
+        "third é\n",
+    ]
+    (tmp_path / "empty.txt").write_text("")
+    assert load_documents(tmp_path / "empty.txt") == []
+
+
+def test_binary_and_non_utf8_files_are_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / "weights.bin").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(ValueError, match=r"weights\.bin: a binary file"):
+        load_documents(tmp_path / "weights.bin")
+    (tmp_path / "latin.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.txt: not UTF-8 text"):
+        load_documents(tmp_path / "latin.txt")
+
+
+def test_a_data_folder_is_every_file_in_it_except_hidden_and_caches(tmp_path: Path) -> None:
+    from zoo.data import data_files
+
+    for name in ("b/two.py", "a.py", ".git/config", "b/__pycache__/two.cpython.pyc"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    assert [p.relative_to(tmp_path).as_posix() for p in data_files([tmp_path])] == [
+        "a.py",
+        "b/two.py",
+    ]
+    with pytest.raises(FileNotFoundError, match="nowhere: no such data file or folder"):
+        data_files([tmp_path / "nowhere"])
 
 
 def test_load_jsonl(tmp_path: Path) -> None:
@@ -223,7 +254,7 @@ def test_load_missing_file_and_unknown_type(tmp_path: Path) -> None:
         load_documents(missing)
     other = tmp_path / "docs.csv"
     other.write_text("a,b\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"docs\.csv.*\.txt or \.jsonl"):
+    with pytest.raises(ValueError, match=r"docs\.csv: unsupported file type '\.csv'"):
         load_documents(other)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -18,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from zoo import registry
 from zoo.recipe import RecipeError, load_recipe
-from zoo.training import Checkpoints, NonFiniteLossError, train
+from zoo.training import Checkpoints, NonFiniteLossError, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
@@ -30,7 +29,7 @@ def _recipe(name: str, tmp_path: Path, *overrides: str):
 
 
 def _records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run / "metrics.jsonl")
 
 
 def test_every_family_has_a_tiny_recipe():
@@ -147,22 +146,22 @@ def test_killed_run_resumes_bit_identically(tmp_path):
 
 def test_a_crash_while_checkpointing_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     recipe = _recipe("tiny-llama.yaml", tmp_path, "training.steps=4", "logging.checkpoint_every=2")
-    from accelerate import Accelerator
+    from zoo import train_state
 
-    original = Accelerator.save_state
+    original = train_state.save
 
-    def crash_on_second(self, output_dir, **kwargs):
-        if output_dir.endswith("step-00000004"):
-            Path(output_dir, "model.safetensors").write_bytes(b"half a file")
+    def crash_on_second(folder, *args, **kwargs):
+        if folder.name.endswith("step-00000004"):
+            Path(folder, "model.safetensors").write_bytes(b"half a file")
             raise KeyboardInterrupt("killed while writing")
-        return original(self, output_dir, **kwargs)
+        return original(folder, *args, **kwargs)
 
-    monkeypatch.setattr(Accelerator, "save_state", crash_on_second)
+    monkeypatch.setattr(train_state, "save", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         train(recipe, echo=lambda _: None)
     checkpoints = Checkpoints(recipe.output_dir, keep_last=2)
     assert [p.name for p in checkpoints.complete()] == ["step-00000002"]
-    monkeypatch.setattr(Accelerator, "save_state", original)
+    monkeypatch.setattr(train_state, "save", original)
     messages = []
     train(recipe, echo=messages.append)
     assert any("resuming from" in m and "step-00000002" in m for m in messages)
@@ -183,7 +182,7 @@ def test_resume_refuses_a_different_model(tmp_path):
     with pytest.raises(RecipeError, match=r"model config differs in \['hidden_size'"):
         train(wider, echo=lambda _: None)
     other_batch = _recipe("tiny-llama.yaml", tmp_path, "training.steps=4", "training.seq_len=32")
-    with pytest.raises(RecipeError, match=r"training\.seq_len was 64, is now 32"):
+    with pytest.raises(RecipeError, match=r"training\.seq_len: 64 -> 32"):
         train(other_batch, echo=lambda _: None)
 
 

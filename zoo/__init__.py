@@ -1,71 +1,68 @@
 """hybrid-zoo: efficient sequence models (TNL, HGRN2, cosFormer2, Mamba, Hyena, LLaMA, hybrids).
 
-`import zoo` registers every family with transformers' Auto classes, so
+`import zoo` registers every family (and SAFFU) with transformers' Auto classes, so
 `AutoModelForCausalLM.from_pretrained(path)` loads zoo checkpoints. `zoo.register_mixer` and
 `zoo.register_family` extend the zoo from your own module (see `zoo.registry`).
+
+The names below are imported when first used. The `zoo` command itself skips the registration
+until a command needs a model, so `zoo --help` starts without torch; everything else that
+imports this package registers at once.
 """
 
-from typing import Any
+from __future__ import annotations
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+import importlib
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from zoo import registry
-from zoo.configuration import (
-    CosFormer2Config,
-    HGRN2Config,
-    HybridConfig,
-    HyenaConfig,
-    LlamaConfig,
-    MambaConfig,
-    TNLConfig,
-    ZooConfig,
-)
-from zoo.modeling import (
-    CosFormer2ForCausalLM,
-    CosFormer2Model,
-    HGRN2ForCausalLM,
-    HGRN2Model,
-    HybridForCausalLM,
-    HybridModel,
-    HyenaForCausalLM,
-    HyenaModel,
-    LlamaForCausalLM,
-    LlamaModel,
-    MambaForCausalLM,
-    MambaModel,
-    TNLForCausalLM,
-    TNLModel,
-    ZooForCausalLM,
-    ZooModel,
-    causal_lm_classes,
-)
-from zoo.registry import Setting, register_channel_mixer, register_mixer
-from zoo.saffu.model import SAFFUConfig, SAFFUForCausalLM
 from zoo.version import __version__
 
+if TYPE_CHECKING:
+    from zoo.configuration import (
+        CosFormer2Config,
+        HGRN2Config,
+        HybridConfig,
+        HyenaConfig,
+        LlamaConfig,
+        MambaConfig,
+        TNLConfig,
+        ZooConfig,
+    )
+    from zoo.modeling import (
+        CosFormer2ForCausalLM,
+        CosFormer2Model,
+        HGRN2ForCausalLM,
+        HGRN2Model,
+        HybridForCausalLM,
+        HybridModel,
+        HyenaForCausalLM,
+        HyenaModel,
+        LlamaForCausalLM,
+        LlamaModel,
+        MambaForCausalLM,
+        MambaModel,
+        TNLForCausalLM,
+        TNLModel,
+        ZooForCausalLM,
+        ZooModel,
+        register_family,
+    )
+    from zoo.registry import Setting, register_channel_mixer, register_mixer
+    from zoo.saffu.model import SAFFUConfig, SAFFUForCausalLM
 
-def _register_auto(family: registry.Family) -> None:
-    config = family.config_class()
-    model, lm = causal_lm_classes(config)
-    AutoConfig.register(config.model_type, config, exist_ok=True)
-    AutoModel.register(config, model, exist_ok=True)
-    AutoModelForCausalLM.register(config, lm, exist_ok=True)
-
-
-def register_family(name: str, config: type[ZooConfig], **entry: Any) -> registry.Family:
-    """Register a family (`zoo.registry.register_family`), make its model classes and register
-    them with transformers' Auto classes, so `AutoModelForCausalLM.from_config` builds it."""
-    family = registry.register_family(name, config, **entry)
-    _register_auto(family)
-    return family
-
-
-for _family in registry.families().values():
-    _register_auto(_family)
-# SAFFU is not a ZooConfig backbone (its layers are solved, not only trained): its own classes.
-AutoConfig.register(SAFFUConfig.model_type, SAFFUConfig, exist_ok=True)
-AutoModelForCausalLM.register(SAFFUConfig, SAFFUForCausalLM, exist_ok=True)
-
+_CONFIGS = ("CosFormer2", "HGRN2", "Hybrid", "Hyena", "Llama", "Mamba", "TNL", "Zoo")
+# name -> the module it lives in.
+_EXPORTS: dict[str, str] = {
+    **{f"{stem}Config": "zoo.configuration" for stem in _CONFIGS},
+    **{f"{stem}{kind}": "zoo.modeling" for stem in _CONFIGS for kind in ("Model", "ForCausalLM")},
+    "register_family": "zoo.modeling",
+    "Setting": "zoo.registry",
+    "register_mixer": "zoo.registry",
+    "register_channel_mixer": "zoo.registry",
+    "SAFFUConfig": "zoo.saffu.model",
+    "SAFFUForCausalLM": "zoo.saffu.model",
+}
 __all__ = [
     "CosFormer2Config",
     "CosFormer2ForCausalLM",
@@ -100,3 +97,22 @@ __all__ = [
     "register_mixer",
     "registry",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if name in ("registry", "layers", "kernels", "eval", "cache", "flops", "training", "data"):
+        return importlib.import_module(f"zoo.{name}")
+    raise AttributeError(f"module 'zoo' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if Path(sys.argv[0]).name != "zoo":  # not the `zoo` command: register now (see above)
+    importlib.import_module("zoo.modeling")
+    importlib.import_module("zoo.saffu.model")

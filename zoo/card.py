@@ -24,6 +24,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import zoo.modeling  # noqa: F401  (registers the families with the Auto classes it uses)
 from zoo import registry
 from zoo.configuration import ZooConfig
 from zoo.flops import model_flops

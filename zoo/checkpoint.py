@@ -20,8 +20,9 @@ class CheckpointError(OSError):
     """A checkpoint file is missing, truncated or corrupt; the message names the file."""
 
 
-def check_safetensors_file(path: Path) -> None:
-    """Raise `CheckpointError` unless `path` is a complete safetensors file."""
+def check_safetensors_file(path: Path) -> dict:
+    """The header of a complete safetensors file at `path` (its tensors' dtypes, shapes and
+    offsets); `CheckpointError` unless the file is whole."""
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file is missing")
     size = path.stat().st_size
@@ -45,10 +46,12 @@ def check_safetensors_file(path: Path) -> None:
         raise CheckpointError(
             f"{path}: truncated safetensors file ({size} bytes on disk, {expected} expected)"
         )
+    return header
 
 
-def check_checkpoint_dir(directory: str | Path) -> None:
-    """Validate config.json and every safetensors file of a local checkpoint folder."""
+def check_checkpoint_dir(directory: str | Path) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """Validate config.json and every safetensors file of a local checkpoint folder; returns
+    each stored tensor's shape and file, by name."""
     directory = Path(directory)
     config = directory / CONFIG_NAME
     if not config.is_file():
@@ -77,5 +80,41 @@ def check_checkpoint_dir(directory: str | Path) -> None:
         files = [directory / shard for shard in shards]
     else:
         files = [directory / WEIGHTS_NAME]
+    stored: dict[str, tuple[tuple[int, ...], Path]] = {}
     for path in files:
-        check_safetensors_file(path)
+        for key, entry in check_safetensors_file(path).items():
+            if key != "__metadata__":
+                stored[key] = (tuple(entry["shape"]), path)
+    return stored
+
+
+def check_weights_fit(
+    stored: dict[str, tuple[tuple[int, ...], Path]],
+    expected: dict[str, tuple[int, ...]],
+    config_file: Path,
+) -> None:
+    """Refuse, before anything is loaded, weights that do not fit the model config.json
+    describes: a tensor the model needs and no file has, one it has no place for, or one of
+    another shape. The error names the file and the first keys."""
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    wrong = sorted(k for k in set(stored) & set(expected) if stored[k][0] != expected[k])
+    if wrong:
+        key = wrong[0]
+        raise CheckpointError(
+            f"{stored[key][1]}: {key} has shape {list(stored[key][0])} but {config_file} needs "
+            f"{list(expected[key])} ({len(wrong)} tensor(s) of another shape: the config's "
+            "widths or vocabulary differ from the weights')"
+        )
+    if missing:
+        raise CheckpointError(
+            f"{config_file}: {len(missing)} weight(s) the config needs are in no file "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): the config "
+            "describes a larger model than the weights (more layers?)"
+        )
+    if unexpected:
+        key = unexpected[0]
+        raise CheckpointError(
+            f"{stored[key][1]}: {len(unexpected)} weight(s) have no place in the model of "
+            f"{config_file} ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})"
+        )

@@ -1,29 +1,74 @@
-"""The `zoo` command line (typer). Only this module prints; the library logs."""
+"""The `zoo` command line (typer). Only this module prints; the library logs.
+
+`main` is the console script: every expected failure of any command (bad input, a missing or
+corrupt file, a refused checkpoint, a diverged run, no network) ends as one line on stderr and
+exit status 2; a run stopped by SIGTERM or Ctrl-C exits 128 + the signal. Commands import what
+they need when they run, so `zoo --help` starts without torch.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause: bad values and files (ValueError, OSError: missing, corrupt or
+    refused checkpoints, a full disk, no network), a diverged run, a run folder in use."""
+    from zoo.run_guard import RunInUseError
+
+    errors: list[type[BaseException]] = [ValueError, OSError, RunInUseError]
+    if "zoo.training" in sys.modules:
+        errors.append(sys.modules["zoo.training"].NonFiniteLossError)
+    return tuple(errors)
+
+
+class _OneLineErrors(TyperGroup):
+    """The one handler of every command (and subcommand) for the failures a user can cause."""
+
+    def invoke(self, ctx: Any) -> Any:
+        from zoo.run_guard import TrainingStopped
+
+        try:
+            return super().invoke(ctx)
+        except TrainingStopped as stopped:
+            typer.echo(str(stopped), err=True)
+            raise typer.Exit(128 + stopped.signal) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except _expected_errors() as error:
+            typer.echo(f"error: {_one_line(error)}", err=True)
+            raise typer.Exit(2) from None
+
 
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="hybrid-zoo: efficient sequence models, their kernels, recipes and evals.",
     no_args_is_help=True,
-    pretty_exceptions_show_locals=False,
+    pretty_exceptions_enable=False,
 )
 
 
-@contextmanager
-def _user_errors(*errors: type[Exception]) -> Iterator[None]:
-    """Expected failures (bad input, missing files) print one line and exit with status 2."""
-    try:
-        yield
-    except errors as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
+def main() -> None:
+    """The `zoo` console script."""
+    app()
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= 600 else text[:599] + "…"
+
+
+def _register_models() -> None:
+    """Register every zoo family (and SAFFU) with transformers' Auto classes, as `import zoo`
+    does outside this command line."""
+    import zoo.modeling
+    import zoo.saffu.model  # noqa: F401
 
 
 @app.command()
@@ -108,28 +153,34 @@ def train(
         bool, typer.Option("--dry-run", help="Print parameters, tokens, FLOPs and steps only.")
     ] = False,
     resume: Annotated[
-        str, typer.Option(help="auto (newest checkpoint in output_dir), never, or a folder.")
+        str,
+        typer.Option(help="auto (newest checkpoint that verifies), never, or a folder."),
     ] = "auto",
+    allow_changes: Annotated[
+        bool,
+        typer.Option(
+            "--allow-changes",
+            help="Resume although optimizer, schedule, batch, steps or data settings changed.",
+        ),
+    ] = False,
     world_size: Annotated[
         int | None, typer.Option(help="Processes to plan for in --dry-run.")
     ] = None,
 ) -> None:
     """Train from a recipe in this process (key=value arguments override recipe keys).
 
-    Several processes or GPUs: `accelerate launch recipes/train.py RECIPE ...` runs the same loop.
+    Several processes or GPUs: `accelerate launch -m zoo.train RECIPE ...` runs the same loop.
     """
     from zoo.training import main as train_main
 
     argv = [str(recipe), *ctx.args, "--resume", resume]
     if dry_run:
         argv.append("--dry-run")
+    if allow_changes:
+        argv.append("--allow-changes")
     if world_size is not None:
         argv += ["--world-size", str(world_size)]
-    try:
-        train_main(argv)
-    except SystemExit as exit_:
-        if exit_.code:
-            raise typer.Exit(int(exit_.code)) from None
+    train_main(argv)
 
 
 @app.command(name="eval")
@@ -175,8 +226,7 @@ def eval_(
         quick=quick,
         mad_scale=mad_scale,
     )
-    with _user_errors(ValueError, FileNotFoundError):
-        payload = run_eval(request, echo=typer.echo)
+    payload = run_eval(request, echo=typer.echo)
     from zoo.results import results_table
 
     typer.echo(results_table(payload))
@@ -193,8 +243,7 @@ def card(
     """Render the model card (README.md) of a run: architecture, recipe, eval results."""
     from zoo.card import card_for_run
 
-    with _user_errors(ValueError, FileNotFoundError):
-        path = card_for_run(run_dir, repo_id)
+    path = card_for_run(run_dir, repo_id)
     typer.echo(f"wrote {path}")
 
 
@@ -207,8 +256,7 @@ def push(
     """Upload a run (weights, tokenizer, card, recipe, metrics, eval results) in one commit."""
     from zoo.hub import push_run
 
-    with _user_errors(RuntimeError, FileNotFoundError):
-        info = push_run(run_dir, repo_id, private=private)
+    info = push_run(run_dir, repo_id, private=private)
     typer.echo(f"pushed {run_dir} to {info.commit_url}")
 
 
@@ -216,21 +264,45 @@ def push(
 def generate(
     path: Annotated[str, typer.Argument(help="A checkpoint folder or Hub id.")],
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "the cat",
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 40,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.", min=1)] = 40,
+    sample: Annotated[
+        bool, typer.Option("--sample", help="Sample instead of greedy decoding.")
+    ] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.", min=0.0)] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest (0: all).", min=0)] = 0,
+    top_p: Annotated[
+        float, typer.Option(help="Sample within this probability mass.", min=0.0, max=1.0)
+    ] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling.")] = 0,
     trust_remote_code: Annotated[
         bool, typer.Option(help="Load through the checkpoint's auto_map shim instead of zoo.")
     ] = False,
 ) -> None:
-    """Load a checkpoint with AutoModelForCausalLM and print a greedy continuation."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a checkpoint and print a continuation of the prompt (greedy, or --sample)."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    if not trust_remote_code:
-        import zoo  # noqa: F401  (registers the zoo families with the Auto classes)
+    from zoo.tokenizer import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if trust_remote_code:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    else:
+        _register_models()
+        from zoo.modeling import load_pretrained
+
+        model = load_pretrained(path)
+    tokenizer = load_tokenizer(path)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's "
+            f"vocab_size={model.config.vocab_size}; they were not saved together"
+        )
     inputs = tokenizer(prompt, return_tensors="pt")
-    output = model.eval().generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    options: dict[str, Any] = {"do_sample": False}
+    if sample:
+        torch.manual_seed(seed)
+        options = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    output = model.eval().generate(**inputs, max_new_tokens=max_new_tokens, **options)
     new_tokens = output[0, inputs["input_ids"].shape[1] :]
     typer.echo(prompt + tokenizer.decode(new_tokens, skip_special_tokens=True))
 
@@ -243,8 +315,7 @@ def convert(
     """Convert a checkpoint between transformers' Llama/Mixtral/Mamba and zoo's (both ways)."""
     from zoo.convert import convert_checkpoint
 
-    with _user_errors(ValueError, FileNotFoundError):
-        direction = convert_checkpoint(src, dst)
+    direction = convert_checkpoint(src, dst)
     typer.echo(f"converted {src} -> {dst} ({direction})")
 
 
@@ -277,6 +348,7 @@ def describe(
     from zoo import registry
     from zoo.configuration import HybridConfig
 
+    _register_models()
     console = Console(width=max(Console().width, 100))
     if list_registry or model is None:
         _print_registry(console)
@@ -364,12 +436,10 @@ def scaling_plan(
     out_dir: Annotated[Path, typer.Argument(help="Where recipes/, plan.json and plan.md go.")],
 ) -> None:
     """Write the recipes of a sweep, each sized to its FLOP budget by the zoo's FLOP count."""
-    from zoo.recipe import RecipeError
     from zoo.scaling.plan import plan_table
     from zoo.scaling.sweep import plan_sweep
 
-    with _user_errors(RecipeError, ValueError):
-        runs = plan_sweep(sweep, out_dir)
+    runs = plan_sweep(sweep, out_dir)
     typer.echo(plan_table(runs))
     typer.echo(f"wrote {len(runs)} recipes under {out_dir / 'recipes'} and {out_dir / 'plan.json'}")
 
@@ -383,11 +453,9 @@ def scaling_run(
     ] = None,
 ) -> None:
     """Train every planned run that has no result yet (a killed sweep resumes here)."""
-    from zoo.recipe import RecipeError
     from zoo.scaling.sweep import run_sweep
 
-    with _user_errors(RecipeError):
-        count = run_sweep(plan_dir, workers=workers, threads=threads)
+    count = run_sweep(plan_dir, workers=workers, threads=threads)
     typer.echo(f"trained {count} runs" if count else "every planned run has a result")
 
 
@@ -407,13 +475,10 @@ def scaling_fit(
     from zoo.scaling.report import write_report
     from zoo.scaling.runs import load_runs
 
-    with _user_errors(ValueError):
-        found, missing = load_runs(runs)
-        if not found:
-            raise ValueError(f"{runs}: no finished runs to fit ({len(missing)} unfinished)")
-        results = write_report(
-            found, missing, out, bootstrap=bootstrap, seed=seed, full_grid=full_grid
-        )
+    found, missing = load_runs(runs)
+    if not found:
+        raise ValueError(f"{runs}: no finished runs to fit ({len(missing)} unfinished)")
+    results = write_report(found, missing, out, bootstrap=bootstrap, seed=seed, full_grid=full_grid)
     if missing:
         typer.echo(f"warning: {len(missing)} planned runs have no result yet", err=True)
     typer.echo((out / "report.md").read_text())
@@ -437,13 +502,11 @@ def star_search(
     ] = None,
 ) -> None:
     """Evolve genomes with NSGA-II; run it again on the same folder to resume after a kill."""
-    from zoo.recipe import RecipeError
-    from zoo.star.genome import Genome, GenomeError, describe
+    from zoo.star.genome import Genome, describe
     from zoo.star.search import backbone_of, load_search, search
 
-    with _user_errors(RecipeError, GenomeError):
-        settings = load_search(config)
-        population = search(settings, run_dir, workers=workers, threads=threads)
+    settings = load_search(config)
+    population = search(settings, run_dir, workers=workers, threads=threads)
     space = backbone_of(settings)
     typer.echo(f"final population of {run_dir} (first front first):")
     for member in population:
@@ -466,13 +529,11 @@ def star_report(
 ) -> None:
     """Summarize a search run into a study folder, then its Pareto fronts (loss vs params, loss
     vs cache), the best genomes and the baselines."""
-    from zoo.recipe import RecipeError
     from zoo.star.report import summarize, write_report
 
-    with _user_errors(RecipeError, FileNotFoundError):
-        if (run_dir / "evals").is_dir():
-            summarize(run_dir, out)
-        written = write_report(out)
+    if (run_dir / "evals").is_dir():
+        summarize(run_dir, out)
+    written = write_report(out)
     typer.echo((out / "report.md").read_text())
     typer.echo(f"wrote {len(written)} files under {out}")
 
@@ -488,12 +549,9 @@ def star_export(
     ),
 ) -> None:
     """Write a genome as a model config and as a recipe that `zoo train` runs."""
-    from zoo.recipe import RecipeError
-    from zoo.star.genome import GenomeError
     from zoo.star.report import export_genome
 
-    with _user_errors(RecipeError, GenomeError):
-        recipe = export_genome(genome, search_file, out)
+    recipe = export_genome(genome, search_file, out)
     typer.echo(f"wrote {out / 'config.json'} and {recipe}; train it with: zoo train {recipe}")
 
 
@@ -513,12 +571,10 @@ def saffu_run(
     """Train both arms of every grid point (finished runs are skipped), then report."""
     import torch
 
-    from zoo.recipe import RecipeError
     from zoo.saffu.experiment import load_experiment, run_experiment
 
     torch.set_num_threads(threads)
-    with _user_errors(RecipeError, ValueError):
-        report = run_experiment(load_experiment(config), out_dir)
+    report = run_experiment(load_experiment(config), out_dir)
     typer.echo(report.read_text())
     typer.echo(f"wrote {report}, {out_dir / 'loss_vs_data.png'} and {out_dir / 'curves.png'}")
 
@@ -533,9 +589,8 @@ def report(
     """Make a study's report again from its tracked summary (MAD, scaling, STAR, SAFFU)."""
     from zoo.studies import regenerate_report, study_folders
 
-    with _user_errors(FileNotFoundError, ValueError):
-        for folder in folders or study_folders():
-            typer.echo(f"wrote {regenerate_report(folder)}")
+    for folder in folders or study_folders():
+        typer.echo(f"wrote {regenerate_report(folder)}")
 
 
 mad_app = typer.Typer(
@@ -552,12 +607,10 @@ def mad_run(
 ) -> None:
     """Train every (architecture, task) run runs.jsonl lacks, then write report.md and mad.png."""
     from zoo.eval.mad_study import run_study
-    from zoo.recipe import RecipeError
 
-    with _user_errors(RecipeError, ValueError):
-        report = run_study(folder, workers=workers, echo=typer.echo)
+    report = run_study(folder, workers=workers, echo=typer.echo)
     typer.echo(report.read_text())
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -54,6 +54,9 @@ class NamedSize:
 
 _GROUP = re.compile(r"\(([^()]*)\)\s*\*\s*(\d+)")
 _LAYER = re.compile(r"^([a-z0-9_]+)(?::([a-z0-9_]+))?(?:\*(\d+))?$")
+# More layers than any model of the zoo's papers by far; a pattern beyond it is a typo, and
+# expanding it would hang (`attention*1000000`).
+MAX_LAYERS = 4096
 
 
 def parse_layer_pattern(pattern: str) -> tuple[list[str], list[str]]:
@@ -64,8 +67,16 @@ def parse_layer_pattern(pattern: str) -> tuple[list[str], list[str]]:
     `"(lightning:moe*3 attention:moe)*2"` is 8 layers: three TNL blocks, then one attention
     block, twice, every channel mixer a MoE layer.
     """
+
+    def too_many(count: int) -> ValueError:
+        return ValueError(
+            f"pattern {pattern!r} asks for {count:,} layers; at most {MAX_LAYERS} are allowed"
+        )
+
     text = pattern
     while match := _GROUP.search(text):
+        if int(match.group(2)) > MAX_LAYERS:
+            raise too_many(int(match.group(2)))
         text = (
             f"{text[: match.start()]} {' '.join([match.group(1)] * int(match.group(2)))} "
             + (text[match.end() :])
@@ -94,6 +105,8 @@ def parse_layer_pattern(pattern: str) -> tuple[list[str], list[str]]:
                 f"allowed: {list(registry.channel_mixers())}"
             )
         count = int(repeat) if repeat else 1
+        if len(mixers) + count > MAX_LAYERS:
+            raise too_many(len(mixers) + count)
         mixers += [mixer] * count
         channel_mixers += [channel] * count
     if not mixers:

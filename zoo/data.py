@@ -265,26 +265,80 @@ def synthetic_documents(split: str, config: CorpusConfig = CorpusConfig()) -> li
 # Local files
 # ---------------------------------------------------------------------------------------------
 
-_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
+_BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
+# How a text file becomes documents (`data.documents` in a recipe): the whole file as one
+# document, or one document per stretch between blank lines (each stretch kept as written).
+DOCUMENT_SPLITS = ("file", "blank_lines")
+TEXT_SUFFIXES_REFUSED = (".csv", ".tsv", ".parquet", ".arrow", ".json", ".gz", ".zip")
 
 
-def load_documents(path: str | Path, text_field: str = "text") -> list[str]:
-    """Read documents from a local ``.txt`` or ``.jsonl`` file.
+def data_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The files named by `paths`: files as given, folders as every file below them in sorted
+    order (hidden entries and `__pycache__` left out). Errors name the path."""
+    files: list[Path] = []
+    for entry in map(Path, paths):
+        if entry.is_dir():
+            found = [
+                p
+                for p in sorted(entry.rglob("*"))
+                if p.is_file()
+                and not any(
+                    part.startswith(".") or part == "__pycache__"
+                    for part in p.relative_to(entry).parts
+                )
+            ]
+            if not found:
+                raise ValueError(f"{entry}: a data folder with no files in it")
+            files += found
+        elif entry.is_file():
+            files.append(entry)
+        else:
+            raise FileNotFoundError(f"{entry}: no such data file or folder")
+    return files
 
-    A ``.txt`` file holds documents separated by blank lines. A ``.jsonl`` file holds one JSON
-    object per line with the text under `text_field`; blank lines are skipped. Errors name the
-    file and the 1-based line number, e.g. ``ValueError("data.jsonl:3: invalid JSON: ...")``.
+
+def read_text_file(path: Path) -> str:
+    """A file's text exactly as stored (UTF-8, line endings untouched); a binary file is an
+    error naming it."""
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise ValueError(f"{path}: a binary file (NUL bytes), not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {error.start}: {data[error.start : error.start + 1]!r})"
+        ) from None
+
+
+def load_documents(
+    path: str | Path, text_field: str = "text", documents: str = "file"
+) -> list[str]:
+    """The documents of a local file, verbatim: nothing is stripped or re-encoded.
+
+    A ``.jsonl`` file holds one JSON object per line with the text under `text_field` (blank
+    lines are skipped). Any other text file is one document (`documents="file"`) or one per
+    stretch between blank lines (`"blank_lines"`; the blank lines themselves are dropped).
+    Tabular or archive formats (``.csv``, ``.json``, ``.parquet``, ...) are refused; errors name
+    the file and the 1-based line, e.g. ``ValueError("data.jsonl:3: invalid JSON: ...")``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
-        return [doc.strip() for doc in _BLANK_LINES.split(text) if doc.strip()]
     if suffix == ".jsonl":
         return jsonl_texts(path, text_field)
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; expected .txt or .jsonl")
+    if suffix in TEXT_SUFFIXES_REFUSED:
+        raise ValueError(
+            f"{path}: unsupported file type {suffix!r}; give text files (.txt, source code, "
+            "...) or .jsonl with a text field"
+        )
+    if documents not in DOCUMENT_SPLITS:
+        raise ValueError(f"documents={documents!r} is not one of {list(DOCUMENT_SPLITS)}")
+    text = read_text_file(path)
+    if documents == "file":
+        return [text] if text else []
+    return [doc for doc in _BLANK_LINE.split(text) if doc.strip()]
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -543,19 +597,19 @@ def cached_token_stream(
     tokenizer: PreTrainedTokenizerBase,
     cache_dir: str | Path,
     text_field: str = "text",
+    documents: str = "file",
 ) -> np.ndarray:
-    """The packed token stream of local .txt/.jsonl `files`, tokenized once.
+    """The packed token stream of local data `files` (files or folders, see `data_files`),
+    tokenized once.
 
     The first call writes ``<cache_dir>/<key>.npy`` (uint16 when the vocabulary fits, else
     uint32; written to a temporary name and renamed, so a crash never leaves half a cache) and
     every call returns it memory-mapped. The key hashes the files' paths, sizes and modification
-    times and the tokenizer, so an edited file or another tokenizer makes a new cache.
+    times, the tokenizer and how files split into documents, so an edited file or another
+    tokenizer makes a new cache. No documents at all is an error naming the files.
     """
-    paths = [Path(f) for f in files]
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such data file")
-    key_parts = [tokenizer_fingerprint(tokenizer), text_field]
+    paths = data_files(files)
+    key_parts = [tokenizer_fingerprint(tokenizer), text_field, documents]
     for path in paths:
         stat = path.stat()
         key_parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
@@ -563,8 +617,11 @@ def cached_token_stream(
     cache_dir = Path(cache_dir).expanduser()
     target = cache_dir / f"{key}.npy"
     if not target.is_file():
-        documents = [doc for path in paths for doc in load_documents(path, text_field)]
-        stream = pack_tokens(documents, tokenizer).numpy()
+        docs = [doc for path in paths for doc in load_documents(path, text_field, documents)]
+        if not docs:
+            names = ", ".join(str(f) for f in files)
+            raise ValueError(f"{names}: no documents (every file is empty)")
+        stream = pack_tokens(docs, tokenizer).numpy()
         dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache_dir / f".{key}.{os.getpid()}.tmp.npy"

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, constants
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, constants, get_token
 
 from zoo.card import card_for_run
 
 TRAINING_FILES = ("recipe.yaml", "metrics.jsonl", "loss.png")
+
+
+class HubError(OSError):
+    """The Hub cannot be reached or refuses us (offline, not logged in, no permission)."""
 
 
 def _model_dir(run_dir: Path) -> Path:
@@ -53,24 +57,35 @@ def push_run(
     commit_message: str | None = None,
     api: HfApi | None = None,
 ) -> CommitInfo:
-    """Upload a run (see `run_files`) to `repo_id` in one commit; refuses when offline."""
+    """Upload a run (see `run_files`) to `repo_id` in one commit. Offline, without a token,
+    or when the Hub cannot be reached or refuses, `HubError` says which (before any upload)."""
     if constants.HF_HUB_OFFLINE:
-        raise RuntimeError(
+        raise HubError(
             f"HF_HUB_OFFLINE is set: not uploading {run_dir} to {repo_id} (unset it to publish)"
+        )
+    token = token or get_token()
+    if api is None and token is None:
+        raise HubError(
+            "not logged in to the Hugging Face Hub: run `hf auth login` or set HF_TOKEN, then "
+            "push again"
         )
     run_dir = Path(run_dir)
     if not (_model_dir(run_dir) / "README.md").is_file():
         card_for_run(run_dir, repo_id)
     files = run_files(run_dir)
     api = api or HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     operations = [
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
         for name, path in files.items()
     ]
-    return api.create_commit(
-        repo_id,
-        operations=operations,
-        commit_message=commit_message or f"Upload {run_dir.name} with hybrid-zoo",
-        repo_type="model",
-    )
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        return api.create_commit(
+            repo_id,
+            operations=operations,
+            commit_message=commit_message or f"Upload {run_dir.name} with hybrid-zoo",
+            repo_type="model",
+        )
+    except OSError as error:  # requests' connection and HTTP errors, huggingface_hub's too
+        reason = " ".join(str(error).split())[:300]
+        raise HubError(f"could not push to {repo_id} on {constants.ENDPOINT}: {reason}") from None

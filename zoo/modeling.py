@@ -15,10 +15,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -32,7 +39,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from zoo import registry
 from zoo.cache import new_cache
-from zoo.checkpoint import check_checkpoint_dir
+from zoo.checkpoint import CheckpointError, check_checkpoint_dir, check_weights_fit
 from zoo.configuration import (
     CosFormer2Config,
     HGRN2Config,
@@ -91,13 +98,24 @@ class ZooPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, after checking a local folder's files.
+        """`PreTrainedModel.from_pretrained`, after checking a local folder.
 
-        A missing, truncated or corrupt file raises `zoo.checkpoint.CheckpointError` naming it.
+        A missing, truncated or corrupt file, a foreign `model_type`, or weights that do not fit
+        the config (missing, unexpected, another shape) raise `zoo.checkpoint.CheckpointError`
+        naming the file and the key, before transformers loads anything.
         """
         path = Path(pretrained_model_name_or_path) / kwargs.get("subfolder", "")
         if path.is_dir():
-            check_checkpoint_dir(path)
+            stored = check_checkpoint_dir(path)
+        if path.is_dir() and issubclass(cls, ZooForCausalLM):
+            config = kwargs.get("config")
+            if not isinstance(config, ZooConfig):
+                config = AutoConfig.from_pretrained(path)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+            tied = set(model.get_expanded_tied_weights_keys(all_submodels=True))
+            expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
+            check_weights_fit(stored, expected, path / "config.json")
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
@@ -363,3 +381,56 @@ CosFormer2Model, CosFormer2ForCausalLM = causal_lm_classes(CosFormer2Config)
 MambaModel, MambaForCausalLM = causal_lm_classes(MambaConfig)
 HyenaModel, HyenaForCausalLM = causal_lm_classes(HyenaConfig)
 HybridModel, HybridForCausalLM = causal_lm_classes(HybridConfig)
+
+
+def register_auto(family: registry.Family) -> None:
+    """Register a family's config and model classes with transformers' Auto classes."""
+    config = family.config_class()
+    model, lm = causal_lm_classes(config)
+    AutoConfig.register(config.model_type, config, exist_ok=True)
+    AutoModel.register(config, model, exist_ok=True)
+    AutoModelForCausalLM.register(config, lm, exist_ok=True)
+
+
+def register_family(name: str, config: type[ZooConfig], **entry: Any) -> registry.Family:
+    """Register a family (`zoo.registry.register_family`), make its model classes and register
+    them with transformers' Auto classes, so `AutoModelForCausalLM.from_config` builds it."""
+    family = registry.register_family(name, config, **entry)
+    register_auto(family)
+    return family
+
+
+# Importing this module (as `import zoo` does) makes every registered family loadable through
+# transformers' Auto classes.
+for _family in registry.families().values():
+    register_auto(_family)
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """Whether `name` can only be a local path (a Hub id is `name` or `org/name`)."""
+    return (
+        name.startswith((".", "/", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or Path(name).suffix in (".json", ".safetensors")
+    )
+
+
+def load_pretrained(name_or_path: str | Path, **kwargs: Any) -> PreTrainedModel:
+    """A zoo model (any family, or SAFFU) from a checkpoint folder or Hub id, for the tools that
+    take a user's path (`zoo eval`, `zoo generate`, the lm-eval adapter). A path that does not
+    exist, a folder that is not a zoo checkpoint (another library's `model_type`, unreadable
+    config.json, missing or corrupt weights, weights that do not fit the config) raise one-line
+    errors naming the file, where the Auto classes would load another library's model."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        check_checkpoint_dir(path)
+    elif path.exists() or _looks_like_a_path(name):
+        raise FileNotFoundError(f"{name}: no such checkpoint folder")
+    config = AutoConfig.from_pretrained(name)
+    if not str(getattr(config, "model_type", "")).startswith("zoo"):
+        raise CheckpointError(
+            f"{name}: model_type={config.model_type!r} is not a hybrid-zoo model (zoo_*)"
+        )
+    return AutoModelForCausalLM.from_pretrained(name, config=config, **kwargs)

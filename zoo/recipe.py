@@ -42,7 +42,8 @@ class RecipeError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No setting of a run may be NaN or infinite (`optimizer.lr: .inf` is a typo, not a choice).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def import_modules(modules: list[str]) -> list[str]:
@@ -102,9 +103,14 @@ class HFData(_Section):
 
 class DataSection(_Section):
     source: Literal["synthetic", "files", "hf"] = "synthetic"
-    train_files: list[Path] = Field(default_factory=list, description=".txt or .jsonl files")
+    train_files: list[Path] = Field(
+        default_factory=list, description="text or .jsonl files, or folders of text files"
+    )
     validation_files: list[Path] = Field(default_factory=list)
     text_field: str = "text"
+    documents: Literal["file", "blank_lines"] = Field(
+        "file", description="a text file is one document, or one per blank-line-separated part"
+    )
     synthetic: SyntheticData = SyntheticData()
     hf: HFData | None = None
     cache_dir: Path = Field(
@@ -180,8 +186,14 @@ class Recipe(_Section):
     output_dir: Path
     source: str | None = Field(None, description="the file it was read from (set on load)")
 
-    def build_config(self) -> ZooConfig:
-        """The validated model config; unknown override fields and bad values name the key."""
+    def build_config(self, tokenizer: Any = None) -> ZooConfig:
+        """The validated model config; unknown override fields and bad values name the key.
+
+        With the run's `tokenizer`, the tokenizer decides the vocabulary and the special-token
+        ids (bos, eos, pad), so config.json, generation_config.json and the tokenizer agree;
+        `model.overrides.vocab_size` may still widen the vocabulary (e.g. to a multiple of 64),
+        never narrow it below the tokenizer's.
+        """
         section = self.model
         cls = registry.family(section.preset).config_class()
         known = cls.field_names()
@@ -190,12 +202,24 @@ class Recipe(_Section):
                 raise RecipeError(
                     f"{self.source}: model.overrides.{key}: not a field of {cls.__name__}"
                 )
+        fields = dict(section.overrides)
+        if tokenizer is not None:
+            size = len(tokenizer)
+            if fields.get("vocab_size", size) < size:
+                raise RecipeError(
+                    f"{self.source}: model.overrides.vocab_size={fields['vocab_size']} is smaller "
+                    f"than the tokenizer's {size} tokens; remove it (the tokenizer sets it) or "
+                    f"make it at least {size}"
+                )
+            fields.setdefault("vocab_size", size)
+            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                fields.setdefault(name, getattr(tokenizer, name))
         try:
             if section.pattern is not None:
-                return HybridConfig.from_pattern(section.pattern, **section.overrides)
+                return HybridConfig.from_pattern(section.pattern, **fields)
             if section.size is not None:
-                return cls.from_size(section.size, **section.overrides)
-            return cls(**section.overrides)
+                return cls.from_size(section.size, **fields)
+            return cls(**fields)
         except (ValueError, TypeError) as error:
             raise RecipeError(f"{self.source}: model: {error}") from None
 

@@ -493,6 +493,12 @@ def _check_attention(config: Any) -> None:
             f"num_key_value_heads={config.num_key_value_heads} does not divide "
             f"num_attention_heads={config.num_attention_heads}"
         )
+    if config.head_dim % 2:  # RoPE rotates pairs of channels
+        raise ValueError(
+            f"hidden_size={config.hidden_size} / num_attention_heads="
+            f"{config.num_attention_heads} gives an odd head size {config.head_dim}; RoPE needs "
+            "an even one"
+        )
 
 
 register_mixer(

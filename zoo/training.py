@@ -43,7 +43,10 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
 
+import zoo.modeling  # noqa: F401  (registers the families with the Auto classes it uses)
+from zoo import train_state
 from zoo.atomic import write_json_atomic
+from zoo.checkpoint import CheckpointError
 from zoo.data import (
     CorpusConfig,
     PackedSequences,
@@ -56,6 +59,7 @@ from zoo.data import (
 from zoo.flops import model_flops
 from zoo.layers.moe import expert_load, load_imbalance, router_losses
 from zoo.recipe import Recipe, RecipeError, load_recipe, lr_factor
+from zoo.run_guard import RunInUseError, RunLock, StopSignals, TrainingStopped
 from zoo.tokenizer import load_tokenizer
 
 # Dense bf16 peak of the GPUs people train on (vendor data sheets, no sparsity), for MFU.
@@ -130,15 +134,14 @@ def build_data(
     elif data.source == "files":
         with accelerator.main_process_first():  # one process tokenizes, the others map it
             train = cached_token_stream(
-                data.train_files, tokenizer, data.cache_dir, data.text_field
+                data.train_files, tokenizer, data.cache_dir, data.text_field, data.documents
             )
-            heldout = (
-                cached_token_stream(
-                    data.validation_files, tokenizer, data.cache_dir, data.text_field
-                )
-                if data.validation_files
-                else None
-            )
+            heldout = None
+            if data.validation_files:
+                heldout = cached_token_stream(
+                    data.validation_files, tokenizer, data.cache_dir, data.text_field,
+                    data.documents,
+                )  # fmt: skip
     else:
         return _hf_data(recipe, tokenizer, rank, world)
     batches = PackedSequences(train, t.seq_len, t.micro_batch_size, t.seed, rank, world)
@@ -183,35 +186,60 @@ def _hf_data(
 
 
 class Checkpoints:
-    """`output_dir/checkpoints/step-NNNNNNNN` folders written by `Accelerator.save_state`."""
+    """`output_dir/checkpoints/step-NNNNNNNN` folders in `zoo.train_state`'s format."""
 
-    STATE = "trainer_state.json"
+    STATE = train_state.STATE_FILE
 
     def __init__(self, output_dir: Path, keep_last: int) -> None:
         self.root = output_dir / "checkpoints"
         self.keep_last = keep_last
 
     def complete(self) -> list[Path]:
+        """Every folder with a state file, oldest first (each still to be verified)."""
         if not self.root.is_dir():
             return []
         found = [p for p in self.root.glob("step-*") if (p / self.STATE).is_file()]
         return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
-    def latest(self) -> Path | None:
+    def latest(self, echo: Callable[[str], None] = lambda _: None) -> Path | None:
+        """The newest checkpoint that verifies (files as written, tensors finite); each newer
+        one that fails is named with why. None if there is none at all; `CheckpointError` if
+        there are some and none verifies (a run must not silently start over)."""
         done = self.complete()
-        return done[-1] if done else None
+        problems = []
+        for path in reversed(done):
+            try:
+                train_state.verify(path)
+            except CheckpointError as error:
+                problems.append(str(error))
+                echo(f"warning: skipping checkpoint {path}: {error}")
+                continue
+            return path
+        if done:
+            raise CheckpointError(
+                f"no checkpoint in {self.root} verifies ({'; '.join(problems)}); pass "
+                "--resume never to start over"
+            )
+        return None
 
-    def save(self, accelerator: Accelerator, step: int, state: dict[str, Any]) -> Path:
+    def save(
+        self,
+        accelerator: Accelerator,
+        step: int,
+        parts: tuple[torch.nn.Module, torch.optim.Optimizer, Any, Any],
+        meta: dict[str, Any],
+    ) -> Path:
+        """Write (model, optimizer, scheduler, data position) at `step` under a temporary name
+        and rename it when whole; then drop checkpoints beyond `keep_last`."""
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".tmp-step-{step:08d}"
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)
+        train_state.save(tmp, accelerator, *parts, meta)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (tmp / self.STATE).write_text(json.dumps(state, indent=2) + "\n")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)  # the checkpoint exists only once it is whole
             for old in self.complete()[: -self.keep_last]:
@@ -221,24 +249,36 @@ class Checkpoints:
         accelerator.wait_for_everyone()
         return final
 
-    @classmethod
-    def read_state(cls, path: Path) -> dict[str, Any]:
-        return json.loads((path / cls.STATE).read_text())
+
+# Recipe sections a resumed run continues with: a change there changes the run (its schedule,
+# its batches, its data), so resuming with one needs `allow_changes` (`--allow-changes`). The
+# logging intervals, the output folder and the source file may change freely.
+_RESUME_SECTIONS = ("optimizer", "schedule", "training", "data", "tokenizer")
 
 
-# Settings that must match to resume: the model and everything that fixes the data order.
-_RESUME_KEYS = (
-    ("training", "seq_len"),
-    ("training", "micro_batch_size"),
-    ("training", "global_batch_tokens"),
-    ("training", "seed"),
-    ("data",),
-    ("tokenizer",),
-)
+def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`section.key: old -> new` for every setting of `_RESUME_SECTIONS` that differs."""
+    changes = []
+    for section in _RESUME_SECTIONS:
+        old, new = saved.get(section), current.get(section)
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(set(old) | set(new)):
+                if old.get(key) != new.get(key):
+                    changes.append(f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
+        elif old != new:
+            changes.append(f"{section}: {old!r} -> {new!r}")
+    return changes
 
 
-def check_resumable(saved: dict[str, Any], recipe: Recipe, config: dict, world_size: int) -> None:
-    """Refuse a checkpoint that this recipe cannot continue, naming what differs."""
+def check_resumable(
+    saved: dict[str, Any],
+    recipe: Recipe,
+    config: dict,
+    world_size: int,
+    allow_changes: bool = False,
+) -> list[str]:
+    """Refuse a checkpoint this recipe cannot continue, naming what differs: another model or
+    process count always, changed recipe settings unless `allow_changes`; returns those."""
     where = f"{recipe.source}: cannot resume from {saved.get('path')}"
     if saved["model_config"] != config:
         keys = sorted(
@@ -247,18 +287,18 @@ def check_resumable(saved: dict[str, Any], recipe: Recipe, config: dict, world_s
             if saved["model_config"].get(key) != config.get(key)
         )
         raise RecipeError(f"{where}: the model config differs in {keys}")
-    current = recipe.model_dump(mode="json")
-    for path in _RESUME_KEYS:
-        old, new = saved["recipe"], current
-        for part in path:
-            old, new = old.get(part), new.get(part)
-        if old != new:
-            raise RecipeError(f"{where}: {'.'.join(path)} was {old!r}, is now {new!r}")
     if saved["world_size"] != world_size:
         raise RecipeError(
             f"{where}: it was written by {saved['world_size']} processes, this run has "
             f"{world_size} (the data order depends on it)"
         )
+    changes = recipe_changes(saved["recipe"], recipe.model_dump(mode="json"))
+    if changes and not allow_changes:
+        raise RecipeError(
+            f"{where}: the recipe changed ({'; '.join(changes)}); pass --allow-changes to "
+            "continue with the new settings, or --resume never to start over"
+        )
+    return changes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,22 +306,27 @@ def check_resumable(saved: dict[str, Any], recipe: Recipe, config: dict, world_s
 
 
 class Metrics:
-    """metrics.jsonl (+ TensorBoard when installed), written by the main process only."""
+    """metrics.jsonl (+ TensorBoard when installed), written by the main process only.
 
-    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, resume_step: int):
+    Records are appended and fsynced one by one and the file is never rewritten: a kill loses
+    at most the record being written, and a resumed run appends the steps after its checkpoint
+    again (`read_metrics` keeps the latest record of each step).
+    """
+
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool) -> None:
         self.path = output_dir / "metrics.jsonl"
         self.enabled = enabled
         self.writer = None
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        # On resume, drop what the killed run logged after its last checkpoint.
-        kept = []
-        if resume_step and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                if line.strip() and json.loads(line)["step"] <= resume_step:
-                    kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        if self.path.is_file() and self.path.stat().st_size:
+            with self.path.open("rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+            if torn:  # a killed write: end its fragment so the next record starts a line
+                with self.path.open("a") as f:
+                    f.write("\n")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -295,6 +340,8 @@ class Metrics:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
@@ -303,6 +350,20 @@ class Metrics:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl in step order: a line a kill left half-written is
+    skipped, and where a resumed run logged a step again its latest record wins."""
+    latest: dict[tuple[int, bool], dict[str, Any]] = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            latest[(int(record["step"]), "eval_loss" in record)] = record
+    return [latest[key] for key in sorted(latest)]
 
 
 def plot_loss(metrics_path: Path, out: Path, title: str) -> Path | None:
@@ -314,7 +375,7 @@ def plot_loss(metrics_path: Path, out: Path, title: str) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    records = read_metrics(metrics_path)
     train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
     heldout = [(r["tokens"], r["eval_loss"]) for r in records if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -427,27 +488,83 @@ def _model_config_dict(model: torch.nn.Module) -> dict[str, Any]:
     return config
 
 
+FINISHED_FILE = "run.json"
+
+
 def train(
     recipe: Recipe,
     *,
-    resume: str = "auto",
     model: torch.nn.Module | None = None,
     accelerator: Accelerator | None = None,
+    resume: str = "auto",
     flops_per_token: int | None = None,
     echo: Callable[[str], None] | None = None,
     save_final: bool = True,
     progress: bool = True,
+    allow_changes: bool = False,
 ) -> TrainResult:
     """Train `recipe` (see the module docstring); `model` replaces the recipe's (a benchmark
-    trains transformers' own Llama in this same loop), `resume` is "auto" (the newest complete
-    checkpoint in output_dir, if any), "never", or a checkpoint folder. `progress=False` hides
-    the step bar (sweeps show one bar for all their runs)."""
-    t, log = recipe.training, recipe.logging
+    trains transformers' own Llama in this same loop), `resume` is "auto" (the newest checkpoint
+    in output_dir that verifies, if any; a finished run is not trained again), "never", or a
+    checkpoint folder; `allow_changes` lets a resumed run continue with changed recipe settings.
+    `progress=False` hides the step bar (sweeps show one bar for all their runs).
+
+    One process trains in an output folder at a time (`zoo.run_guard.RunLock`). SIGTERM or
+    SIGINT stops the run at the end of its step with a checkpoint and raises `TrainingStopped`.
+    """
+    t = recipe.training
     if accelerator is None:
         precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision]
         accelerator = Accelerator(mixed_precision=precision)
     main = accelerator.is_main_process
     echo = echo if echo is not None else (print if main else lambda _: None)
+    output_dir = Path(recipe.output_dir)
+    with RunLock(output_dir, enabled=main) as lock, StopSignals() as stop:
+        if lock.note:
+            echo(f"note: {lock.note}")
+        return _train(
+            recipe, model, accelerator, resume, flops_per_token, echo, save_final, progress,
+            allow_changes, stop,
+        )  # fmt: skip
+
+
+def _finished(output_dir: Path, recipe: Recipe) -> TrainResult | None:
+    """The result of a finished run of this same recipe in `output_dir`, if there is one."""
+    path = output_dir / FINISHED_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if recipe_changes(record.get("recipe", {}), recipe.model_dump(mode="json")):
+        return None
+    fields = {f.name for f in dataclasses.fields(TrainResult)}
+    result = {k: v for k, v in record.items() if k in fields}
+    result["output_dir"] = Path(result["output_dir"])
+    result["final_dir"] = Path(result["final_dir"]) if result.get("final_dir") else None
+    return TrainResult(**result)
+
+
+def _train(
+    recipe: Recipe,
+    model: torch.nn.Module | None,
+    accelerator: Accelerator,
+    resume: str,
+    flops_per_token: int | None,
+    echo: Callable[[str], None],
+    save_final: bool,
+    progress: bool,
+    allow_changes: bool,
+    stop: StopSignals,
+) -> TrainResult:
+    t, log = recipe.training, recipe.logging
+    main = accelerator.is_main_process
+    output_dir = Path(recipe.output_dir)
+    if resume == "auto" and (done := _finished(output_dir, recipe)) is not None:
+        echo(
+            f"{output_dir}: this run finished (step {done.steps}, loss {done.train_loss:.4f}); "
+            "nothing to do (--resume never trains it again)"
+        )
+        return done
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and (
         accelerator.distributed_type.value != "FSDP"
     ):
@@ -459,27 +576,21 @@ def train(
     set_seed(t.seed)
     tokenizer = load_tokenizer(recipe.tokenizer)
     if model is None:
-        config = recipe.build_config()
-        if config.vocab_size < len(tokenizer):
-            raise RecipeError(
-                f"{recipe.source}: model.overrides.vocab_size={config.vocab_size} is smaller "
-                f"than the tokenizer's {len(tokenizer)} tokens"
-            )
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(recipe.build_config(tokenizer))
     config_dict = _model_config_dict(model)
     if flops_per_token is None:
         flops_per_token = model_flops(model, t.seq_len).train_per_token
     batches, heldout = build_data(recipe, tokenizer, accelerator)
 
-    output_dir = Path(recipe.output_dir)
     checkpoints = Checkpoints(output_dir, log.keep_last)
     resume_from = None
     if resume == "auto":
-        resume_from = checkpoints.latest()
+        resume_from = checkpoints.latest(echo)
     elif resume != "never":
         resume_from = Path(resume)
-        if not (resume_from / Checkpoints.STATE).is_file():
-            raise RecipeError(f"--resume {resume}: not a complete checkpoint folder")
+        train_state.verify(resume_from)
+    elif main and (output_dir / FINISHED_FILE).is_file():
+        (output_dir / FINISHED_FILE).unlink()
 
     fused = recipe.optimizer.fused
     if fused is None:
@@ -494,21 +605,25 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, plan, recipe.schedule)
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler is ours, not prepared: accelerate's wrapper would step it once per process
     # (it assumes schedules written in single-process steps); ours counts optimizer steps.
-    accelerator.register_for_checkpointing(scheduler, batches)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    parts = (model, optimizer, scheduler, batches)
 
     start_step, tokens_before = 0, 0
     if resume_from is not None:
-        saved = Checkpoints.read_state(resume_from)
+        saved = train_state.read_state(resume_from)
         saved["path"] = str(resume_from)
-        check_resumable(saved, recipe, config_dict, accelerator.num_processes)
-        accelerator.load_state(str(resume_from))
+        changes = check_resumable(
+            saved, recipe, config_dict, accelerator.num_processes, allow_changes
+        )
+        train_state.load(resume_from, accelerator, *parts)
         start_step, tokens_before = saved["step"], saved["tokens"]
         echo(f"resuming from {resume_from} (step {start_step})")
+        for change in changes:
+            echo(f"  with a changed setting: {change}")
 
-    metrics = Metrics(output_dir, main, log.tensorboard, start_step)
+    metrics = Metrics(output_dir, main, log.tensorboard)
     if main:  # the resolved recipe, for the model card and for reproducing the run
         (output_dir / "recipe.yaml").write_text(
             yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
@@ -524,11 +639,24 @@ def train(
         f"{accelerator.num_processes} process(es), {flops_per_token / 1e6:.1f} MFLOPs/token"
     )
 
+    def checkpoint_meta(step: int, tokens: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "tokens": tokens,
+            "world_size": accelerator.num_processes,
+            "recipe": recipe.model_dump(mode="json"),
+            "model_config": config_dict,
+        }
+
+    def last_checkpoint() -> str:
+        done = checkpoints.complete()
+        return done[-1].name if done else "none"
+
     model.train()
     train_loss, eval_loss = float("nan"), None
     window_start, window_tokens = time.perf_counter(), 0
     run_start, run_tokens = window_start, 0
-    progress = tqdm(
+    bar = tqdm(
         range(start_step, plan.steps),
         initial=start_step,
         total=plan.steps,
@@ -537,7 +665,7 @@ def train(
         disable=not (progress and accelerator.is_local_main_process),
         dynamic_ncols=True,
     )
-    for step in progress:
+    for step in bar:
         logging_step = (step + 1) % log.log_every == 0 or step + 1 == plan.steps
         step_loss = torch.zeros((), device=accelerator.device)
         aux_loss = None
@@ -557,10 +685,9 @@ def train(
                 aux_loss, router_logits = out.aux_loss, out.router_logits
         step_loss = accelerator.reduce(step_loss, reduction="mean")
         if not torch.isfinite(step_loss):
-            latest = checkpoints.latest()
             raise NonFiniteLossError(
-                f"loss is {step_loss.item()} at step {step + 1}; nothing was updated with it. "
-                f"Last checkpoint: {latest if latest else 'none'}"
+                f"loss is {step_loss.item()} at step {step + 1}; nothing was updated with it "
+                f"(last checkpoint: {last_checkpoint()}; lower optimizer.lr and rerun to resume)"
             )
         grad_norm = None
         if t.grad_clip is not None:
@@ -595,7 +722,7 @@ def train(
             postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
             if "mfu" in record:
                 postfix["mfu"] = f"{record['mfu']:.1%}"
-            progress.set_postfix(postfix, refresh=False)
+            bar.set_postfix(postfix, refresh=False)
             window_start, window_tokens = time.perf_counter(), 0
 
         last_step = step + 1 == plan.steps
@@ -604,16 +731,27 @@ def train(
         ):
             eval_loss = evaluate(model, heldout, recipe, accelerator)
             metrics.log({"step": step + 1, "tokens": tokens, "eval_loss": eval_loss})
-        if log.checkpoint_every and ((step + 1) % log.checkpoint_every == 0 or last_step):
-            state = {
-                "step": step + 1,
-                "tokens": tokens,
-                "world_size": accelerator.num_processes,
-                "recipe": recipe.model_dump(mode="json"),
-                "model_config": config_dict,
-            }
-            checkpoints.save(accelerator, step + 1, state)
-    progress.close()
+        stopping = _stop_requested(stop, accelerator)
+        due = log.checkpoint_every and ((step + 1) % log.checkpoint_every == 0 or last_step)
+        if due or stopping:
+            if not parameters_finite(model):
+                raise NonFiniteLossError(
+                    f"weights are NaN or infinite after step {step + 1}; no checkpoint was "
+                    f"written after {last_checkpoint()} (lower optimizer.lr and rerun to resume)"
+                )
+            written = checkpoints.save(
+                accelerator, step + 1, parts, checkpoint_meta(step + 1, tokens)
+            )
+            if stopping:
+                bar.close()
+                metrics.close()
+                name = StopSignals.name(stopping)
+                raise TrainingStopped(
+                    f"stopped by {name} after step {step + 1}: checkpoint {written} written; "
+                    "run the same command again to resume",
+                    stopping,
+                )
+    bar.close()
     run_time = time.perf_counter() - run_start
     tokens_per_s = run_tokens / run_time if run_tokens else 0.0
     mfu = flops_per_token * tokens_per_s / (peak * accelerator.num_processes) if peak else None
@@ -635,8 +773,7 @@ def train(
     if main and metrics.path.is_file():
         plot_loss(metrics.path, output_dir / "loss.png", Path(recipe.source or "run").stem)
     metrics.close()
-    accelerator.wait_for_everyone()
-    return TrainResult(
+    result = TrainResult(
         steps=plan.steps,
         tokens=plan.tokens,
         train_loss=train_loss,
@@ -647,6 +784,27 @@ def train(
         final_dir=final_dir,
         flops_per_token=flops_per_token,
     )
+    if main:
+        record = {**dataclasses.asdict(result), "recipe": recipe.model_dump(mode="json")}
+        record["output_dir"] = str(output_dir)
+        record["final_dir"] = str(final_dir) if final_dir else None
+        write_json_atomic(output_dir / FINISHED_FILE, record)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def parameters_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter is finite (one reduction per tensor, one host sync in all)."""
+    checks = [torch.isfinite(p).all() for p in model.parameters() if p.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+def _stop_requested(stop: StopSignals, accelerator: Accelerator) -> int | None:
+    """The signal any process was asked to stop by (all stop at the same step), or None."""
+    if accelerator.num_processes == 1:
+        return stop.requested
+    flag = torch.tensor([stop.requested or 0], device=accelerator.device)
+    return int(accelerator.reduce(flag, reduction="sum").item()) and (stop.requested or 15)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -721,9 +879,12 @@ def format_dry_run(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> TrainResult | dict[str, Any]:
-    """`recipes/train.py` and `zoo train`: RECIPE [key=value ...] [--dry-run] [--resume ...]."""
+    """`zoo train`, `python -m zoo.train` and `recipes/train.py` (what `accelerate launch`
+    runs): RECIPE [key=value ...] [--dry-run] [--resume ...] [--allow-changes]. Expected
+    failures print one line and exit 2; a signal stops the run with a checkpoint and exits
+    128 + the signal."""
     parser = argparse.ArgumentParser(
-        prog="train.py", description="Train a zoo model from a YAML recipe (accelerate)."
+        prog="zoo.train", description="Train a zoo model from a YAML recipe (accelerate)."
     )
     parser.add_argument("recipe", type=Path, help="recipes/configs/<name>.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. training.steps=20")
@@ -731,7 +892,13 @@ def main(argv: list[str] | None = None) -> TrainResult | dict[str, Any]:
     parser.add_argument(
         "--resume",
         default="auto",
-        help="auto (newest checkpoint in output_dir, if any), never, or a checkpoint folder",
+        help="auto (newest checkpoint in output_dir that verifies, if any), never, or a "
+        "checkpoint folder",
+    )
+    parser.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="resume even though optimizer, schedule, batch, steps or data settings changed",
     )
     parser.add_argument(
         "--world-size",
@@ -739,7 +906,7 @@ def main(argv: list[str] | None = None) -> TrainResult | dict[str, Any]:
         default=None,
         help="processes to plan for in --dry-run (default: this launch's)",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the flags
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.dry_run:
@@ -747,9 +914,12 @@ def main(argv: list[str] | None = None) -> TrainResult | dict[str, Any]:
             report = dry_run(recipe, world)
             print(format_dry_run(report))
             return report
-        result = train(recipe, resume=args.resume)
-    except (RecipeError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        result = train(recipe, resume=args.resume, allow_changes=args.allow_changes)
+    except TrainingStopped as stopped:
+        print(stopped, file=sys.stderr)
+        raise SystemExit(128 + stopped.signal) from None
+    except (ValueError, OSError, NonFiniteLossError, RunInUseError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     if result.final_dir is not None and Accelerator().is_main_process:
         summary = f"done: loss {result.train_loss:.4f}"
@@ -757,3 +927,7 @@ def main(argv: list[str] | None = None) -> TrainResult | dict[str, Any]:
             summary += f", held-out {result.eval_loss:.4f}"
         print(f"{summary}; {result.tokens_per_s:,.0f} tokens/s; model in {result.final_dir}")
     return result
+
+
+if __name__ == "__main__":  # python -m zoo.training RECIPE
+    main()

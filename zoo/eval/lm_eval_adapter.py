@@ -93,6 +93,14 @@ if _IMPORT_ERROR is None:
                 pretrained = os.fspath(pretrained)
             if tokenizer is None:
                 tokenizer = _default_tokenizer(pretrained)
+            if isinstance(pretrained, str):  # verified as a zoo checkpoint, errors in one line
+                from transformers import AutoTokenizer
+
+                from zoo.modeling import load_pretrained
+
+                if tokenizer is None:
+                    tokenizer = AutoTokenizer.from_pretrained(pretrained)
+                pretrained = load_pretrained(pretrained)
             if device is None:
                 import torch
 

@@ -99,12 +99,11 @@ def run_eval(request: EvalRequest, echo: Callable[[str], None] = print) -> dict[
                 }
 
     if request.model is not None:
-        from transformers import AutoModelForCausalLM
-
+        from zoo.modeling import load_pretrained
         from zoo.tokenizer import load_tokenizer
 
         path = resolve_model_path(request.model)
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        model = load_pretrained(path).eval()
         tokenizer = load_tokenizer(path)
         if "mqar" in request.tasks:
             vocab = min(256, model.config.vocab_size)

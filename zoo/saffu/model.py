@@ -49,7 +49,13 @@ from itertools import combinations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import CausalLMOutput
 
 EMBEDDINGS = ("onehot", "bitcipher")
@@ -343,3 +349,9 @@ def solve(model: SAFFUForCausalLM, corpus: TokenDocuments) -> None:
     # less; the geometric-mean scale uses the full window, ours).
     model.feed_forward.copy_(explicit_softmax_solution(phi_ff, K + 1, config.eps))
     config.vocab_fingerprint = corpus.fingerprint
+
+
+# SAFFU is not a ZooConfig backbone (its layers are solved, not only trained): its own classes,
+# registered when this module is imported (`import zoo` does).
+AutoConfig.register(SAFFUConfig.model_type, SAFFUConfig, exist_ok=True)
+AutoModelForCausalLM.register(SAFFUConfig, SAFFUForCausalLM, exist_ok=True)

@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ from typing import Any
 import yaml
 
 from zoo.recipe import Recipe, RecipeError, load_recipe, merge_fields
+
+# What a run's name (family-size-Cbudget) may hold: it names a folder inside the sweep.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +115,8 @@ def plan_run(
     """One run of the grid: `base` (a recipe mapping) with `family`'s preset and `size`'s
     overrides, trained for the whole steps closest to `budget` FLOPs."""
     name = f"{family}-{size.name}-C{_budget_label(budget)}"
+    if not RUN_NAME.fullmatch(name):
+        raise ValueError(f"run name {name!r} cannot be a folder name inside {runs_root}")
     fields = merge_fields(
         copy.deepcopy(dict(base)), {"model": {"preset": family, "overrides": dict(size.overrides)}}
     )

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from zoo.recipe import load_settings_file, merge_fields, recipe_fields
 from zoo.scaling.plan import (
+    RUN_NAME,
     ModelSize,
     PlannedRun,
     load_plan,
@@ -60,6 +61,18 @@ class SweepConfig(_Section):
     family_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     min_steps: int = Field(10, gt=0)
     moe: MoEGrid | None = None
+
+    @field_validator("sizes", "family_overrides")
+    @classmethod
+    def _names_are_path_components(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Each name becomes part of a run folder's name: nothing that could leave the sweep.
+        for name in value:
+            if not RUN_NAME.fullmatch(name):
+                raise ValueError(
+                    f"{name!r} cannot name a run folder: use letters, digits, '.', '_' and '-' "
+                    "(not starting with '.')"
+                )
+        return value
 
 
 def load_sweep(path: str | Path) -> SweepConfig:
