@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -81,8 +83,27 @@ def test_run_card_parses_and_its_model_index_matches_the_eval_json(trained_run):
     card = ModelCard(path.read_text())
     assert card.data.library_name == "transformers" and "zoo_tnl" in card.data.tags
     results = {(r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
+    heldout = json.loads((trained_run / "run.json").read_text())["eval_loss"]
+    assert results.pop(("heldout", "loss")) == pytest.approx(heldout)
+    assert results.pop(("heldout", "perplexity")) == pytest.approx(math.exp(heldout))
     assert results == {("mqar", "acc"): 0.25, ("niah", "acc"): 0.5}
     assert "tiny-tnl.yaml" in card.text and "lightning:glu*2" in card.text
+    # Nothing of this machine's paths: the run lives in an absolute temporary folder.
+    assert str(trained_run.parent) not in path.read_text()
+
+
+def test_a_local_task_keeps_its_name_and_file_in_the_card(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    payload = lm_eval_layout(
+        {"my_jars": {"acc": 0.75}}, "run/final", samples={"my_jars": 8},
+        configs={"my_jars": {"dataset_path": "my_jars.jsonl", "test_split": "all lines"}},
+    )  # fmt: skip
+    write_json_atomic(run / "eval" / "results.json", payload)
+    card = ModelCard(card_for_run(run, "me/tiny-tnl").read_text())
+    entries = {r.dataset_type: r for r in card.data.eval_results}
+    assert entries["my_jars"].dataset_name == "my_jars.jsonl"
+    assert entries["my_jars"].metric_value == 0.75 and "piqa" not in entries
 
 
 def test_push_commits_the_run_up_to_the_http_boundary(trained_run, monkeypatch):

@@ -61,16 +61,19 @@ def _tags(config: ZooConfig) -> list[str]:
 def eval_results_from_json(payload: dict[str, Any]) -> list[EvalResult]:
     """`model-index` entries from an lm-eval-layout results JSON (scalar metrics, no stderrs)."""
     results = []
+    configs = payload.get("configs", {})
     for task, metrics in payload.get("results", {}).items():
+        # A local task keeps its own name; its dataset is what its config says it is.
+        dataset = configs.get(task, {}).get("dataset_path") or task
         for key, value in metrics.items():
             name = key.split(",")[0]
-            if key == "alias" or name.endswith("_stderr") or not isinstance(value, (int, float)):
+            if "," not in key or name.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             results.append(
                 EvalResult(
                     task_type="text-generation",
                     dataset_type=task,
-                    dataset_name=task,
+                    dataset_name=dataset,
                     metric_type=name,
                     metric_value=float(value),
                 )
@@ -84,6 +87,38 @@ def _eval_table(payload: dict[str, Any] | None) -> str:
     from zoo.results import results_table
 
     return results_table(payload)
+
+
+def portable(value: Any) -> Any:
+    """`value` with every absolute local path cut to its last two parts (`.../data/train.txt`):
+    a card or results file shared on the Hub says nothing of the machine it was made on."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    if isinstance(value, str) and (value.startswith(("/", "~")) or value[1:3] == ":\\"):
+        return ".../" + "/".join(Path(value).parts[-2:])
+    return value
+
+
+def heldout_results(run_dir: Path) -> dict[str, Any] | None:
+    """The held-out loss and perplexity a finished training run logged, as an eval payload."""
+    import math
+
+    from zoo.results import lm_eval_layout
+    from zoo.training import FINISHED_FILE
+
+    try:
+        record = json.loads((run_dir / FINISHED_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    loss = record.get("eval_loss")
+    if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        return None
+    scores = {"heldout": {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}}
+    config = {"heldout": {"dataset_path": "held-out split of the training data",
+                          "output_type": "loglikelihood_rolling"}}  # fmt: skip
+    return lm_eval_layout(scores, run_dir.name, configs=config)
 
 
 def _training(recipe: dict[str, Any] | None) -> str:
@@ -188,6 +223,16 @@ def card_for_run(run_dir: str | Path, repo_id: str | None = None) -> Path:
     recipe = yaml.safe_load(recipe_path.read_text()) if recipe_path.is_file() else None
     eval_path = run_dir / "eval" / "results.json"
     eval_results = json.loads(eval_path.read_text()) if eval_path.is_file() else None
+    heldout = heldout_results(run_dir)
+    if heldout is not None:  # the run's own held-out loss, unless an eval already has one
+        if eval_results is None:
+            eval_results = heldout
+        else:
+            for key in ("results", "configs"):
+                for task, value in heldout[key].items():
+                    eval_results.setdefault(key, {}).setdefault(task, value)
+    recipe = portable(recipe) if recipe else recipe
+    eval_results = portable(eval_results) if eval_results else eval_results
     card = render_card(
         config,
         repo_id or run_dir.name,

@@ -164,7 +164,11 @@ def run_demo(
         scores = {"heldout": {"loss": run.eval_loss}, "niah": {"acc": niah}}
         write_json_atomic(
             run.output_dir / "eval" / "results.json",
-            lm_eval_layout(scores, str(run.final_dir), {"niah_style": "corpus"}),
+            lm_eval_layout(
+                scores,
+                str(run.final_dir.relative_to(run.output_dir.parent)),
+                configs={"niah": {"niah_style": "corpus"}},
+            ),
         )
         card_for_run(run.output_dir, f"zoo-demo-{family}")
         echo(

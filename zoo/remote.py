@@ -22,8 +22,8 @@ try:
     from zoo.modeling import causal_lm_classes
 except ImportError as error:  # transformers skips imports inside try blocks when checking them
     raise ImportError(
-        "this checkpoint is a hybrid-zoo model: install the package with `pip install hybrid-zoo`"
-        " (and have {module!r} importable)"
+        "this checkpoint is a hybrid-zoo model: install hybrid-zoo from its source repository "
+        "(`pip install -e .` in a checkout; it is not on PyPI yet) and have {module!r} importable"
     ) from error
 
 {stem}Model, {stem}ForCausalLM = causal_lm_classes({config})

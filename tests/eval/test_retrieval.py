@@ -116,6 +116,10 @@ def test_zoo_eval_on_a_training_run_folder(tmp_path):
     payload = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(payload["results"]) == {"mqar", "niah"}
     assert "acc,none" in payload["results"]["niah"] and (tmp_path / "out" / "niah.png").is_file()
+    assert (tmp_path / "out" / "mqar.png").stat().st_size > 1000  # the README promises it
+    assert "mqar cells" in result.stderr  # progress while the grid runs
+    details = json.loads((tmp_path / "out" / "details.json").read_text())
+    assert set(details["mqar"]) == {"L=32,K=4", "L=64,K=8"}
 
 
 def test_unknown_task_and_missing_inputs_are_named(tmp_path):
@@ -142,3 +146,4 @@ def test_architecture_protocols_write_a_table_and_plot(tmp_path):
     payload = run_eval(request, echo=lambda _: None)
     assert {"mad/attention", "mad/lightning", "mqar/lightning"} <= set(payload["results"])
     assert (tmp_path / "mad.png").is_file() and "MAD score" in (tmp_path / "mad.md").read_text()
+    assert (tmp_path / "mqar.png").stat().st_size > 1000

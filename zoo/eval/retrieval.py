@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from zoo.eval.mad import IGNORE, architecture_config
@@ -114,12 +115,37 @@ def mqar_grid(
     seed: int = 2**31,
 ) -> dict[str, float]:
     """Zero-shot MQAR accuracy of an already trained model per (L, K) cell (token ids < V)."""
-    return {
-        f"L={length},K={pairs}": mqar_accuracy(
-            model, *multiquery_ar(vocab_size, num_examples, length, seed + i, pairs)
-        )
-        for i, (length, pairs) in enumerate(cells)
-    }
+    grid = {}
+    for i, (length, pairs) in enumerate(tqdm(cells, desc="mqar cells", unit="cell")):
+        inputs = multiquery_ar(vocab_size, num_examples, length, seed + i, pairs)
+        grid[f"L={length},K={pairs}"] = mqar_accuracy(model, *inputs)
+    return grid
+
+
+def mqar_plot(accuracy: dict[str, dict[str, float]], path: Any, title: str = "MQAR") -> Any:
+    """Accuracy per (L, K) cell, one group of bars per cell and one bar per model, PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(accuracy)
+    cells = list(next(iter(accuracy.values()))) if accuracy else []
+    width = 0.8 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(cells) * max(1, len(names) / 2)), 3.2))
+    for j, name in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(cells))]
+        ax.bar(xs, [accuracy[name].get(c, 0.0) for c in cells], width, label=name)
+    ax.set_xticks(range(len(cells)), cells)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    if len(names) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def train_mqar(architecture: str, settings: MQARSettings | None = None) -> dict[str, Any]:
@@ -139,6 +165,7 @@ def train_mqar(architecture: str, settings: MQARSettings | None = None) -> dict[
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, s.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(s.seed)
     model.train()
+    bar = tqdm(total=s.epochs * steps_per_epoch, desc=f"mqar: {architecture}", unit="step")
     for _ in range(s.epochs):
         batches = [
             (x[idx], y[idx])
@@ -147,6 +174,8 @@ def train_mqar(architecture: str, settings: MQARSettings | None = None) -> dict[
         ]
         for i in torch.randperm(len(batches), generator=generator).tolist():
             supervised_step(model, optimizer, *batches[i], scheduler)
+            bar.update()
+    bar.close()
     cells = {}
     for length, pairs in s.test_cells:
         x, y = multiquery_ar(s.vocab_size, s.num_test, length, 2**31 + s.seed, pairs)

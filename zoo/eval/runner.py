@@ -46,12 +46,23 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
+def local_task(task: str) -> tuple[str, str] | None:
+    """`NAME:FORMAT` (a file `NAME.jsonl` in `--data-dir`, read in FORMAT's fields, e.g.
+    `my_qa:piqa`) or a format's own name: (file name, format); None for other tasks."""
+    name, _, form = task.partition(":")
+    form = form or name
+    return (name, form) if form in cs.TASKS else None
+
+
 def _check(request: EvalRequest) -> None:
-    commonsense = cs.TASKS
-    known = set(MODEL_TASKS) | set(ARCHITECTURE_TASKS) | set(commonsense)
-    unknown = [t for t in request.tasks if t not in known]
+    commonsense = [t for t in request.tasks if local_task(t)]
+    known = set(MODEL_TASKS) | set(ARCHITECTURE_TASKS)
+    unknown = [t for t in request.tasks if t not in known and t not in commonsense]
     if unknown:
-        raise ValueError(f"unknown tasks {unknown}; known: {sorted(known)}")
+        raise ValueError(
+            f"unknown tasks {unknown}; known: {sorted(known | set(cs.TASKS))}, or NAME:FORMAT "
+            f"for a file NAME.jsonl in --data-dir in one of the formats {sorted(cs.TASKS)}"
+        )
     needs_model = [t for t in request.tasks if t in (*MODEL_TASKS, *commonsense)]
     if (
         needs_model
@@ -67,7 +78,7 @@ def _check(request: EvalRequest) -> None:
         mad.architecture_config(architecture, 2, 64)  # an unknown one fails before any training
     if "perplexity" in request.tasks and request.text is None:
         raise ValueError("task perplexity needs --text FILE (.txt or .jsonl)")
-    if any(t in commonsense for t in request.tasks) and request.data_dir is None:
+    if commonsense and request.data_dir is None:
         raise ValueError("commonsense tasks need --data-dir with <task>.jsonl files")
 
 
@@ -76,8 +87,9 @@ def run_eval(request: EvalRequest, echo: Callable[[str], None] = print) -> dict[
     out = request.output
     out.mkdir(parents=True, exist_ok=True)
     scalars: dict[str, dict[str, float]] = {}
+    samples: dict[str, int] = {}
+    configs: dict[str, dict[str, Any]] = {}
     details: dict[str, Any] = {}
-    commonsense = cs.TASKS
 
     if request.architectures:
         if "mad" in request.tasks:
@@ -97,6 +109,8 @@ def run_eval(request: EvalRequest, echo: Callable[[str], None] = print) -> dict[
                 scalars[f"mqar/{arch}"] = {
                     "acc": sum(result["accuracy"].values()) / len(result["accuracy"])
                 }
+            grids = {arch: details[f"mqar/{arch}"]["accuracy"] for arch in request.architectures}
+            retrieval.mqar_plot(grids, out / "mqar.png", "MQAR after training")
 
     if request.model is not None:
         from zoo.modeling import load_pretrained
@@ -112,6 +126,7 @@ def run_eval(request: EvalRequest, echo: Callable[[str], None] = print) -> dict[
             grid = retrieval.mqar_grid(model, vocab, cells, 16 if request.quick else 100)
             details["mqar"] = grid
             scalars["mqar"] = {"acc": sum(grid.values()) / len(grid)}
+            retrieval.mqar_plot({Path(request.model).name: grid}, out / "mqar.png")
         if "niah" in request.tasks:
             lengths = (64, 128) if request.quick else (128, 256, 512)
             depths = (0.0, 0.5, 1.0) if request.quick else (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -132,12 +147,26 @@ def run_eval(request: EvalRequest, echo: Callable[[str], None] = print) -> dict[
             context = min(model.config.max_position_embeddings, 1024)
             scalars["perplexity"] = perplexity(model, tokenizer, request.text, context=context)
         for task in request.tasks:
-            if task in commonsense:
-                examples = cs.load_task(task, request.data_dir / f"{task}.jsonl")
-                scalars[task] = cs.score_multiple_choice(model, tokenizer, examples)
+            if (local := local_task(task)) is not None:
+                name, form = local
+                file = f"{name}.jsonl"
+                examples = cs.load_task(form, request.data_dir / file)
+                scalars[name] = cs.score_multiple_choice(model, tokenizer, examples)
+                samples[name] = len(examples)
+                # The user's own file under its own name: never reported as the real dataset.
+                configs[name] = {
+                    "dataset_path": file,
+                    "test_split": "all lines",
+                    "description": f"a local file in {form}'s fields",
+                }
 
-    payload = lm_eval_layout(scalars, request.model or ",".join(request.architectures), details)
+    model_name = request.model or ",".join(request.architectures)
+    if request.model is not None and Path(model_name).is_absolute():
+        model_name = Path(model_name).name  # no local absolute paths in shared results
+    payload = lm_eval_layout(scalars, model_name, samples=samples, configs=configs)
     write_json_atomic(out / "results.json", payload)
+    if details:
+        write_json_atomic(out / "details.json", details)
     (out / "results.md").write_text(results_table(payload) + "\n")
     return payload
 
