@@ -233,3 +233,27 @@ def test_damaged_weights_are_named(tmp_path, command, damage):
     if command == "eval":
         args = ["--tasks", "perplexity", "--text", str(tmp_path / "text.txt")]
     assert_one_line(_zoo(tmp_path, command, str(folder), *args), "model.safetensors")
+
+
+def test_a_full_disk_while_checkpointing_is_one_line(tmp_path, monkeypatch):
+    """ENOSPC from the checkpoint writer (simulated: no test fills a real disk)."""
+    import errno
+
+    from typer.testing import CliRunner
+
+    from zoo import train_state
+    from zoo.cli import app
+
+    def full(folder, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model.safetensors"))
+
+    monkeypatch.setattr(train_state, "save", full)
+    result = CliRunner().invoke(
+        app,
+        ["train", TINY, "training.steps=2", "logging.checkpoint_every=1",
+         f"output_dir={tmp_path / 'run'}"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "No space left on device" in last
+    assert "model.safetensors" in last and not isinstance(result.exception, OSError)
