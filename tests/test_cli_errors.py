@@ -91,29 +91,28 @@ BAD_CHECKPOINTS = {
 }
 
 
+def _load(tmp_path: Path, command: str, model: str) -> subprocess.CompletedProcess:
+    """`zoo generate MODEL` or `zoo eval MODEL --tasks perplexity` (results in tmp_path/out)."""
+    if command == "generate":
+        return _zoo(tmp_path, "generate", model, "--max-new-tokens", "2")
+    (tmp_path / "text.txt").write_text("the cat sat on the mat. " * 40)
+    return _zoo(tmp_path, "eval", model, "--tasks", "perplexity", "--text",
+                str(tmp_path / "text.txt"), "--output", str(tmp_path / "out"))  # fmt: skip
+
+
 @pytest.mark.parametrize("command", ["generate", "eval"])
 @pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
 def test_a_checkpoint_that_is_not_what_it_claims_is_refused(tmp_path, command, case):
     edit, needles = BAD_CHECKPOINTS[case]
-    folder = _checkpoint(tmp_path, edit)
-    if command == "generate":
-        done = _zoo(tmp_path, "generate", str(folder), "--max-new-tokens", "2")
-    else:
-        (tmp_path / "text.txt").write_text("the cat sat on the mat. " * 40)
-        done = _zoo(tmp_path, "eval", str(folder), "--tasks", "perplexity", "--text",
-                    str(tmp_path / "text.txt"), "--output", str(tmp_path / "out"))  # fmt: skip
-        assert not (tmp_path / "out" / "results.json").exists()
+    done = _load(tmp_path, command, str(_checkpoint(tmp_path, edit)))
+    assert not (tmp_path / "out" / "results.json").exists()
     assert_one_line(done, *needles)
 
 
 @pytest.mark.parametrize("command", ["generate", "eval"])
 def test_a_path_that_does_not_exist_is_named(tmp_path, command):
     missing = str(tmp_path / "no" / "such" / "model")
-    (tmp_path / "text.txt").write_text("the cat sat on the mat. " * 40)
-    args = ["--max-new-tokens", "2"]
-    if command == "eval":
-        args = ["--tasks", "perplexity", "--text", str(tmp_path / "text.txt")]
-    assert_one_line(_zoo(tmp_path, command, missing, *args), missing)
+    assert_one_line(_load(tmp_path, command, missing), missing)
 
 
 def test_an_intact_checkpoint_generates_and_a_foreign_tokenizer_is_refused(tmp_path):
@@ -228,11 +227,7 @@ def test_damaged_weights_are_named(tmp_path, command, damage):
         weights.write_bytes(weights.read_bytes()[:1000])
     else:
         weights.unlink()
-    (tmp_path / "text.txt").write_text("the cat sat on the mat. " * 40)
-    args = ["--max-new-tokens", "2"]
-    if command == "eval":
-        args = ["--tasks", "perplexity", "--text", str(tmp_path / "text.txt")]
-    assert_one_line(_zoo(tmp_path, command, str(folder), *args), "model.safetensors")
+    assert_one_line(_load(tmp_path, command, str(folder)), "model.safetensors")
 
 
 def test_a_full_disk_while_checkpointing_is_one_line(tmp_path, monkeypatch):
