@@ -73,10 +73,12 @@ gpu-setup:
 
 RUN_GPU_TESTS = $(GPU_PYTHON) -m pytest -m gpu -q -p no:cacheprovider $(GPU_TESTS)
 # Every benchmark runs even when an earlier one fails (a lent GPU is rare); the failed ones are
-# listed at the end and fail the target.
+# listed at the end and fail the target. On the lent GPU ($OUT set) each result, partial ones
+# included, is also written into $OUT (benchmarks/common.py), which is all that comes back.
 RUN_GPU_BENCHMARKS = failed=""; for b in $(BENCHMARKS); do \
 		echo "== benchmarks/$$b.py --device cuda"; \
-		$(GPU_PYTHON) benchmarks/$$b.py --device cuda || failed="$$failed $$b"; done; \
+		BENCH_COPY_DIR="$${OUT:-}" $(GPU_PYTHON) benchmarks/$$b.py --device cuda \
+			|| failed="$$failed $$b"; done; \
 	[ -z "$$failed" ] || { echo "benchmarks that failed:$$failed"; false; }
 
 # A device command may run 10 minutes: a session can split its batch into the tests and the

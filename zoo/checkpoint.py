@@ -92,11 +92,19 @@ def check_weights_fit(
     stored: dict[str, tuple[tuple[int, ...], Path]],
     expected: dict[str, tuple[int, ...]],
     config_file: Path,
+    tied: dict[str, str] | None = None,
 ) -> None:
     """Refuse, before anything is loaded, weights that do not fit the model config.json
     describes: a tensor the model needs and no file has, one it has no place for, or one of
-    another shape. The error names the file and the first keys."""
-    missing = sorted(set(expected) - set(stored))
+    another shape. The error names the file and the first keys.
+
+    `tied` maps a weight the model ties to its source (the LM head to the embedding): a file may
+    hold a copy of it (a state dict gathered from FSDP shards has one), which transformers
+    ignores when it ties, as long as its shape is the source's."""
+    tied = tied or {}
+    copies = {k: tied[k] for k in set(stored) & set(tied) if tied[k] in expected}
+    expected = {**expected, **{k: expected[src] for k, src in copies.items()}}
+    missing = sorted(set(expected) - set(stored) - set(copies))
     unexpected = sorted(set(stored) - set(expected))
     wrong = sorted(k for k in set(stored) & set(expected) if stored[k][0] != expected[k])
     if wrong:

@@ -113,13 +113,20 @@ class ZooPreTrainedModel(PreTrainedModel):
                 config = AutoConfig.from_pretrained(path)
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config)
-            tied = set(model.get_expanded_tied_weights_keys(all_submodels=True))
+            tied = model.get_expanded_tied_weights_keys(all_submodels=True)
             expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
-            check_weights_fit(stored, expected, path / "config.json")
+            check_weights_fit(stored, expected, path / "config.json", tied)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
-        """`PreTrainedModel.save_pretrained` plus the remote-code shim (see `zoo.remote`)."""
+        """`PreTrainedModel.save_pretrained` plus the remote-code shim (see `zoo.remote`).
+
+        A `state_dict` passed in (accelerate's `get_state_dict` of an FSDP model: every tensor a
+        fresh copy) loses the weights the model ties, which transformers could no longer tell
+        from the storage they share, so the folder holds each weight once either way."""
+        if kwargs.get("state_dict") is not None:
+            tied = self.get_expanded_tied_weights_keys(all_submodels=True)
+            kwargs["state_dict"] = {k: v for k, v in kwargs["state_dict"].items() if k not in tied}
         write_remote_code(self.config, save_directory)
         super().save_pretrained(save_directory, *args, **kwargs)
 

@@ -54,3 +54,20 @@ def test_checkpoint_then_finish(tmp_path):
     common.finish(result, path, lambda r: "table")
     written = json.loads(path.read_text())
     assert "partial" not in written and written["rows"] == [1, 2]
+
+
+def test_results_are_copied_into_bench_copy_dir(tmp_path, monkeypatch):
+    """On a lent GPU only its outbox comes back: each write, partial or whole, lands there too."""
+    out = tmp_path / "results/gpu_toy.json"
+    out.parent.mkdir()
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    result = {"rows": [1], "device": {}}
+    common.checkpoint(result, out)  # no BENCH_COPY_DIR: the results folder only
+    assert not any(outbox.iterdir())
+    monkeypatch.setenv("BENCH_COPY_DIR", str(outbox))
+    common.checkpoint(result, out)
+    assert json.loads((outbox / "gpu_toy.json").read_text())["partial"] is True
+    common.finish(result, out, lambda r: "table")
+    assert json.loads((outbox / "gpu_toy.json").read_text()) == json.loads(out.read_text())
+    assert "partial" not in json.loads(out.read_text())

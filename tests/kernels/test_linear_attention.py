@@ -193,9 +193,7 @@ def test_cuda_bf16_within_1e2_of_fp32_oracle(op, head_dim):
         s0 = torch.cat([s0, s0], 2)
     # bf16 activations; the decay (log λ, or HGRN2's fp32 log f) and the state stay fp32. The
     # oracle runs in fp32 on the same bf16-rounded values, so what is measured is the kernel's
-    # error, not the inputs' rounding: TNL's per-head decay gradient sums B·T·K·V terms that
-    # nearly cancel, and rounding q, k, v alone moves it by tens of percent (seen on an H200:
-    # 5.8% against the fp32-input oracle).
+    # error, not the inputs' rounding.
     q, k, v = (t.bfloat16() for t in (q, k, v))
     ours = leaves([q, k, v, decay, s0])
     ref = leaves([q.float(), k.float(), v.float(), decay, s0])
@@ -208,8 +206,19 @@ def test_cuda_bf16_within_1e2_of_fp32_oracle(op, head_dim):
     wanted = [i for i, t in enumerate(ours) if t is not None]
     grads = torch.autograd.grad((o.float() * proj).sum() + s.sum(), [ours[i] for i in wanted])
     grads_ref = torch.autograd.grad((o_ref * proj).sum() + s_ref.sum(), [ref[i] for i in wanted])
-    for g, g_ref in zip(grads, grads_ref, strict=True):
-        assert _relative_error(g, g_ref) < 1e-2
+    for i, g, g_ref in zip(wanted, grads, grads_ref, strict=True):
+        if op == "tnl" and i == 3:
+            # TNL's per-head decay gradient is Σ_t (t+1)(q_t·dq_t − k_t·dk_t) + T Σ S_T ⊙ dS_T:
+            # B·T·K terms that cancel to 1/300–1/1200 of their size here, so an error of 1e-4
+            # of the terms shows as 5% of the sum (an H200 gave 5.2% at head dim 64 and 2.3% at
+            # 128 against this very oracle): the error is measured against the terms' size.
+            q_, k_, dq, dk = ref[0], ref[1], grads_ref[0], grads_ref[1]
+            t = torch.arange(1, T + 1, device="cuda", dtype=torch.float32).view(1, T, 1, 1)
+            size = (t * (q_ * dq).abs() + t * (k_ * dk).abs()).sum((0, 1, 3))
+            size = size + T * s_ref.detach().abs().sum((0, 2, 3))  # dS_T = 1
+            assert ((g - g_ref).abs() / size).max() < 1e-3
+        else:
+            assert _relative_error(g, g_ref) < 1e-2
 
 
 @pytest.mark.gpu
