@@ -320,6 +320,22 @@ def convert(
 
 
 @app.command()
+def reshard(
+    checkpoint: Annotated[Path, typer.Argument(help="A run's checkpoint, RUN/checkpoints/step-N.")],
+    out: Annotated[Path, typer.Argument(help="The new checkpoint folder (must not exist).")],
+    world_size: Annotated[int, typer.Option(help="Processes the run will resume on.")],
+) -> None:
+    """Rewrite a training checkpoint (sharded or full) as a full one for another number of
+    processes; resume the run from it with `--resume OUT` (`python -m zoo.train_state
+    reshard` is the same)."""
+    from zoo.train_state import reshard as reshard_checkpoint
+
+    written = reshard_checkpoint(checkpoint, out, world_size)
+    typer.echo(f"wrote {written}: a full checkpoint for {world_size} process(es); resume with "
+               f"--resume {written}")  # fmt: skip
+
+
+@app.command()
 def describe(
     model: Annotated[
         str | None,

@@ -9,6 +9,12 @@ causal LM adds the load-balancing and z-losses to its loss.
 
 Families are presets of `ZooConfig` and differ only in the mixers they stack; the classes at the
 end of this file only bind a preset's config class, so that the Auto classes can find them.
+
+Context parallelism (`zoo.parallel.context`): inside `with context_parallel(group):` the model is
+called on its rank's span (B, T/P) of the sequence. Per-token layers need nothing; the context
+carries the group and the span's offset (positions are global) and every sequence mixer brings
+in what earlier spans contribute. The causal LM loss and the router losses are those of the
+whole sequence (see `ZooForCausalLM.forward`). No cache and no padding there: it trains only.
 """
 
 from __future__ import annotations
@@ -54,6 +60,9 @@ from zoo.layers import build_channel_mixer, build_sequence_mixer
 from zoo.layers.context import MixerContext
 from zoo.layers.moe import Experts, Router, router_losses
 from zoo.layers.norm import build_norm
+from zoo.parallel.batch import count_over_ranks, shift_labels_over_ranks
+from zoo.parallel.context import ContextParallel, current
+from zoo.parallel.expert import sum_over_ranks
 from zoo.remote import write_remote_code
 
 logger = logging.getLogger(__name__)
@@ -228,6 +237,14 @@ class ZooModel(ZooPreTrainedModel):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        cp = current()
+        if cp is not None:
+            if cache is not None or use_cache:
+                raise ValueError(
+                    "context parallelism splits one sequence for training and runs without a "
+                    "cache; decode outside context_parallel (use_cache=False here)"
+                )
+            use_cache = False
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if not use_cache:
             cache = None
@@ -246,7 +263,7 @@ class ZooModel(ZooPreTrainedModel):
         if cache is not None and position_ids is None and not all(cache.is_linear):
             past_len = cache.get_seq_length()
         context = MixerContext.build(
-            attention_mask, position_ids, batch, seq_len, past_len, inputs_embeds.device
+            attention_mask, position_ids, batch, seq_len, past_len, inputs_embeds.device, cp
         )
         context.parameters = {name: getattr(self, name) for name in self.mixer_parameter_specs()}
         if self.gradient_checkpointing and self.training and self.config.kv_source:
@@ -282,6 +299,10 @@ class ZooModel(ZooPreTrainedModel):
 
 class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    router_loss_group: Any = None
+    """The process group whose ranks share one global batch, over which a MoE model's router
+    losses are taken (`zoo.layers.moe.router_losses`); None: this process's tokens alone, or
+    under context parallelism the context-parallel group. A trainer sets it on the instance."""
 
     def __init__(self, config: ZooConfig) -> None:
         super().__init__(config)
@@ -307,6 +328,19 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         """Next-token logits; with `labels` (same shape as input_ids, -100 = ignore), the loss.
 
         Labels are shifted inside, as in transformers: position t is scored on token t + 1.
+        Already shifted targets may come as `shift_labels=` instead, and `num_items_in_batch=`
+        makes the loss a sum over tokens divided by that count (transformers' loss arguments).
+
+        Under context parallelism (`zoo.parallel.context.context_parallel`; input_ids are this
+        rank's span): `labels` are the span's own, and the last one is scored on the next rank's
+        first label (one exchange), or `shift_labels` and `num_items_in_batch` come from
+        `zoo.parallel.batch.shard_causal_batch`. The mean is over every scored token of every
+        rank (the count is all-reduced unless given). The returned `loss` is the whole
+        sequence's on every rank, the same value as one process, and its backward is this
+        rank's share (its tokens' terms, `zoo.parallel.expert.sum_over_ranks`): summing each
+        parameter's gradient over the group gives the one-process gradient, and the loss is
+        logged as it is, not summed again over the group.
+
         A model with MoE layers returns `MoeCausalLMOutputWithPast`: with labels, its loss
         includes `router_aux_loss_coef` × the load-balancing loss (`aux_loss`) and
         `router_z_loss_coef` × the router z-loss, whatever `output_router_logits` says (unlike
@@ -329,11 +363,11 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden_states = hidden_states[:, logits_to_keep]
         logits = self.lm_head(hidden_states)
+        cp = current()
         loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
-            )
+        shift_labels = kwargs.pop("shift_labels", None)
+        if labels is not None or shift_labels is not None:
+            loss = self._lm_loss(logits, labels, shift_labels, cp, kwargs)
         if not self.config.has_moe:
             return CausalLMOutputWithPast(
                 loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
@@ -345,11 +379,16 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             else output_router_logits
         )
         aux_loss = None
-        if labels is not None or output_router_logits:
+        if loss is not None or output_router_logits:
             token_mask = None
             if attention_mask is not None:  # the current tokens' columns
                 token_mask = attention_mask[:, -outputs.last_hidden_state.shape[1] :].bool()
-            aux_loss, router_loss = router_losses(outputs.router_logits, self.config, token_mask)
+            group = self.router_loss_group
+            if group is None and cp is not None:
+                group = cp.group
+            aux_loss, router_loss = router_losses(
+                outputs.router_logits, self.config, token_mask, group
+            )
             if loss is not None:
                 loss = loss + router_loss.to(loss.device)
         return MoeCausalLMOutputWithPast(
@@ -360,6 +399,36 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             router_logits=outputs.router_logits if output_router_logits else None,
         )
+
+    def _lm_loss(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor | None,
+        shift_labels: torch.Tensor | None,
+        cp: ContextParallel | None,
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """The causal LM loss (see `forward`), through transformers' `loss_function`."""
+        vocab_size = self.config.vocab_size
+        if shift_labels is not None:  # transformers' loss views it flat
+            shift_labels = shift_labels.contiguous()
+        if cp is None:
+            return self.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=vocab_size,
+                shift_labels=shift_labels,
+                **kwargs,
+            )
+        ignore_index = kwargs.get("ignore_index", -100)
+        if shift_labels is None:
+            shift_labels = shift_labels_over_ranks(labels, cp, ignore_index)
+        if kwargs.get("num_items_in_batch") is None:
+            kwargs["num_items_in_batch"] = count_over_ranks(shift_labels, cp, ignore_index)
+        share = self.loss_function(
+            logits=logits, labels=None, vocab_size=vocab_size, shift_labels=shift_labels, **kwargs
+        )
+        return sum_over_ranks(share, cp.group)
 
 
 _FAMILY_CLASSES: dict[type[ZooConfig], tuple[type[ZooModel], type[ZooForCausalLM]]] = {}

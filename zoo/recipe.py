@@ -2,8 +2,9 @@
 
 A recipe names a model (a family preset, a named size or a layer pattern, plus config
 overrides), the data, the tokenizer, the optimizer and its schedule, the token budget, batch and
-sequence length, precision, and the log/eval/checkpoint intervals. `base: other.yaml` (relative
-to the file) inherits another recipe; keys given here win, nested sections merge key by key.
+sequence length, precision, the log/eval/checkpoint intervals, and how the processes split
+(`parallel:`, `zoo.parallel.mesh`). `base: other.yaml` (relative to the file) inherits another
+recipe; keys given here win, nested sections merge key by key.
 Command-line overrides are dotted `key=value` pairs parsed as YAML scalars, e.g.
 `training.steps=20 optimizer.lr=1e-3 model.overrides.hidden_size=64`.
 
@@ -33,6 +34,7 @@ from pydantic import (
 from zoo import registry
 from zoo.configuration import HybridConfig, ZooConfig
 from zoo.data import CorpusConfig
+from zoo.parallel.mesh import ParallelSizes, resolve_sizes
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -166,6 +168,27 @@ class TrainingSection(_Section):
         return self
 
 
+class ParallelSection(_Section):
+    """How the processes of a run split (`zoo.parallel.mesh`), in accelerate's
+    `ParallelismConfig` names: dp_replicate × dp_shard × cp must equal the world size, and
+    ep_size divides dp_shard × cp. The defaults are plain data parallelism over every process.
+    The mesh only changes how the same step is computed, so a resumed run may change it freely
+    (a sharded checkpoint then needs `python -m zoo.train_state reshard` first)."""
+
+    dp_replicate_size: int | None = Field(
+        None, ge=1, description="data-parallel replicas; None: what the other dims leave"
+    )
+    dp_shard_size: int = Field(
+        1, ge=1, description="FSDP2: ranks each replica shards parameters, gradients and "
+        "optimizer state over (> 1 turns it on; HSDP with dp_replicate_size > 1)",
+    )  # fmt: skip
+    cp_size: int = Field(1, ge=1, description="context parallel: ranks one sequence is split over")
+    ep_size: int = Field(
+        1, ge=1, description="expert parallel: ranks the experts of a MoE layer are split over "
+        "(taken from the dp_shard × cp ranks)",
+    )  # fmt: skip
+
+
 class LoggingSection(_Section):
     log_every: int = Field(10, gt=0)
     eval_every: int | None = Field(None, gt=0, description="None: only at the end")
@@ -183,6 +206,7 @@ class Recipe(_Section):
     schedule: ScheduleSection = ScheduleSection()
     training: TrainingSection
     logging: LoggingSection = LoggingSection()
+    parallel: ParallelSection = ParallelSection()
     output_dir: Path
     source: str | None = Field(None, description="the file it was read from (set on load)")
 
@@ -223,15 +247,40 @@ class Recipe(_Section):
         except (ValueError, TypeError) as error:
             raise RecipeError(f"{self.source}: model: {error}") from None
 
+    def parallel_sizes(self, world_size: int, config: ZooConfig | None = None) -> ParallelSizes:
+        """The `parallel:` sizes for `world_size` processes, checked against the world size,
+        `training.seq_len` and, with the model's `config`, its number of experts; a misfit is
+        a one-line `RecipeError` naming the key."""
+        p = self.parallel
+        num_experts = None
+        if config is not None:
+            num_experts = config.num_experts if config.has_moe else 0
+        try:
+            sizes = resolve_sizes(
+                world_size, p.dp_replicate_size, p.dp_shard_size, p.cp_size, p.ep_size,
+                num_experts,
+            )  # fmt: skip
+        except ValueError as error:
+            raise RecipeError(f"{self.source}: {error}") from None
+        if self.training.seq_len % sizes.cp:
+            raise RecipeError(
+                f"{self.source}: parallel.cp_size={sizes.cp}: training.seq_len="
+                f"{self.training.seq_len} is not divisible by it"
+            )
+        return sizes
+
     def plan(self, world_size: int = 1) -> TrainingPlan:
-        """Steps, gradient accumulation and token counts for `world_size` processes."""
+        """Steps, gradient accumulation and token counts for `world_size` processes (of which
+        world_size ÷ parallel.cp_size read different batches)."""
         t = self.training
-        per_micro_step = t.micro_batch_size * t.seq_len * world_size
+        data_parallel = self.parallel_sizes(world_size).dp
+        per_micro_step = t.micro_batch_size * t.seq_len * data_parallel
         if t.global_batch_tokens % per_micro_step:
             raise RecipeError(
                 f"{self.source}: training.global_batch_tokens={t.global_batch_tokens} is not a "
-                f"multiple of training.micro_batch_size × training.seq_len × processes = "
-                f"{t.micro_batch_size} × {t.seq_len} × {world_size} = {per_micro_step}"
+                f"multiple of training.micro_batch_size × training.seq_len × data-parallel "
+                f"processes = {t.micro_batch_size} × {t.seq_len} × {data_parallel} = "
+                f"{per_micro_step}"
             )
         steps = t.steps if t.steps is not None else math.ceil(t.tokens / t.global_batch_tokens)
         s = self.schedule
@@ -252,6 +301,7 @@ class TrainingPlan:
     accumulation: int
     """Micro-batches per process per optimizer step."""
     world_size: int
+    """Processes (ranks of a context-parallel group share each micro-batch)."""
     warmup_steps: int
     tokens: int
     sequences_per_step: int

@@ -5,15 +5,34 @@
 
 One optimizer step = `accumulation` micro-batches per process (gradients synchronised only on
 the last), the loss averaged over them, gradient clipping, AdamW (weight decay on matrices
-only), the learning rate of `zoo.recipe.lr_factor`. Everything else is accelerate's: devices,
-DDP/FSDP wrapping, mixed precision, and checkpoints (`Accelerator.save_state`: model weights in
-safetensors; optimizer, scheduler, RNG and our data position in accelerate's own files).
+only), the learning rate of `zoo.recipe.lr_factor`. accelerate launches the processes and gives
+each its rank, world and device; it wraps the model in DDP (or in its own FSDP, with an
+accelerate FSDP config) and runs mixed precision.
 
-Checkpoints are atomic: `save_state` writes `checkpoints/.tmp-step-N` and only a complete one is
-renamed to `checkpoints/step-N`, then older ones beyond `keep_last` are removed. A run killed at
-any moment resumes (`--resume auto`, the default) from the newest complete checkpoint and
-continues bit for bit as if it had never stopped (fp32 on CPU; the data order, RNG and optimizer
-state are all restored). Resuming refuses a checkpoint whose model or batch settings differ.
+FSDP2 of our own (`zoo.parallel`): when the recipe's `parallel.dp_shard_size` × `cp_size` is
+above 1, on any device, the model is not given to accelerate: `zoo.parallel.fsdp.apply_fsdp`
+shards it with `fully_shard` on the recipe's mesh (HSDP with `parallel.dp_replicate_size` > 1),
+gradients are reduce-scattered on every micro-batch, clipped over the whole mesh, checkpoints are
+written sharded (`zoo.train_state`) and the final model is gathered to rank 0. The parallel
+sizes are checked against the world size when the run starts.
+
+Context parallelism (`parallel.cp_size` > 1): the ranks of a context-parallel group read the
+same batch, and each runs the model on its span of the sequence (`zoo.parallel.context`; labels
+shifted over the whole sequence by `zoo.parallel.batch.shard_causal_batch`); its backward is its
+span's share of the loss, scaled by cp so that FSDP's mean over all ranks is the data-parallel
+mean. Expert parallelism (`parallel.ep_size` > 1): every MoE layer's experts are sharded over the
+expert-parallel group (`zoo.parallel.expert`, inside `apply_fsdp`); the final model gathers
+them whole; its checkpoints are not written yet (the run refuses `logging.checkpoint_every`).
+Router losses are each micro-batch's own (over its whole sequence under context parallelism),
+as in one process with the same micro-batches.
+
+Checkpoints (`zoo.train_state`: safetensors and JSON, nothing pickled) are atomic: written to
+`checkpoints/.tmp-step-N` and renamed to `checkpoints/step-N` when complete, then older ones
+beyond `keep_last` are removed. A run killed at any moment resumes (`--resume auto`, the
+default) from the newest checkpoint that verifies and continues bit for bit as if it had never
+stopped (fp32 on CPU, same processes and mesh; the data order, RNG and optimizer state are all
+restored). Resuming refuses a checkpoint whose model or batch settings differ, or that another
+number of processes wrote: `python -m zoo.train_state reshard` converts it first.
 
 Outputs in `output_dir`: `metrics.jsonl` (one record per logged step and per eval),
 `tensorboard/` (when installed), `loss.png`, `checkpoints/`, and `final/`: `save_pretrained`
@@ -40,6 +59,8 @@ import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
 
@@ -57,7 +78,12 @@ from zoo.data import (
     synthetic_documents,
 )
 from zoo.flops import model_flops
-from zoo.layers.moe import expert_load, load_imbalance, router_losses
+from zoo.layers.moe import Experts, expert_load, load_imbalance, router_losses
+from zoo.parallel.batch import shard_windows
+from zoo.parallel.context import context_parallel, shard_sequence
+from zoo.parallel.expert import whole_expert_weights
+from zoo.parallel.fsdp import apply_fsdp, blocks_of, clip_grad_norm, expert_gradients_to_mean
+from zoo.parallel.mesh import Mesh, build_mesh, format_groups, memory_per_rank
 from zoo.recipe import Recipe, RecipeError, load_recipe, lr_factor
 from zoo.run_guard import RunInUseError, RunLock, StopSignals, TrainingStopped
 from zoo.tokenizer import load_tokenizer
@@ -118,11 +144,16 @@ def peak_flops(device: torch.device, recipe: Recipe) -> float | None:
 
 
 def build_data(
-    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, accelerator: Accelerator
+    recipe: Recipe,
+    tokenizer: PreTrainedTokenizerBase,
+    accelerator: Accelerator,
+    data_rank: tuple[int, int] | None = None,
 ) -> tuple[PackedSequences | StreamedSequences, Any]:
-    """The training micro-batches of this process and the held-out stream (or None)."""
+    """The training micro-batches of this process and the held-out stream (or None);
+    `data_rank` = (index, count) among the processes that read different batches (the
+    mesh's data-parallel group), by default (process index, number of processes)."""
     data, t = recipe.data, recipe.training
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world = data_rank or (accelerator.process_index, accelerator.num_processes)
     if data.source == "synthetic":
         corpus = CorpusConfig(
             seed=data.synthetic.seed,
@@ -228,16 +259,18 @@ class Checkpoints:
         step: int,
         parts: tuple[torch.nn.Module, torch.optim.Optimizer, Any, Any],
         meta: dict[str, Any],
+        mesh: Mesh | None = None,
     ) -> Path:
         """Write (model, optimizer, scheduler, data position) at `step` under a temporary name
-        and rename it when whole; then drop checkpoints beyond `keep_last`."""
+        and rename it when whole; then drop checkpoints beyond `keep_last`. With the `mesh` of
+        a sharded model, each shard writes its own pieces (`zoo.train_state`)."""
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".tmp-step-{step:08d}"
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        train_state.save(tmp, accelerator, *parts, meta)
+        train_state.save(tmp, accelerator, *parts, meta, mesh=mesh)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
@@ -252,7 +285,8 @@ class Checkpoints:
 
 # Recipe sections a resumed run continues with: a change there changes the run (its schedule,
 # its batches, its data), so resuming with one needs `allow_changes` (`--allow-changes`). The
-# logging intervals, the output folder and the source file may change freely.
+# logging intervals, the output folder, the source file and the mesh (`parallel`: how the same
+# step is computed) may change freely.
 _RESUME_SECTIONS = ("optimizer", "schedule", "training", "data", "tokenizer")
 
 
@@ -278,7 +312,8 @@ def check_resumable(
     allow_changes: bool = False,
 ) -> list[str]:
     """Refuse a checkpoint this recipe cannot continue, naming what differs: another model or
-    process count always, changed recipe settings unless `allow_changes`; returns those."""
+    process count always (naming the re-shard command that converts it), changed recipe
+    settings unless `allow_changes`; returns those."""
     where = f"{recipe.source}: cannot resume from {saved.get('path')}"
     if saved["model_config"] != config:
         keys = sorted(
@@ -290,7 +325,9 @@ def check_resumable(
     if saved["world_size"] != world_size:
         raise RecipeError(
             f"{where}: it was written by {saved['world_size']} processes, this run has "
-            f"{world_size} (the data order depends on it)"
+            f"{world_size} (the data order and the shards depend on it); re-shard it first: "
+            f"{train_state.reshard_command(saved.get('path'), world_size)}, then resume with "
+            "--resume OUT"
         )
     changes = recipe_changes(saved["recipe"], recipe.model_dump(mode="json"))
     if changes and not allow_changes:
@@ -400,26 +437,46 @@ def plot_loss(metrics_path: Path, out: Path, title: str) -> Path | None:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, stream: Any, recipe: Recipe, accelerator: Accelerator
+    model: torch.nn.Module,
+    stream: Any,
+    recipe: Recipe,
+    accelerator: Accelerator,
+    mesh: Mesh | None = None,
 ) -> float:
     """Mean next-token cross-entropy over the first eval_batches × micro_batch_size held-out
-    windows (without the MoE aux losses), split across processes."""
+    windows (without the MoE aux losses), split across the data-parallel ranks (each
+    context-parallel group shares its windows and splits every one over the sequence). Every
+    process runs the same number of forwards (a sharded model gathers its parameters in each);
+    one with fewer windows repeats its first batch and does not count it."""
     t = recipe.training
-    windows = []
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if mesh is not None:
+        rank, world = mesh.data_rank
+    cp_group = mesh.groups["cp"] if mesh is not None else None
+    windows: list[list[torch.Tensor]] = [[] for _ in range(world)]
     for i, window in enumerate(sequential_windows(torch.as_tensor(stream[:]), t.seq_len)):
         if i == recipe.logging.eval_batches * t.micro_batch_size:
             break
-        if window.shape[1] == t.seq_len + 1 and i % accelerator.num_processes == (
-            accelerator.process_index
-        ):
-            windows.append(window[0])
+        if window.shape[1] == t.seq_len + 1:
+            windows[i % world].append(window[0])
+    mine = windows[rank]
+    forwards = max(math.ceil(len(w) / t.micro_batch_size) for w in windows)
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     was_training = model.training
     model.eval()
-    for start in range(0, len(windows), t.micro_batch_size):
-        batch = torch.stack(windows[start : start + t.micro_batch_size]).to(accelerator.device)
-        logits = model(input_ids=batch[:, :-1], use_cache=False).logits
-        targets = batch[:, 1:]
+    for n in range(forwards):
+        start = n * t.micro_batch_size
+        rows = mine[start : start + t.micro_batch_size] or mine[: t.micro_batch_size]
+        if not rows:  # no window at all here: a sharded model still needs this forward
+            rows = [w for ws in windows for w in ws][: t.micro_batch_size]
+        batch = torch.stack(rows).to(accelerator.device)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        with context_parallel(cp_group) as cp:
+            if cp is not None:  # this rank's span of the inputs and of their targets
+                inputs, targets = shard_sequence(inputs, cp), shard_sequence(targets, cp)
+            logits = model(input_ids=inputs.contiguous(), use_cache=False).logits
+        if start >= len(mine):
+            continue
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
         total[0] += loss.double()
         total[1] += targets.numel()
@@ -565,22 +622,42 @@ def _train(
             "nothing to do (--resume never trains it again)"
         )
         return done
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and (
-        accelerator.distributed_type.value != "FSDP"
+    world = accelerator.num_processes
+    sizes = recipe.parallel_sizes(world)
+    if sizes.ep > 1 and log.checkpoint_every:
+        raise RecipeError(
+            f"{recipe.source}: parallel.ep_size={sizes.ep}: checkpoints of expert-parallel runs "
+            "are not written yet; set logging.checkpoint_every=null (the final model is saved "
+            "whole) or parallel.ep_size=1"
+        )
+    if sizes.fsdp and t.precision == "fp16" and accelerator.device.type == "cuda":
+        raise RecipeError(
+            f"{recipe.source}: parallel.dp_shard_size={sizes.dp_shard}: training.precision=fp16 "
+            "needs a loss scaler, which the FSDP2 path does not have; use bf16"
+        )
+    if (
+        not sizes.fsdp
+        and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        and accelerator.distributed_type.value != "FSDP"
     ):
         echo(
             f"warning: FSDP was requested but accelerate runs {accelerator.distributed_type.value}"
-            f" on {accelerator.device.type} (accelerate has no FSDP on the CPU)"
+            f" on {accelerator.device.type} (accelerate has no FSDP on the CPU; "
+            "parallel.dp_shard_size > 1 runs zoo's own FSDP2 there)"
         )
-    plan = recipe.plan(accelerator.num_processes)
+    plan = recipe.plan(world)
     set_seed(t.seed)
     tokenizer = load_tokenizer(recipe.tokenizer)
     if model is None:
         model = AutoModelForCausalLM.from_config(recipe.build_config(tokenizer))
+    if hasattr(model.config, "has_moe"):  # a zoo model: check ep_size against its experts
+        recipe.parallel_sizes(world, model.config)
     config_dict = _model_config_dict(model)
     if flops_per_token is None:
         flops_per_token = model_flops(model, t.seq_len).train_per_token
-    batches, heldout = build_data(recipe, tokenizer, accelerator)
+    mesh = build_mesh(sizes, accelerator.device.type) if sizes.fsdp else None
+    batches, heldout = build_data(recipe, tokenizer, accelerator, mesh and mesh.data_rank)
+    cp_group = mesh.groups["cp"] if mesh is not None else None
 
     checkpoints = Checkpoints(output_dir, log.keep_last)
     resume_from = None
@@ -592,6 +669,9 @@ def _train(
     elif main and (output_dir / FINISHED_FILE).is_file():
         (output_dir / FINISHED_FILE).unlink()
 
+    model_name = type(model).__name__  # fully_shard renames the class (FSDP<name>)
+    if mesh is not None:  # sharded before the optimizer sees the parameters
+        model = apply_fsdp(model.to(accelerator.device), mesh, t.precision)
     fused = recipe.optimizer.fused
     if fused is None:
         fused = accelerator.device.type == "cuda"
@@ -607,17 +687,17 @@ def _train(
     )
     # The scheduler is ours, not prepared: accelerate's wrapper would step it once per process
     # (it assumes schedules written in single-process steps); ours counts optimizer steps.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # A model sharded by zoo.parallel is not accelerate's to wrap.
+    if mesh is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
     parts = (model, optimizer, scheduler, batches)
 
     start_step, tokens_before = 0, 0
     if resume_from is not None:
         saved = train_state.read_state(resume_from)
         saved["path"] = str(resume_from)
-        changes = check_resumable(
-            saved, recipe, config_dict, accelerator.num_processes, allow_changes
-        )
-        train_state.load(resume_from, accelerator, *parts)
+        changes = check_resumable(saved, recipe, config_dict, world, allow_changes)
+        train_state.load(resume_from, accelerator, *parts, mesh=mesh)
         start_step, tokens_before = saved["step"], saved["tokens"]
         echo(f"resuming from {resume_from} (step {start_step})")
         for change in changes:
@@ -633,17 +713,19 @@ def _train(
     moe_top_k = getattr(unwrapped.config, "num_experts_per_tok", 0)
     has_moe = bool(getattr(unwrapped.config, "has_moe", False))
     echo(
-        f"{type(unwrapped).__name__}: {unwrapped.num_parameters() / 1e6:.2f}M parameters, "
+        f"{model_name}: {unwrapped.num_parameters() / 1e6:.2f}M parameters, "
         f"{plan.steps} steps × {t.global_batch_tokens:,} tokens, {plan.accumulation} "
         f"micro-batches of {t.micro_batch_size} × {t.seq_len} on each of "
         f"{accelerator.num_processes} process(es), {flops_per_token / 1e6:.1f} MFLOPs/token"
     )
+    if mesh is not None:
+        echo(f"FSDP2 (zoo.parallel) on the mesh {sizes.describe()}")
 
     def checkpoint_meta(step: int, tokens: int) -> dict[str, Any]:
         return {
             "step": step,
             "tokens": tokens,
-            "world_size": accelerator.num_processes,
+            "world_size": world,
             "recipe": recipe.model_dump(mode="json"),
             "model_config": config_dict,
         }
@@ -674,12 +756,19 @@ def _train(
             batch = next(batches).to(accelerator.device)
             last = micro == plan.accumulation - 1
             want_router = has_moe and logging_step and last
-            # Gradients are all-reduced on the last micro-batch only.
-            context = accelerator.no_sync(model) if not last else contextlib.nullcontext()
-            with context:
+            # DDP all-reduces gradients on the last micro-batch only; FSDP2 reduce-scatters
+            # them on every one (they stay sharded).
+            context = contextlib.nullcontext()
+            if not last and mesh is None:
+                context = accelerator.no_sync(model)
+            with context, context_parallel(cp_group) as cp:
                 kwargs = {"output_router_logits": True} if want_router else {}
-                out = model(input_ids=batch, labels=batch, use_cache=False, **kwargs)
-                accelerator.backward(out.loss / plan.accumulation)
+                # T inputs, T targets (this rank's span of both under context parallelism)
+                out = model(**shard_windows(batch, cp), use_cache=False, **kwargs)
+                if mesh is None:
+                    accelerator.backward(out.loss / plan.accumulation)
+                else:  # a context-parallel rank's backward is its span's share: × cp (fsdp.py)
+                    (out.loss * sizes.cp / plan.accumulation).backward()
             step_loss += out.loss.detach() / plan.accumulation
             if want_router:
                 aux_loss, router_logits = out.aux_loss, out.router_logits
@@ -689,8 +778,12 @@ def _train(
                 f"loss is {step_loss.item()} at step {step + 1}; nothing was updated with it "
                 f"(last checkpoint: {last_checkpoint()}; lower optimizer.lr and rerun to resume)"
             )
+        if mesh is not None:
+            expert_gradients_to_mean(model, mesh)
         grad_norm = None
-        if t.grad_clip is not None:
+        if t.grad_clip is not None and mesh is not None:  # the norm over the whole mesh
+            grad_norm = clip_grad_norm(model, t.grad_clip, mesh)
+        elif t.grad_clip is not None:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -729,7 +822,7 @@ def _train(
         if heldout is not None and (
             (log.eval_every and (step + 1) % log.eval_every == 0) or last_step
         ):
-            eval_loss = evaluate(model, heldout, recipe, accelerator)
+            eval_loss = evaluate(model, heldout, recipe, accelerator, mesh)
             metrics.log({"step": step + 1, "tokens": tokens, "eval_loss": eval_loss})
         stopping = _stop_requested(stop, accelerator)
         due = log.checkpoint_every and ((step + 1) % log.checkpoint_every == 0 or last_step)
@@ -740,7 +833,7 @@ def _train(
                     f"written after {last_checkpoint()} (lower optimizer.lr and rerun to resume)"
                 )
             written = checkpoints.save(
-                accelerator, step + 1, parts, checkpoint_meta(step + 1, tokens)
+                accelerator, step + 1, parts, checkpoint_meta(step + 1, tokens), mesh
             )
             if stopping:
                 bar.close()
@@ -760,7 +853,14 @@ def _train(
     accelerator.wait_for_everyone()
     if save_final:
         final_dir = output_dir / "final"
-        state_dict = accelerator.get_state_dict(model)
+        if mesh is None:
+            state_dict = accelerator.get_state_dict(model)
+        else:  # every rank sends its shards; rank 0 gets the whole model, on the CPU
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state_dict = get_model_state_dict(model, options=options)
+            if sizes.ep > 1:  # each expert-parallel rank's experts, gathered whole
+                whole = {k: v.cpu() for k, v in whole_expert_weights(model).items()}
+                state_dict.update(whole if main else {})
         if main:
             unwrapped = accelerator.unwrap_model(model)
             unwrapped.generation_config = GenerationConfig(
@@ -794,9 +894,18 @@ def _train(
 
 
 def parameters_finite(model: torch.nn.Module) -> bool:
-    """Whether every parameter is finite (one reduction per tensor, one host sync in all)."""
-    checks = [torch.isfinite(p).all() for p in model.parameters() if p.is_floating_point()]
-    return bool(torch.stack(checks).all()) if checks else True
+    """Whether every parameter is finite (one reduction per tensor, one host sync in all). A
+    sharded model's processes check their own shards and agree over the whole job, so all of
+    them answer the same (every process must call this)."""
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    sharded = any(isinstance(p, DTensor) for p in params)
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+    finite = torch.stack([torch.isfinite(p).all() for p in local]).all() if local else None
+    if not sharded:
+        return True if finite is None else bool(finite)
+    flag = finite.to(torch.int32)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag)
 
 
 def _stop_requested(stop: StopSignals, accelerator: Accelerator) -> int | None:
@@ -833,13 +942,53 @@ def train_recipe_file(recipe_path: str, threads: int) -> dict[str, Any]:
     return record
 
 
+def memory_plan(
+    recipe: Recipe, world_size: int, model: torch.nn.Module | None = None
+) -> dict[str, Any]:
+    """Bytes per rank of `recipe` trained by `world_size` processes on its `parallel:` mesh:
+    parameters, gradients and optimizer state (sharded over dp_shard × cp under FSDP, experts
+    over ep), activations at the recipe's seq_len / cp_size and micro-batch, FSDP's gathered
+    blocks (`zoo.parallel.mesh.memory_per_rank` states the formula); `model` defaults to the
+    recipe's, built on the meta device (free). E.g. a long-context plan:
+
+        recipe = load_recipe(path, ["training.seq_len=131072", "parallel.cp_size=8"])
+        memory_plan(recipe, world_size=8)["total_gib"]
+    """
+    t = recipe.training
+    if model is None:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(recipe.build_config())
+    config = model.config
+    sizes = recipe.parallel_sizes(world_size, config)
+
+    def count(params: Iterator[torch.nn.Parameter]) -> int:
+        return sum(p.numel() for p in {id(p): p for p in params}.values())
+
+    experts = [m.parameters() for m in model.modules() if isinstance(m, Experts)]
+    return memory_per_rank(
+        sizes,
+        parameters=model.num_parameters(),
+        expert_parameters=count(p for params in experts for p in params),
+        largest_block_parameters=max(count(b.parameters()) for b in blocks_of(model)),
+        hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers,
+        vocab_size=config.vocab_size,
+        seq_len=t.seq_len,
+        micro_batch_size=t.micro_batch_size,
+        precision=t.precision,
+    )
+
+
 def dry_run(recipe: Recipe, world_size: int = 1) -> dict[str, Any]:
-    """What a recipe would do, without data or training: parameters, tokens, FLOPs, steps.
-    The model is built on the meta device, so a 7B recipe costs nothing."""
+    """What a recipe would do, without data or training: parameters, tokens, FLOPs, steps, the
+    mesh of its `parallel:` sizes (checked against `world_size`; each group's ranks) and the
+    memory per rank (`memory_plan`). The model is built on the meta device, so a 7B recipe
+    costs nothing."""
     plan = recipe.plan(world_size)
     config = recipe.build_config()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    sizes = recipe.parallel_sizes(world_size, config)
     flops = model_flops(model, recipe.training.seq_len)
     total_flops = flops.train_per_token * plan.tokens
     return {
@@ -856,6 +1005,10 @@ def dry_run(recipe: Recipe, world_size: int = 1) -> dict[str, Any]:
         "train_flops": total_flops,
         "train_pflops_days": total_flops / 8.64e19,
         "state_size": model.state_size(1, recipe.training.seq_len),
+        "mesh": {**dataclasses.asdict(sizes), "fsdp": sizes.fsdp},
+        "mesh_groups": format_groups(sizes),
+        "memory": memory_plan(recipe, world_size, model),
+        "tokens_per_step": recipe.training.global_batch_tokens,
     }
 
 
@@ -870,10 +1023,23 @@ def format_dry_run(report: dict[str, Any]) -> str:
         + (f", sparsity {report['sparsity']:.3f}" if report["sparsity"] else ""),
         f"tokens        {plan['tokens']:,} in {plan['steps']:,} steps of "
         f"{plan['sequences_per_step']:,} sequences ({plan['accumulation']} micro-batches per "
-        f"process × {plan['world_size']} processes), warmup {plan['warmup_steps']:,} steps",
+        f"process × {plan['world_size'] // report['mesh']['cp']} data-parallel processes), "
+        f"warmup {plan['warmup_steps']:,} steps",
         f"FLOPs/token   {report['forward_flops_per_token'] / 1e9:,.3f} G forward, "
         f"{report['train_flops_per_token'] / 1e9:,.3f} G training",
         f"train FLOPs   {report['train_flops']:.3e} ({report['train_pflops_days']:,.2f} PF-days)",
+    ]
+    mesh, memory = report["mesh"], report["memory"]
+    sharding = f"FSDP2 over {mesh['dp_shard'] * mesh['cp']} ranks" if mesh["fsdp"] else "no FSDP"
+    lines.append(f"mesh          {memory['mesh']}: {sharding}")
+    lines += [f"  {line}" for line in report["mesh_groups"]]
+    gib = {k: v / 2**30 for k, v in memory["bytes"].items()}
+    lines += [
+        f"memory/rank   {memory['total_gib']:,.2f} GiB: "
+        + ", ".join(f"{k.replace('_', ' ')} {v:,.2f}" for k, v in gib.items())
+        + " (GiB; no activation checkpointing)",
+        f"tokens/step   {report['tokens_per_step']:,} in all; {memory['tokens_per_rank']:,} per "
+        "rank per micro-batch",
     ]
     return "\n".join(lines)
 

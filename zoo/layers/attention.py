@@ -11,6 +11,26 @@ Cross-layer K/V sharing (`ZooConfig.kv_source`; Brandon et al., arXiv 2405.12981
 feature-group sharing): a reading layer has no k/v projections and no cache of its own; it attends
 with its own queries over the keys and values its source layer computed (and cached) in the same
 forward, which the source leaves in `MixerContext.shared_kv`. Its decode cache is empty.
+
+Context parallelism (`MixerContext.cp`: this rank holds the span [offset, offset + T) of a
+sequence of P·T tokens): the span's keys and values, rotated at their global positions, are
+all-gathered over the group (`zoo.parallel.context.gather_sequence`, differentiable: the gradient
+of every gathered key goes back to the rank that owns it). The span's queries attend to the keys
+[0, offset + T), the later ones being masked for all of them anyway, with the causal mask offset
+by the span's start (query at global position offset + i sees keys j ≤ offset + i): on CUDA
+SDPA with torch's lower-right causal bias (flash attention, no mask held; K/V heads repeated for
+grouped queries, since that path takes no GQA flag; not yet run on a GPU), on the CPU an
+explicit bool mask, which SDPA's CPU path turns into a (T, offset + T) score matrix kept for the
+backward (benchmarks/parallel.py: at 2 ranks an attention layer keeps 0.93 of one process's
+activations, where one process's causal flash kernel keeps none of them). Grouped-query heads
+work as without it; a K/V-sharing layer leaves the gathered K/V in `shared_kv`, so its readers
+gather nothing. Exact, forward and backward.
+Costs per rank: memory for the keys and values of the whole sequence (2 · B · Hkv · P·T · d_h
+per layer that computes them, the all-gather's result, kept for the backward, plus the sliced
+(offset + T) copy SDPA reads), one all-gather of the span's K/V forward and a reduce-scatter of
+their gradients backward. The causal work is not balanced: rank r computes (r + 1)·T² scores, so
+the last rank does about 2P/(P + 1) times the mean and sets the step time (a zig-zag split of
+the sequence would even it out; not done).
 """
 
 from __future__ import annotations
@@ -20,12 +40,14 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from transformers.cache_utils import Cache
 
 from zoo.configuration import ZooConfig
 from zoo.flops import linear_flops
 from zoo.layers.context import MixerContext
 from zoo.layers.rotary import apply_rotary
+from zoo.parallel.context import gather_sequence
 
 
 def attention_naive(
@@ -82,10 +104,32 @@ class Attention(nn.Module):
         q, k, v = self._qkv(hidden_states, context)
         if self.kv_source is not None:
             k, v = self._source_kv(context)  # (B, Hkv, S, D): the source's cache + current
+        elif context.cp is not None:
+            if cache is not None:
+                raise ValueError("context parallelism runs without a cache")
+            k, v = gather_sequence(k, context.cp, dim=2), gather_sequence(v, context.cp, dim=2)
         elif cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         if self.shares_kv:
             context.shared_kv[self.layer_idx] = (k, v)
+        if context.cp is not None:
+            # The whole sequence's K/V: keep the keys up to the span's end, offset-causal mask.
+            end = context.offset + seq_len
+            k, v = k[:, :, :end], v[:, :, :end]
+            if q.device.type == "cuda":
+                # Lower-right causal: flash attention with no (T, offset + T) mask to hold. Its
+                # flash path takes no GQA flag, so the K/V heads are repeated first.
+                repeat = self.num_heads // self.num_kv_heads
+                k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
+                o = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=causal_lower_right(seq_len, end)
+                )
+            else:  # the CPU has no lower-right causal kernel: the bool mask, materialised
+                o = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=context.span_mask(q.device),
+                    enable_gqa=self.num_kv_heads != self.num_heads,
+                )  # fmt: skip
+            return self.o_proj(o.transpose(1, 2).reshape(batch, seq_len, -1))
         kv_len = k.shape[2]
         past_len = kv_len - seq_len
         mask, is_causal = None, False
@@ -108,16 +152,25 @@ class Attention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(batch, seq_len, -1))
 
     def reference_forward(self, hidden_states: torch.Tensor, context: MixerContext) -> torch.Tensor:
-        """The naive form over a whole sequence (no cache): explicit softmax in fp32."""
+        """The naive form over a whole sequence (no cache): explicit softmax in fp32. Under
+        context parallelism, the span's queries over the gathered keys, as `forward`."""
         batch, seq_len, _ = hidden_states.shape
         q, k, v = self._qkv(hidden_states, context)
         if self.kv_source is not None:
             k, v = self._source_kv(context)
+        elif context.cp is not None:
+            k, v = gather_sequence(k, context.cp, dim=2), gather_sequence(v, context.cp, dim=2)
         if self.shares_kv:
             context.shared_kv[self.layer_idx] = (k, v)
         groups = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        if context.key_mask is not None:
+        if context.cp is not None:
+            end = context.offset + seq_len
+            k, v = k[:, :, :end], v[:, :, :end]
+            allowed = context.span_mask(q.device)
+            bias = torch.zeros(allowed.shape, device=q.device).masked_fill(~allowed, -math.inf)
+            bias = bias.expand(batch, 1, *allowed.shape)
+        elif context.key_mask is not None:
             bias = context.attention_bias(0, seq_len, torch.float32)
         else:
             causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()

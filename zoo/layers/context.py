@@ -2,6 +2,12 @@
 
 The model builds one `MixerContext` per forward, so masks and positions are derived once, not
 once per layer.
+
+Under context parallelism (`zoo.parallel.context`: the model runs inside `context_parallel(group)`
+on its rank's span of the sequence) the context carries the group (`cp`) and the span's place in
+the whole sequence (`offset`): positions are global (offset + local position), and a mixer reads
+`cp` to fetch what earlier spans contribute to its own. Padding masks are refused there (see
+`build`).
 """
 
 from __future__ import annotations
@@ -9,8 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from zoo.layers.rotary import rotary_cos_sin
+from zoo.parallel.context import ContextParallel
 
 
 @dataclass
@@ -28,9 +36,16 @@ class MixerContext:
     shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """Keys and values (cache + current, after RoPE) of attention layers that later layers read
     (`ZooConfig.kv_source`), by layer index; filled as the forward reaches them."""
+    cp: ContextParallel | None = None
+    """The context-parallel group this forward's sequence is split over (None: not split). The
+    current tokens are then this rank's span, tokens [offset, offset + T) of the whole sequence."""
+    offset: int = 0
+    """Under context parallelism, the position of this span's first token in the whole sequence
+    (`cp.offset(T)`); 0 otherwise."""
     _bias: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(
         default_factory=dict, repr=False
     )
+    _span_mask: torch.Tensor | None = field(default=None, repr=False)
     _rotary: dict[tuple[int, float, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False
     )
@@ -44,12 +59,26 @@ class MixerContext:
         seq_len: int,
         past_len: int,
         device: torch.device,
+        cp: ContextParallel | None = None,
     ) -> MixerContext:
+        """Positions and masks of `seq_len` current tokens after `past_len` cached ones.
+
+        Under context parallelism (`cp`: the current tokens are this rank's span of the whole
+        sequence, no cache) the default positions are global, `cp.offset(seq_len)` + local
+        position; `position_ids`, when given, must be the span's global positions already. An
+        `attention_mask` with padding is refused there (every rank checks the whole group's
+        masks, so all of them raise together instead of some waiting on the others): padding is
+        what generation needs, and under context parallelism the zoo only trains, on packed rows.
+        """
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 "attention_mask must be 2-D (batch, tokens), "
                 f"got shape {tuple(attention_mask.shape)}"
             )
+        if cp is not None:
+            if past_len:
+                raise ValueError("context parallelism runs without a cache (past_len must be 0)")
+            return cls._build_span(attention_mask, position_ids, batch_size, seq_len, device, cp)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
         if position_ids is None:
@@ -62,6 +91,43 @@ class MixerContext:
             return cls(position_ids=position_ids)
         key_mask = attention_mask.bool()
         return cls(position_ids=position_ids, token_mask=key_mask[:, -seq_len:], key_mask=key_mask)
+
+    @classmethod
+    def _build_span(
+        cls,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        batch_size: int,
+        seq_len: int,
+        device: torch.device,
+        cp: ContextParallel,
+    ) -> MixerContext:
+        if attention_mask is not None:
+            # All ranks agree before any raises (one of them alone would leave the others
+            # waiting in the first layer's exchange).
+            padded = torch.tensor([0.0 if bool(attention_mask.all()) else 1.0], device=device)
+            dist.all_reduce(padded, op=dist.ReduceOp.MAX, group=cp.group)
+            if padded.item():
+                raise ValueError(
+                    "context parallelism does not support padding: the attention_mask of some "
+                    "span has zeros; pack documents into full rows instead (zoo.data), or "
+                    "run the padded batch without context_parallel"
+                )
+        offset = cp.offset(seq_len)
+        if position_ids is None:
+            position_ids = torch.arange(offset, offset + seq_len, device=device)
+            position_ids = position_ids.expand(batch_size, seq_len)
+        return cls(position_ids=position_ids, cp=cp, offset=offset)
+
+    def span_mask(self, device: torch.device) -> torch.Tensor:
+        """Under context parallelism, the causal (T, offset + T) bool mask of this span's queries
+        over the keys of the whole sequence up to the span's end: query i (global position
+        offset + i) sees key j where j ≤ offset + i. Computed once per forward."""
+        if self._span_mask is None:
+            seq_len = self.position_ids.shape[1]
+            q_pos = torch.arange(self.offset, self.offset + seq_len, device=device)[:, None]
+            self._span_mask = torch.arange(self.offset + seq_len, device=device)[None] <= q_pos
+        return self._span_mask
 
     def rotary(
         self, head_dim: int, base: float, dtype: torch.dtype

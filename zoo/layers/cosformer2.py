@@ -34,6 +34,13 @@ positions never cost fp32 precision in cos/sin. Decode state: H × 2d_h × d_h f
 
 Padding never enters the state: k and v of padded tokens are zeroed (their LRPE is then moot) and
 a padded token neither sets a row's origin nor advances it.
+
+Under context parallelism (`zoo.parallel.scan.recurrent_group`; never with a cache) each rank runs
+its span with `zoo.parallel.scan.lightning_cp` (no decay): the op from a zero state, one all-gather
+of the spans' final states, their sum read out into this span's outputs; exact in forward and
+backward. There the positions are `context.position_ids` as given, not rebased on the call's first
+real token (which is on another rank): they must be the whole sequence's positions of this span, so
+that every span's keys are in one frame (only differences matter, as in `reference_forward`).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from zoo.flops import linear_flops
 from zoo.kernels.lightning import lightning, lightning_naive
 from zoo.layers.context import MixerContext
 from zoo.layers.lightning import LightningAttention
+from zoo.parallel.scan import lightning_cp, recurrent_group
 
 LRPE_BASE = 10000.0
 
@@ -135,6 +143,15 @@ class CosFormer2Attention(LightningAttention):
     ) -> torch.Tensor:
         q, k, v = self._qkv(hidden_states, context)
         theta = lrpe_theta(self.head_dim, q.device)
+        cp = recurrent_group(cache, context)
+        if cp is not None:
+            # The whole sequence's positions: every span's keys in the same frame.
+            cos, sin = lrpe_cos_sin(context.position_ids, theta)
+            o = lightning_cp(
+                lrpe(q, cos, sin), lrpe(k, cos, sin), v, None, cp,
+                chunk_size=self.chunk_size, backend=self.backend,
+            )  # fmt: skip
+            return self._output(o, hidden_states)
         positions, steps = call_positions(context)
         cos, sin = lrpe_cos_sin(positions, theta)  # shared by q and k
         state = recurrent_state(cache, self.layer_idx) if cache is not None else None

@@ -14,6 +14,11 @@ token's zero input stays zero), projections without bias.
 
 Decode state per layer: the last K values of b ⊙ x̃ (B, d, K), in transformers' conv-state layout,
 a fixed size whatever the context length.
+
+Context parallelism (`MixerContext.cp`, this rank holding one span of the sequence): the conv's
+left context is the previous rank's last K−1 gated inputs (`zoo.parallel.context.halo`, zeros on
+rank 0), exchanged forward and their gradient backward: (K−1)·d values per row, no more memory.
+Every span must hold at least K−1 tokens.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from zoo.configuration import ZooConfig
 from zoo.flops import linear_flops
 from zoo.kernels.long_conv import short_conv, short_conv_naive
 from zoo.layers.context import MixerContext
+from zoo.parallel.context import halo
 
 
 class GatedShortConv(nn.Module):
@@ -62,6 +68,10 @@ class GatedShortConv(nn.Module):
     ) -> torch.Tensor:
         u, c = self._gated_input(hidden_states, context)
         left = None
+        if context.cp is not None:
+            if cache is not None:
+                raise ValueError("context parallelism runs without a cache")
+            left = halo(u, self.kernel_size - 1, context.cp)  # (B, K−1, d): the previous span's
         if cache is not None:
             conv_state = cache.get_conv_state(self.layer_idx)  # (B, d, K) or None
             if conv_state is not None:
@@ -75,9 +85,11 @@ class GatedShortConv(nn.Module):
         return self.out_proj(c * y)
 
     def reference_forward(self, hidden_states: torch.Tensor, context: MixerContext) -> torch.Tensor:
-        """The naive form over a whole sequence: the conv as a sum over its taps, in fp32."""
+        """The naive form over a whole sequence (or, under context parallelism, a span after
+        its halo): the conv as a sum over its taps, in fp32."""
         u, c = self._gated_input(hidden_states, context)
-        y, _ = short_conv_naive(u, self.conv_weight)
+        left = None if context.cp is None else halo(u, self.kernel_size - 1, context.cp)
+        y, _ = short_conv_naive(u, self.conv_weight, None, left)
         return self.out_proj(c * y)
 
     def flops_per_token(self, seq_len: int) -> int:

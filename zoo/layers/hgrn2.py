@@ -26,6 +26,11 @@ A context without Γ (a mixer used outside the model) means β = 0.
 
 Padding never enters the state: at padded tokens log f = 0 (no decay) and i = 0, so a left-padded
 row decodes exactly like the same row unpadded.
+
+Under context parallelism (`zoo.parallel.scan.recurrent_group`; never with a cache) each rank runs
+its span with `zoo.parallel.scan.gla_cp`: the op from a zero state, one all-gather of the spans'
+final states and total decays Σ_t log f_t, and the carried state read out into this span's outputs;
+exact in forward and backward.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from zoo.flops import linear_flops
 from zoo.kernels.gla import gla, gla_naive
 from zoo.layers.context import MixerContext
 from zoo.layers.norm import build_norm
+from zoo.parallel.scan import gla_cp, recurrent_group
 
 
 def hgrn2_lower_bounds(gamma: torch.Tensor) -> torch.Tensor:
@@ -101,6 +107,10 @@ class HGRN2Attention(nn.Module):
         self, hidden_states: torch.Tensor, context: MixerContext, cache: Cache | None = None
     ) -> torch.Tensor:
         q, k, i, log_f = self._gates(hidden_states, context)
+        cp = recurrent_group(cache, context)
+        if cp is not None:
+            y = gla_cp(q, k, i, log_f, cp, chunk_size=self.chunk_size, backend=self.backend)
+            return self._output(y, hidden_states)
         state = recurrent_state(cache, self.layer_idx) if cache is not None else None
         y, final_state = gla(
             q,

@@ -55,6 +55,23 @@ product of every history with its flipped filter, O(S·d).
 
 Padding never leaks: the projections and every long-conv input are zeroed at padded positions.
 The filters are relative (a convolution), so a left-padded row equals the row alone.
+
+Context parallelism (`MixerContext.cp`: this rank holds the span [offset, offset + T) of a
+sequence of P·T tokens), exact forward and backward:
+
+* the short conv reads the previous rank's last K−1 projections (`zoo.parallel.context.halo`);
+* each of the N−1 long convolutions all-gathers its input over the group
+  (`gather_sequence`) and convolves this span after the history [0, offset), the way a cached
+  prefill continues after its history: `long_conv(gathered[:, offset:offset + T], h, b,
+  initial_state=gathered[:, :offset])` with the first offset + T filter taps, so only this
+  span's outputs are computed. The gradient of every gathered input goes back to its owner (a
+  reduce-scatter in the backward).
+
+Memory per rank and layer: the whole sequence's long-conv inputs, (N−1) · B · P·T · d (the
+all-gather's result, which the convolution keeps for its backward), plus the FFT's buffers over
+offset + T positions. Compute: rank r convolves (r + 1)·T positions (FFT, O((r+1)T log)), so the
+last rank does the most; one all-gather of B · T · d per long conv forward, one reduce-scatter
+backward.
 """
 
 from __future__ import annotations
@@ -72,6 +89,7 @@ from zoo.configuration import ZooConfig
 from zoo.flops import linear_flops
 from zoo.kernels.long_conv import long_conv, long_conv_naive, short_conv, short_conv_naive
 from zoo.layers.context import MixerContext
+from zoo.parallel.context import gather_sequence, halo
 
 # Initial Sin frequency ω: safari's LM config (w: 14), see the module docstring.
 _SIN_FREQ_INIT = 14.0
@@ -235,11 +253,16 @@ class HyenaOperator(nn.Module):
         (B, T, (N+1)·d): the two streams the cache appends.
         """
         _, seq_len, d = hidden_states.shape
-        past = 0 if history is None else history[0].shape[-2]
+        cp = context.cp
+        if cp is not None and history is not None:
+            raise ValueError("context parallelism runs without a cache")
+        past = context.offset if cp is not None else 0 if history is None else history[0].shape[-2]
         proj = self._mask(self.in_proj(hidden_states), context)  # (B, T, (N+1)·d)
 
         kernel = self.short_filter.kernel_size
         window = None
+        if cp is not None:
+            window = halo(proj, kernel - 1, cp)  # (B, K−1, (N+1)·d): the previous span's last
         if history is not None:
             # The short conv's state: the last K−1 projections, zero-padded if fewer were seen.
             window = history[1][:, 0, max(0, past - kernel + 1) :]  # (B, ≤ K−1, (N+1)·d)
@@ -254,6 +277,12 @@ class HyenaOperator(nn.Module):
             v = self._mask(v * gates[self.order - 1 - o], context)
             conv_inputs.append(v)
             past_inputs = None if history is None else history[0][:, 0, :, o * d : (o + 1) * d]
+            if cp is not None:
+                # The earlier spans' inputs are the history; this span's own are read back out
+                # of the gathered tensor too, so that rank 0 (no history) has the gather in its
+                # graph and runs its backward collective like every other rank.
+                whole = gather_sequence(v, cp)  # (B, P·T, d)
+                past_inputs, v = whole[:, :past], whole[:, past : past + seq_len]
             if naive:
                 v, _ = long_conv_naive(v, filters[o], skips[o], past_inputs)
             else:

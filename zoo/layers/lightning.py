@@ -17,6 +17,12 @@ parameter counts; no LRPE (the scaling-law paper shows none for TNL); no SiLU on
 
 Padding never enters the state: k and v of padded tokens are zeroed, so a left-padded row
 decodes exactly like the same row unpadded.
+
+Under context parallelism (`zoo.parallel.scan.recurrent_group`; never with a cache) each rank runs
+its span with `zoo.parallel.scan.lightning_cp`: the op from a zero state, one all-gather of the
+spans' final states, and the earlier spans' state read out into this span's outputs (one more
+product (L×d_h)·(d_h×d_h) per head, the op's inter-chunk read-out again); exact in forward and
+backward.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from zoo.flops import linear_flops
 from zoo.kernels.lightning import lightning, lightning_naive, tnl_log_decay
 from zoo.layers.context import MixerContext
 from zoo.layers.norm import build_norm
+from zoo.parallel.scan import lightning_cp, recurrent_group
 
 
 @lru_cache(maxsize=256)
@@ -97,6 +104,13 @@ class LightningAttention(nn.Module):
         self, hidden_states: torch.Tensor, context: MixerContext, cache: Cache | None = None
     ) -> torch.Tensor:
         q, k, v = self._qkv(hidden_states, context)
+        cp = recurrent_group(cache, context)
+        if cp is not None:
+            o = lightning_cp(
+                q, k, v, self.log_decay(q.device), cp,
+                chunk_size=self.chunk_size, backend=self.backend,
+            )  # fmt: skip
+            return self._output(o, hidden_states)
         state = recurrent_state(cache, self.layer_idx) if cache is not None else None
         o, final_state = lightning(
             q,

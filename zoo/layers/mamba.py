@@ -27,6 +27,12 @@ and the decode continuation of the same row alone. (transformers zeroes the bloc
 there but keeps Δ = softplus(bias) > 0, so its state would decay across padding that follows
 real tokens; for left padding both agree.)
 
+Under context parallelism (`zoo.parallel.scan.recurrent_group`; never with a cache) each rank runs
+its span: the conv reads the previous rank's last K − 1 inputs (`zoo.parallel.context.halo`) as its
+left context, and the scan runs with `zoo.parallel.scan.selective_scan_cp`, twice (once from zero
+for the span's final state, once from the state the earlier spans carry in) after one all-gather of
+the spans' final states and total decays A · Σ_t Δ_t; exact in forward and backward.
+
 Decode state per layer: the last K conv inputs (B, D_in, K), as transformers keeps them, and the
 SSM state (B, D_in, N) in fp32.
 """
@@ -47,6 +53,8 @@ from zoo.flops import linear_flops
 from zoo.kernels.long_conv import short_conv
 from zoo.kernels.selective_scan import selective_scan, selective_scan_naive
 from zoo.layers.context import MixerContext
+from zoo.parallel.context import halo
+from zoo.parallel.scan import recurrent_group, selective_scan_cp
 
 
 def inner_size(config: ZooConfig) -> int:
@@ -155,6 +163,15 @@ class MambaMixer(nn.Module):
         self, hidden_states: torch.Tensor, context: MixerContext, cache: Cache | None = None
     ) -> torch.Tensor:
         x, z = self._gated_input(hidden_states, context)
+        cp = recurrent_group(cache, context)
+        if cp is not None:
+            u = self._causal_conv(x, halo(x, self.d_conv - 1, cp))  # the previous span's inputs
+            delta, A, B, C = self._ssm_params(u, context)
+            y = selective_scan_cp(
+                u, delta, A, B, C, self.D, cp, z=z,
+                chunk_size=self.chunk_size, backend=self.backend,
+            )  # fmt: skip
+            return self.out_proj(y)
         left = ssm_state = None
         if cache is not None:
             conv_state = cache.get_conv_state(self.layer_idx)  # (B, D_in, K) or None

@@ -21,6 +21,11 @@ top_k_index, top_k_weights)`, so it also runs transformers' own expert modules (
 Dropless by default. With `moe_capacity_factor` set, a (token, slot) pair over its expert's
 capacity is dropped: its index becomes the sentinel E and its weight 0, and every backend skips
 sentinel rows (transformers' expert-parallel convention).
+
+Expert parallelism (`zoo.parallel.expert`): once `enable_expert_parallel` has sharded a layer's
+experts over a process group (`Experts.expert_group`), `Experts.forward` sends each pair to the
+rank owning its expert and runs the backend there; the router drops over capacity and the
+losses take their statistics on the group's global batch (their `group` argument).
 """
 
 from __future__ import annotations
@@ -31,12 +36,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from zoo.configuration import ZooConfig
 from zoo.flops import linear_flops
 from zoo.layers.glu import GLU
+from zoo.parallel.expert import all_gather_rows, expert_parallel_forward, sum_over_ranks
 
 ExpertsFunction = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -46,7 +53,8 @@ class Router(nn.Module):
 
     `logits` [T, E] in x's dtype (what the aux losses and transformers' `router_logits` use),
     `weights` [T, k] fp32, `indices` [T, k] int64 (E marks a dropped pair when a capacity is set;
-    padded tokens, token_mask False, are dropped too so they never take capacity).
+    padded tokens, token_mask False, are dropped too so they never take capacity). With an
+    expert-parallel `group` the capacity drops are decided on the group's global batch.
     """
 
     def __init__(self, config: ZooConfig) -> None:
@@ -59,7 +67,10 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
 
     def forward(
-        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        group: dist.ProcessGroup | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = F.linear(hidden_states, self.weight)
         scores = router_scores(logits, self.scoring_func)
@@ -68,7 +79,7 @@ class Router(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.capacity_factor is not None:
             weights, indices = drop_over_capacity(
-                weights, indices, self.num_experts, self.capacity_factor, token_mask
+                weights, indices, self.num_experts, self.capacity_factor, token_mask, group
             )
         return logits, weights, indices
 
@@ -90,10 +101,29 @@ def drop_over_capacity(
     num_experts: int,
     capacity_factor: float,
     token_mask: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the pairs over each expert's capacity: first choices have priority over second
-    choices (GShard), then earlier tokens over later ones. Dropped pairs get index E, weight 0."""
+    choices (GShard), then earlier tokens over later ones. Dropped pairs get index E, weight 0.
+
+    With an expert-parallel process `group`, the decisions are the ones one process makes on the
+    concatenation of every rank's tokens in rank order: the [T, k] indices and the token mask
+    are all-gathered, so the capacity counts the global tokens and each pair knows its place in
+    its expert's global queue."""
     num_tokens, top_k = indices.shape
+    if group is not None:
+        mask = token_mask if token_mask is not None else indices.new_ones(num_tokens)
+        local = torch.cat([indices, mask.reshape(-1, 1).long()], dim=1)  # [T, k + 1]
+        everyone, start = all_gather_rows(local, group)  # [ΣT, k + 1]
+        _, kept = drop_over_capacity(
+            torch.ones(everyone[:, :top_k].shape, device=weights.device),
+            everyone[:, :top_k],
+            num_experts,
+            capacity_factor,
+            everyone[:, top_k].bool(),
+        )
+        kept = kept[start : start + num_tokens]  # [T, k]
+        return weights.masked_fill(kept == num_experts, 0.0), kept
     if token_mask is not None:
         indices = indices.masked_fill(~token_mask.reshape(-1, 1), num_experts)
         num_tokens = int(token_mask.sum())
@@ -110,6 +140,8 @@ class Experts(nn.Module):
     """E SwiGLU experts in two stacked weights; transformers' `MixtralExperts` layout.
 
     `forward(hidden_states [T, d], top_k_index [T, k], top_k_weights [T, k]) -> [T, d]`.
+    `expert_group`: None, or the process group the experts are sharded over
+    (`zoo.parallel.expert.shard_experts`: this rank then holds E/P of them, indices stay global).
     """
 
     def __init__(self, config: ZooConfig) -> None:
@@ -123,10 +155,14 @@ class Experts(nn.Module):
         self.act_fn = nn.SiLU()
         self.backend = config.moe_backend
         check_moe_backend(self.backend)
+        self.expert_group: dist.ProcessGroup | None = None
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        if self.expert_group is not None:
+            backend = EXPERTS_BACKENDS[resolve_moe_backend(self.backend)]
+            return expert_parallel_forward(self, hidden_states, top_k_index, top_k_weights, backend)
         return experts_forward(self, hidden_states, top_k_index, top_k_weights, self.backend)
 
 
@@ -159,7 +195,7 @@ class MoE(nn.Module):
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
         mask = token_mask.reshape(-1) if token_mask is not None else None
-        router_logits, weights, indices = self.gate(flat, mask)
+        router_logits, weights, indices = self.gate(flat, mask, self.experts.expert_group)
         out = self.experts(flat, indices, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
@@ -469,46 +505,72 @@ def load_balancing_loss(
     top_k: int,
     scoring_func: str = "softmax",
     token_mask: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Switch Transformer's loss E · Σ_i f_i P_i per MoE layer, averaged over layers.
 
     f_i = pairs routed to expert i per token (sums to k), P_i = mean normalised score of
     expert i. It is k for a uniform router and grows as routing concentrates. For one layer it
     equals transformers' `load_balancing_loss_func` (which pools the layers before the product).
+
+    With a process `group` (expert or data parallel), the counts, token counts and summed
+    scores are summed over its ranks: every rank gets the loss of one process on the
+    concatenated batch, and its backward the gradient of that loss with respect to its own
+    logits, so the router's gradients summed over ranks are the one-process gradient (the SUM
+    convention of `zoo.parallel.expert`).
     """
-    losses = []
+    stats, prob_sums = [], []
     for logits in router_logits:
         logits = _masked_rows(logits, token_mask)
         num_experts = logits.shape[-1]
         scores = router_scores(logits, scoring_func)
         probs = scores / scores.sum(dim=-1, keepdim=True)
         chosen = scores.topk(top_k, dim=-1).indices
-        counts = torch.zeros(num_experts, device=logits.device, dtype=torch.float32)
+        counts = torch.zeros(num_experts + 1, device=logits.device, dtype=torch.float32)
         counts = counts.index_add(0, chosen.reshape(-1), counts.new_ones(chosen.numel()))
-        rows = max(logits.shape[0], 1)
-        losses.append(num_experts * torch.sum(counts / rows * probs.mean(dim=0)))
-    return torch.stack(losses).mean()
+        counts[-1] = logits.shape[0]
+        stats.append(counts)  # [E + 1]: pairs per expert, then the tokens
+        prob_sums.append(probs.sum(dim=0))  # [E]
+    counts, prob_sum = torch.stack(stats), torch.stack(prob_sums)  # [layers, E + 1], [layers, E]
+    if group is not None:
+        counts, prob_sum = sum_over_ranks(counts, group), sum_over_ranks(prob_sum, group)
+    rows = counts[:, -1:].clamp(min=1)  # [layers, 1]
+    losses = prob_sum.shape[-1] * torch.sum(counts[:, :-1] / rows * (prob_sum / rows), dim=-1)
+    return losses.mean()
 
 
 def router_z_loss(
-    router_logits: Sequence[torch.Tensor], token_mask: torch.Tensor | None = None
+    router_logits: Sequence[torch.Tensor],
+    token_mask: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """ST-MoE's z-loss: mean over tokens of logsumexp(logits)², averaged over layers; keeps the
-    router logits small, which keeps the softmax (and bf16 training) stable."""
-    losses = [
-        _masked_rows(logits, token_mask).float().logsumexp(dim=-1).square().mean()
-        for logits in router_logits
-    ]
-    return torch.stack(losses).mean()
+    router logits small, which keeps the softmax (and bf16 training) stable. With a process
+    `group`, the mean is over the tokens of all its ranks, with `load_balancing_loss`'s
+    gradient convention."""
+    sums, rows = [], []
+    for logits in router_logits:
+        logits = _masked_rows(logits, token_mask).float()
+        sums.append(logits.logsumexp(dim=-1).square().sum())
+        rows.append(logits.shape[0])
+    total = torch.stack(sums)  # [layers]
+    rows = total.new_tensor(rows)  # [layers]
+    if group is not None:
+        total, rows = sum_over_ranks(total, group), sum_over_ranks(rows, group)
+    return (total / rows).mean()
 
 
 def router_losses(
-    router_logits: Sequence[torch.Tensor], config: ZooConfig, token_mask: torch.Tensor | None = None
+    router_logits: Sequence[torch.Tensor],
+    config: ZooConfig,
+    token_mask: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(load-balancing loss, its weighted sum with the z-loss): what every training loss of a
-    MoE model adds, `router_aux_loss_coef` × aux + `router_z_loss_coef` × z."""
+    MoE model adds, `router_aux_loss_coef` × aux + `router_z_loss_coef` × z; with a process
+    `group`, both on the group's global batch (see `load_balancing_loss`)."""
     aux = load_balancing_loss(
-        router_logits, config.num_experts_per_tok, config.router_scoring_func, token_mask
+        router_logits, config.num_experts_per_tok, config.router_scoring_func, token_mask, group
     )
-    z = router_z_loss(router_logits, token_mask)
+    z = router_z_loss(router_logits, token_mask, group)
     return aux, config.router_aux_loss_coef * aux + config.router_z_loss_coef * z
