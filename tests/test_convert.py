@@ -190,7 +190,11 @@ def test_state_dict_renames_and_drops_rotary_buffers():
 
 @pytest.mark.parametrize(
     "key",
-    ["model.layers.0.self_attn.q_proj.bias", "model.layers.0.mixer.q_proj.weight", "extra.weight"],
+    [
+        "model.layers.0.self_attn.q_norm.weight",
+        "model.layers.0.mixer.q_proj.weight",
+        "extra.weight",
+    ],
 )
 def test_state_dict_unknown_key_refused(key):
     state_dict = {"model.embed_tokens.weight": torch.zeros(1), key: torch.zeros(1)}
@@ -289,13 +293,17 @@ def test_missing_config_json(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        (dict(attention_bias=True), "attention_bias"),
-        (dict(mlp_bias=True), "mlp_bias"),
         (dict(hidden_act="gelu"), "hidden_act"),
-        (dict(head_dim=32), "head_dim"),
         (
-            dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
-            "rope_type",
+            dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
+            r"rope_parameters\['rope_type'\]='dynamic'",
+        ),
+        (
+            dict(
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                partial_rotary_factor=0.5,
+            ),
+            "partial_rotary_factor",
         ),
     ],
 )
@@ -305,9 +313,11 @@ def test_unrepresentable_hf_config_refused(overrides, field):
         llama_config_from_hf(config)
 
 
-def test_attention_bias_model_refused():
-    config = transformers.LlamaConfig(**SIZES, attention_bias=True)
-    with pytest.raises(ValueError, match="attention_bias=True"):
+def test_dynamic_rope_model_refused():
+    config = transformers.LlamaConfig(
+        **SIZES, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
+    )
+    with pytest.raises(ValueError, match="rope_type"):
         from_hf_llama(transformers.LlamaForCausalLM(config))
 
 

@@ -14,12 +14,22 @@ Config fields (transformers `LlamaConfig` -> zoo `LlamaConfig`)::
     initializer_range, use_cache, dtype,
     bos_token_id, eos_token_id, pad_token_id
     rope_parameters["rope_theta"]                       -> rotary_base
-    hidden_act = "silu", head_dim = hidden / heads,        implied by zoo's
-    attention_bias = mlp_bias = False, default RoPE        mixers=["attention"] * L,
+    rope_parameters without rope_theta                  -> rotary_scaling (None for "default")
+    attention_bias, mlp_bias                             same name (zoo settings, default False)
+    head_dim                                            -> attention_head_dim (None when it is
+                                                           hidden_size / num_attention_heads)
+    hidden_act = "silu"                                    implied by zoo's
+                                                           mixers=["attention"] * L,
                                                            channel_mixers=["swiglu"] * L,
                                                            norm_type="rmsnorm"
 
-State dict keys (layer i; every tensor is a `.weight`)::
+RoPE types "default", "linear", "yarn", "llama3" (Llama 3.x) and "longrope" convert exactly:
+zoo computes the frequencies and the attention factor with transformers' own
+`ROPE_INIT_FUNCTIONS` (`zoo.layers.rotary`), scales cos/sin by the factor as transformers' Llama
+does, and picks longrope's long factors per call when its largest position + 1 exceeds
+`original_max_position_embeddings`, as transformers does.
+
+State dict keys (layer i; `.weight`, and `.bias` of the projections when the biases are on)::
 
     model.embed_tokens, model.norm, lm_head                 unchanged
     model.layers.i.self_attn.{q,k,v,o}_proj              -> model.layers.i.mixer.{q,k,v,o}_proj
@@ -28,14 +38,14 @@ State dict keys (layer i; every tensor is a `.weight`)::
     model.layers.i.post_attention_layernorm              -> model.layers.i.channel_norm
     *rotary_emb.inv_freq, *rotary_emb.original_inv_freq  -> dropped (zoo recomputes RoPE angles)
 
-What cannot be mapped, refused with a `ValueError` naming the field and its value:
+What cannot be mapped, refused with a `ValueError` naming the field and its value (by
+`convert_checkpoint` from `config.json` alone, before any weight is read):
 
-* from transformers: RoPE scaling (`rope_parameters["rope_type"]` other than "default", e.g.
-  Llama 3.1's "llama3", "linear", "dynamic", "yarn") or a partial rotary factor, biases
-  (`attention_bias=True`, `mlp_bias=True`), a `head_dim` other than hidden_size /
-  num_attention_heads, an activation other than SiLU (`hidden_act`), a `model_type` other than
-  "llama" (Mistral, Qwen2, ... differ in details this converter does not check), and any state
-  dict key outside the table above (a bias, an extra module).
+* from transformers: `rope_parameters["rope_type"]` "dynamic" (transformers' tables for it
+  depend on the lengths of earlier calls on the module) or any type not named above, a partial
+  rotary factor, an activation other than SiLU (`hidden_act`), a `model_type` other than
+  "llama" (Mistral, Qwen2, ... differ in details this converter does not check, e.g. Mistral's
+  sliding window), and any state dict key outside the table above (an extra module).
 * from zoo: any layer whose sequence mixer is not "attention" (TNL's lightning attention, ...),
   whose channel mixer is not "swiglu" (TNL's GLU, "none"), or `norm_type` other than "rmsnorm"
   (TNL's gain-free SRMSNorm): transformers' Llama has no such layers.
@@ -85,8 +95,25 @@ stacked experts, whose layout zoo shares, so it converts by renaming keys too::
 
 Mixtral's router is a softmax with renormalised top-k and no z-loss (zoo's router_z_loss_coef
 becomes 0). Refused: a `sliding_window` (zoo's attention is global); from zoo, a sigmoid router,
-unnormalised top-k, shared experts or a capacity factor. `router_jitter_noise` is dropped with
-a warning (training only).
+unnormalised top-k, shared experts, a capacity factor or `attention_bias=True`.
+`router_jitter_noise` is dropped with a warning (training only).
+
+Raw mamba_ssm checkpoints (`MambaLMHeadModel.save_pretrained`: state-spaces/mamba-130m ...
+2.8b) convert to zoo's Mamba through the transformers path above: the keys are transformers'
+but for `backbone.embedding` (accepted), and the config maps as::
+
+    d_model -> hidden_size    n_layer -> num_hidden_layers    tie_embeddings -> tie_word_embeddings
+    vocab_size, padded up to a multiple of pad_vocab_size_multiple (as MambaLMHeadModel does)
+    ssm_cfg: d_state, d_conv, expand, dt_rank ("auto" = ceil(d_model / 16)), dt_min, dt_max,
+             dt_init_floor, conv_bias, bias -> the transformers fields above (mamba_ssm's
+             defaults where absent); dt_init, dt_scale (init only), use_fast_path: dropped
+    residual_in_fp32, fused_add_norm, attn_cfg: accepted (no effect on zoo's outputs in fp32)
+
+Refused from config.json alone, one line naming the field: `ssm_cfg.layer` other than "Mamba1"
+(Mamba-2), `rms_norm=False` (LayerNorm), `d_intermediate` > 0 (an MLP), `attn_layer_idx`
+(attention layers), and any field or `ssm_cfg` key not named here. Weights are read with
+transformers' `load_state_dict` (torch's loader with `weights_only=True`, on the CPU): a
+pickle holding anything but tensors is refused, naming the file, without running its code.
 
 `convert_checkpoint(src, dst)` converts a saved folder (safetensors), dispatching on the
 `model_type` of `src/config.json` ("llama", "mixtral", "zoo_llama", "mamba" or "zoo_mamba"), and
@@ -108,7 +135,9 @@ import transformers
 from transformers import AutoTokenizer
 
 from zoo.configuration import LlamaConfig, MambaConfig, ZooConfig
+from zoo.layers.attention import attention_head_dim
 from zoo.layers.mamba import dt_rank
+from zoo.layers.rotary import SCALED_ROPE_TYPES
 from zoo.modeling import LlamaForCausalLM, MambaForCausalLM, ZooForCausalLM
 
 try:  # builds the target without drawing random weights that the state dict overwrites anyway
@@ -123,12 +152,16 @@ __all__ = [
     "from_hf_llama",
     "from_hf_mamba",
     "from_hf_mixtral",
+    "from_raw_mamba",
+    "is_raw_mamba_config",
     "llama_config_from_hf",
     "llama_config_to_hf",
     "llama_state_dict_from_hf",
     "llama_state_dict_to_hf",
+    "load_tensor_file",
     "mamba_config_from_hf",
     "mamba_config_to_hf",
+    "mamba_hf_config_from_raw",
     "mamba_state_dict_from_hf",
     "mamba_state_dict_to_hf",
     "mixtral_config_from_hf",
@@ -160,6 +193,14 @@ _LAYER_KEYS: dict[str, str] = {
     "input_layernorm.weight": "mixer_norm.weight",
     "post_attention_layernorm.weight": "channel_norm.weight",
 }
+# Biases (attention_bias=True: q, k, v, o; mlp_bias=True: gate, up, down), same renames.
+_LAYER_KEYS.update(
+    {
+        hf.replace(".weight", ".bias"): z.replace(".weight", ".bias")
+        for hf, z in list(_LAYER_KEYS.items())
+        if "_proj." in hf
+    }
+)
 _LAYER_KEYS_TO_HF = {zoo_key: hf_key for hf_key, zoo_key in _LAYER_KEYS.items()}
 # Mixtral: LLaMA's attention and norms, the MLP replaced by a router and stacked experts whose
 # layout zoo shares (gate [E, d], gate_up_proj [E, 2f, d], down_proj [E, d, f]).
@@ -236,8 +277,13 @@ def _to_hf(config: ZooConfig, table: tuple[tuple[str, str], ...]) -> dict[str, A
     }
 
 
-def _rope_theta(hf_config: Any) -> float:
-    """The RoPE base of a transformers Llama config; refuses every non-default RoPE."""
+# RoPE types zoo's attention implements (with transformers' ROPE_INIT_FUNCTIONS' numbers).
+_ROPE_TYPES = ("default", *SCALED_ROPE_TYPES)
+
+
+def _rope_from_hf(hf_config: Any) -> tuple[float, dict[str, Any] | None]:
+    """(rotary_base, rotary_scaling) of a transformers Llama config; refuses the RoPE types
+    zoo lacks ("dynamic", ...) and a partial rotary factor."""
     params = getattr(hf_config, "rope_parameters", None)
     if params is None:  # transformers 4 layout
         params = {"rope_theta": getattr(hf_config, "rope_theta", 10000.0)}
@@ -247,30 +293,30 @@ def _rope_theta(hf_config: Any) -> float:
     if not isinstance(params, Mapping) or ("rope_theta" not in params and params):
         raise ValueError(
             f"rope_parameters={params!r} is not a single RoPE setting with a rope_theta; zoo's "
-            "attention implements only the default RoPE"
+            "attention takes one RoPE for all layers"
         )
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
+    if rope_type not in _ROPE_TYPES:
         raise ValueError(
-            f"rope_parameters['rope_type']={rope_type!r} (RoPE scaling) cannot be converted: zoo's "
-            "attention implements only the default RoPE (rope_type='default')"
+            f"rope_parameters['rope_type']={rope_type!r} cannot be converted: zoo's attention "
+            f"implements {list(_ROPE_TYPES)} (transformers' dynamic RoPE depends on the lengths "
+            "of earlier calls and is not supported)"
         )
     partial = params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
     if partial is not None and partial != 1.0:
         raise ValueError(
             f"partial_rotary_factor={partial!r} cannot be converted: zoo rotates the whole head"
         )
-    return float(params.get("rope_theta", 10000.0))
+    base = float(params.get("rope_theta", 10000.0))
+    if rope_type == "default":
+        return base, None
+    dropped = {"rope_theta", "type", "partial_rotary_factor"}
+    scaling = {k: v for k, v in params.items() if k not in dropped}
+    return base, {**scaling, "rope_type": rope_type}
 
 
 def _llama_fields_from_hf(hf_config: Any) -> dict[str, Any]:
     """zoo config fields of the LLaMA parts of a transformers Llama or Mixtral config."""
-    for field in ("attention_bias", "mlp_bias"):
-        if getattr(hf_config, field, False):
-            raise ValueError(
-                f"{field}={getattr(hf_config, field)!r} cannot be converted: zoo's LLaMA has no "
-                "biases in its attention and MLP projections"
-            )
     act = getattr(hf_config, "hidden_act", "silu")
     if act not in ("silu", "swish"):  # transformers maps both names to SiLU
         raise ValueError(
@@ -278,13 +324,7 @@ def _llama_fields_from_hf(hf_config: Any) -> dict[str, Any]:
         )
     natural_head_dim = hf_config.hidden_size // hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None)
-    if head_dim is not None and head_dim != natural_head_dim:
-        raise ValueError(
-            f"head_dim={head_dim!r} cannot be converted: zoo uses head_dim = hidden_size // "
-            f"num_attention_heads = {hf_config.hidden_size} // {hf_config.num_attention_heads} "
-            f"= {natural_head_dim}"
-        )
-    rotary_base = _rope_theta(hf_config)
+    rotary_base, rotary_scaling = _rope_from_hf(hf_config)
     dropout = getattr(hf_config, "attention_dropout", 0.0) or 0.0
     if dropout:
         logger.warning(
@@ -297,6 +337,11 @@ def _llama_fields_from_hf(hf_config: Any) -> dict[str, Any]:
         "num_key_value_heads": num_kv,
         "intermediate_size": hf_config.intermediate_size,
         "rotary_base": rotary_base,
+        "rotary_scaling": rotary_scaling,
+        "attention_head_dim": (
+            None if head_dim is None or head_dim == natural_head_dim else int(head_dim)
+        ),
+        "attention_bias": bool(getattr(hf_config, "attention_bias", False)),
     }
 
 
@@ -312,7 +357,9 @@ def _check_model_type(hf_config: Any, expected: str, function: str) -> None:
 def llama_config_from_hf(hf_config: transformers.LlamaConfig) -> LlamaConfig:
     """zoo's `LlamaConfig` for a transformers `LlamaConfig`; `ValueError` for what zoo lacks."""
     _check_model_type(hf_config, "llama", "llama_config_from_hf")
-    return LlamaConfig(**_llama_fields_from_hf(hf_config))
+    return LlamaConfig(
+        **_llama_fields_from_hf(hf_config), mlp_bias=bool(getattr(hf_config, "mlp_bias", False))
+    )
 
 
 def mixtral_config_from_hf(hf_config: transformers.MixtralConfig) -> LlamaConfig:
@@ -331,6 +378,11 @@ def mixtral_config_from_hf(hf_config: transformers.MixtralConfig) -> LlamaConfig
             "router_jitter_noise=%s has no zoo counterpart and is dropped (training only)", jitter
         )
     fields = _llama_fields_from_hf(hf_config)
+    if fields["attention_bias"]:
+        raise ValueError(
+            "attention_bias=True cannot be converted from a Mixtral: transformers' Mixtral "
+            "attention has no biases"
+        )
     return LlamaConfig(
         **fields,
         channel_mixers=["moe"] * fields["num_hidden_layers"],
@@ -365,9 +417,12 @@ def _llama_fields_to_hf(config: ZooConfig) -> dict[str, Any]:
     return {
         **_to_hf(config, _LLAMA_FIELDS),
         "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim,
+        "head_dim": attention_head_dim(config),
         "hidden_act": "silu",
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(config.rotary_base)},
+        "rope_parameters": {
+            **(config.rotary_scaling or {"rope_type": "default"}),
+            "rope_theta": float(config.rotary_base),
+        },
     }
 
 
@@ -377,8 +432,8 @@ def llama_config_to_hf(config: ZooConfig) -> transformers.LlamaConfig:
     return transformers.LlamaConfig(
         **_llama_fields_to_hf(config),
         intermediate_size=config.intermediate_size,
-        attention_bias=False,
-        mlp_bias=False,
+        attention_bias=bool(config.attention_bias),
+        mlp_bias=bool(config.mlp_bias),
     )
 
 
@@ -390,6 +445,7 @@ def mixtral_config_to_hf(config: ZooConfig) -> transformers.MixtralConfig:
         ("norm_topk_prob", True),
         ("num_shared_experts", 0),
         ("moe_capacity_factor", None),
+        ("attention_bias", False),
     ):
         if getattr(config, field) != allowed:
             raise ValueError(
@@ -674,6 +730,183 @@ def to_hf_mamba(model: ZooForCausalLM) -> transformers.MambaForCausalLM:
     return _converted(transformers.MambaForCausalLM, config, model, state_dict)
 
 
+# ------------------------------------------------------------------------- raw mamba_ssm Mamba
+
+MAMBA_RAW_TO_ZOO = "mamba_ssm->zoo_mamba"
+# mamba_ssm's `MambaConfig` fields (config_mamba.py) that the zoo expresses, with the values it
+# needs where it needs one; `rms_norm`, `d_intermediate` and `attn_layer_idx` are checked below.
+_RAW_IMPLEMENTATION_FIELDS = ("residual_in_fp32", "fused_add_norm", "attn_cfg")
+_RAW_METADATA = ("architectures", "transformers_version", "torch_dtype", "dtype")
+# mamba_ssm's `Mamba` mixer arguments (`ssm_cfg`, mamba_simple.py) -> transformers MambaConfig.
+_RAW_SSM_FIELDS = {
+    "d_state": "state_size",
+    "d_conv": "conv_kernel",
+    "expand": "expand",
+    "dt_rank": "time_step_rank",
+    "dt_min": "time_step_min",
+    "dt_max": "time_step_max",
+    "dt_init_floor": "time_step_floor",
+    "conv_bias": "use_conv_bias",
+    "bias": "use_bias",
+}
+# mamba_ssm's mixer defaults (a released config.json usually has `ssm_cfg: {}`).
+_RAW_SSM_DEFAULTS = {
+    "d_state": 16,
+    "d_conv": 4,
+    "expand": 2,
+    "dt_rank": "auto",
+    "dt_min": 0.001,
+    "dt_max": 0.1,
+    "dt_init_floor": 1e-4,
+    "conv_bias": True,
+    "bias": False,
+}
+# Init-only or implementation switches of the mixer: no effect on a trained model's outputs.
+_RAW_SSM_IGNORED = ("dt_init", "dt_scale", "use_fast_path")
+_RAW_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def is_raw_mamba_config(fields: Mapping[str, Any]) -> bool:
+    """Whether a config.json is mamba_ssm's own (state-spaces/mamba-*): d_model and n_layer, no
+    model_type."""
+    return "model_type" not in fields and "d_model" in fields and "n_layer" in fields
+
+
+def _refuse_raw(field: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"mamba_ssm config field {field}={value!r} cannot be converted: {why}")
+
+
+def mamba_hf_config_from_raw(fields: Mapping[str, Any]) -> transformers.MambaConfig:
+    """transformers' `MambaConfig` for a mamba_ssm config.json (`MambaLMHeadModel`); a one-line
+    `ValueError` naming the field for what zoo's Mamba cannot express."""
+    ssm_cfg = fields.get("ssm_cfg") or {}
+    if not isinstance(ssm_cfg, Mapping):
+        raise _refuse_raw("ssm_cfg", ssm_cfg, "expected a dict of Mamba mixer arguments")
+    layer = ssm_cfg.get("layer", "Mamba1")
+    if layer != "Mamba1":
+        raise _refuse_raw("ssm_cfg.layer", layer, "zoo's Mamba family is Mamba-1 only")
+    checks = (
+        ("rms_norm", True, "zoo's Mamba blocks use RMSNorm (False means LayerNorm)"),
+        ("d_intermediate", 0, "zoo's Mamba blocks have no MLP after the mixer"),
+        ("attn_layer_idx", [], "zoo's Mamba family has no attention layers"),
+    )
+    for field, allowed, why in checks:
+        value = fields.get(field, allowed)
+        if value != allowed and not (field == "attn_layer_idx" and not value):
+            raise _refuse_raw(field, value, why)
+    known = {
+        "d_model",
+        "n_layer",
+        "vocab_size",
+        "ssm_cfg",
+        "pad_vocab_size_multiple",
+        "tie_embeddings",
+        "norm_epsilon",
+        *(field for field, _, _ in checks),
+        *_RAW_IMPLEMENTATION_FIELDS,
+        *_RAW_METADATA,
+    }
+    for field in fields:
+        if field not in known and not field.startswith("_"):
+            raise _refuse_raw(field, fields[field], "not a field this converter knows")
+    for field in ssm_cfg:
+        if field not in _RAW_SSM_FIELDS and field not in (*_RAW_SSM_IGNORED, "layer"):
+            raise _refuse_raw(f"ssm_cfg.{field}", ssm_cfg[field], "zoo's Mamba mixer lacks it")
+    ssm = {**_RAW_SSM_DEFAULTS, **{k: v for k, v in ssm_cfg.items() if k in _RAW_SSM_FIELDS}}
+    d_model, vocab_size = int(fields["d_model"]), int(fields["vocab_size"])
+    if ssm["dt_rank"] == "auto":
+        ssm["dt_rank"] = -(-d_model // 16)  # mamba_ssm's math.ceil(d_model / 16)
+    multiple = int(fields.get("pad_vocab_size_multiple", 8) or 1)
+    if vocab_size % multiple:  # MambaLMHeadModel pads the vocabulary the same way
+        vocab_size += multiple - vocab_size % multiple
+    return transformers.MambaConfig(
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        num_hidden_layers=int(fields["n_layer"]),
+        layer_norm_epsilon=float(fields.get("norm_epsilon", 1e-5)),  # MixerModel's default
+        tie_word_embeddings=bool(fields.get("tie_embeddings", True)),
+        residual_in_fp32=bool(fields.get("residual_in_fp32", True)),
+        hidden_act="silu",
+        **{_RAW_SSM_FIELDS[k]: v for k, v in ssm.items()},
+    )
+
+
+def _raw_weight_file(src: Path) -> Path:
+    for name in _RAW_WEIGHT_FILES:
+        if (src / name).is_file():
+            return src / name
+    raise FileNotFoundError(
+        f"no mamba_ssm weights in {src} (looked for {' or '.join(_RAW_WEIGHT_FILES)})"
+    )
+
+
+def _load_error(error: Exception) -> str:
+    """One line for a failed load; torch's weights_only message is many lines whose first one
+    advises turning weights_only off, so only the part naming what was refused is kept."""
+    text = str(error)
+    match = re.search(r"Unsupported (?:global: GLOBAL \S+|operand \S+|[^\n.]+)", text)
+    lines = text.strip().splitlines()
+    detail = match.group(0) if match else (lines[0] if lines else "")
+    if "weights_only" in detail:
+        detail = "it holds objects other than tensors"
+    return f"{type(error).__name__}: {detail}"
+
+
+def load_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file or a torch `.bin`, read with transformers'
+    `load_state_dict` (torch's loader with `weights_only=True`, on the CPU, for a `.bin`):
+    a pickle that holds anything but tensors is refused with a `ValueError` naming the file, and
+    none of its code runs."""
+    from transformers.modeling_utils import load_state_dict
+
+    path = Path(path)
+    try:
+        state_dict = load_state_dict(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError (a forbidden global), a corrupt file, ...
+        raise ValueError(
+            f"{path}: refused, not a plain tensor checkpoint ({_load_error(error)}); only "
+            "tensors are read (weights_only=True), nothing else is unpickled or run"
+        ) from error
+    if not isinstance(state_dict, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
+    ):
+        raise ValueError(f"{path}: refused, not a dict of named tensors")
+    return dict(state_dict)
+
+
+def from_raw_mamba(src: str | Path) -> MambaForCausalLM:
+    """zoo's `MambaForCausalLM` from a mamba_ssm `MambaLMHeadModel.save_pretrained` folder
+    (state-spaces/mamba-130m, ...): config.json in mamba_ssm's schema and pytorch_model.bin
+    (or model.safetensors). The config is checked before any weight is read."""
+    src = Path(src)
+    hf_config = mamba_hf_config_from_raw(json.loads((src / "config.json").read_text()))
+    config = mamba_config_from_hf(hf_config)
+    state_dict = mamba_state_dict_from_hf(load_tensor_file(_raw_weight_file(src)))
+    dtype = state_dict[_EMBED].dtype if _EMBED in state_dict else torch.float32
+    config.dtype = dtype
+    with no_init_weights():
+        model = MambaForCausalLM(config)
+    model.to(dtype=dtype)
+    if config.tie_word_embeddings and _HEAD not in state_dict and _EMBED in state_dict:
+        state_dict[_HEAD] = state_dict[_EMBED]
+    if config.tie_word_embeddings and _HEAD in state_dict and _EMBED in state_dict:
+        if not torch.equal(state_dict[_HEAD], state_dict[_EMBED]):
+            raise ValueError(
+                "tie_embeddings=True but lm_head.weight differs from backbone.embedding.weight"
+            )
+        state_dict[_HEAD] = state_dict[_EMBED]
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:  # missing keys or shapes config.json does not explain
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ValueError(
+            f"{src}: the weights do not match config.json: {' '.join(lines[1:3] or lines[:1])}"
+        ) from error
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
 # ---------------------------------------------------------------------------------- checkpoints
 
 
@@ -685,8 +918,11 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> str:
     Mixtral when its channel mixers are MoE layers, and "zoo_mamba" a transformers Mamba; all
     with `save_pretrained` (safetensors), in the checkpoint's dtype. Weights are read from
     safetensors only. A tokenizer in `src` is loaded with `AutoTokenizer` and saved into `dst`.
+    A config.json in mamba_ssm's own schema (`d_model` and `n_layer`, no `model_type`: the
+    state-spaces/mamba-* folders) is converted to a zoo Mamba by `from_raw_mamba`, its weights
+    read from model.safetensors or pytorch_model.bin (tensors only, `weights_only=True`).
     Returns one of "llama->zoo_llama", "zoo_llama->llama", "mixtral->zoo_llama",
-    "zoo_llama->mixtral", "mamba->zoo_mamba", "zoo_mamba->mamba".
+    "zoo_llama->mixtral", "mamba->zoo_mamba", "zoo_mamba->mamba", "mamba_ssm->zoo_mamba".
     """
     src, dst = Path(src), Path(dst)
     config_file = src / "config.json"
@@ -697,6 +933,18 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> str:
     fields = json.loads(config_file.read_text())
     model_type = fields.get("model_type")
     load = {"dtype": "auto", "use_safetensors": True}
+    if is_raw_mamba_config(fields):  # mamba_ssm's own folder (state-spaces/mamba-*)
+        target, direction = from_raw_mamba(src), MAMBA_RAW_TO_ZOO
+        dst.mkdir(parents=True, exist_ok=True)
+        target.save_pretrained(dst)
+        if any((src / name).is_file() for name in _TOKENIZER_FILES):
+            AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+        return direction
+    # What cannot be converted is refused from the config alone, before any weight is read.
+    if model_type == "llama":
+        llama_config_from_hf(transformers.AutoConfig.from_pretrained(src))
+    elif model_type == "mixtral":
+        mixtral_config_from_hf(transformers.AutoConfig.from_pretrained(src))
     if model_type == "llama":
         source = transformers.LlamaForCausalLM.from_pretrained(src, **load)
         target, direction = from_hf_llama(source), HF_TO_ZOO

@@ -493,12 +493,52 @@ def _check_attention(config: Any) -> None:
             f"num_key_value_heads={config.num_key_value_heads} does not divide "
             f"num_attention_heads={config.num_attention_heads}"
         )
-    if config.head_dim % 2:  # RoPE rotates pairs of channels
+    if config.attention_head_dim is not None:
+        if config.attention_head_dim % 2:
+            raise ValueError(
+                f"attention_head_dim={config.attention_head_dim} is odd; RoPE needs an even one"
+            )
+    elif config.head_dim % 2:  # RoPE rotates pairs of channels
         raise ValueError(
             f"hidden_size={config.hidden_size} / num_attention_heads="
             f"{config.num_attention_heads} gives an odd head size {config.head_dim}; RoPE needs "
             "an even one"
         )
+
+
+# RoPE scalings the attention implements, with transformers' numbers (zoo.layers.rotary).
+_ROPE_SCALING_KEYS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "linear": ("factor",),
+        "llama3": (
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        ),
+        "yarn": ("factor", "original_max_position_embeddings"),
+        "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
+    }
+)
+
+
+def _check_rotary_scaling(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        return "is not None or a dict with a 'rope_type'"
+    rope_type = value.get("rope_type")
+    if rope_type not in _ROPE_SCALING_KEYS:
+        return (
+            f"has rope_type={rope_type!r}; supported: {list(_ROPE_SCALING_KEYS)} (None for plain "
+            "RoPE; 'dynamic' depends on the lengths of earlier calls and is not supported)"
+        )
+    if "rope_theta" in value:
+        return "holds 'rope_theta'; the RoPE base is rotary_base"
+    missing = [k for k in _ROPE_SCALING_KEYS[rope_type] if k not in value]
+    if missing:
+        return f"lacks {missing} for rope_type={rope_type!r}"
+    return None
 
 
 register_mixer(
@@ -515,6 +555,22 @@ register_mixer(
             derive=lambda c: c.num_attention_heads,
         ),
         "rotary_base": Setting(10000.0, "RoPE base wavelength.", positive_number),
+        "rotary_scaling": Setting(
+            None,
+            "RoPE scaling: None (plain RoPE) or transformers' rope_parameters without rope_theta "
+            "({'rope_type': 'llama3', 'factor': 8.0, ...}); linear, yarn, llama3, longrope.",
+            _check_rotary_scaling,
+        ),
+        "attention_head_dim": Setting(
+            None,
+            "Head size of q/k/v (transformers' head_dim); None = hidden_size / heads.",
+            optional(positive_int),
+        ),
+        "attention_bias": Setting(
+            False,
+            "Biases on the q, k, v and o projections (transformers' attention_bias).",
+            boolean,
+        ),
     },
     per_layer=("num_key_value_heads",),
     validate=_check_attention,
@@ -688,6 +744,11 @@ register_channel_mixer(
     "zoo.layers.glu:SwiGLU",
     display_name="SwiGLU",
     doc="LLaMA's SwiGLU MLP of width intermediate_size.",
+    settings={
+        "mlp_bias": Setting(
+            False, "Biases on gate, up and down projections (transformers' mlp_bias).", boolean
+        )
+    },
     per_layer=("intermediate_size",),
 )
 register_channel_mixer(

@@ -7,6 +7,11 @@ Three forms of the same weights: the parallel form (`forward` without a cache, t
 keys and values of past tokens are kept in a transformers `DynamicLayer`), and the naive reference
 (`reference_forward`: explicit softmax in fp32). Weight names follow transformers' LlamaAttention.
 
+Settings for transformers' Llama variants (defaults give the original LLaMA layer): `rotary_scaling`
+(RoPE "linear", "yarn" or "llama3", tables from transformers' `ROPE_INIT_FUNCTIONS`, see
+`zoo.layers.rotary`), `attention_bias` (biases on q, k, v and o) and `attention_head_dim` (the
+head size, so q/k/v/o are heads × head_dim wide whatever hidden_size is).
+
 Cross-layer K/V sharing (`ZooConfig.kv_source`; Brandon et al., arXiv 2405.12981, and STAR's
 feature-group sharing): a reading layer has no k/v projections and no cache of its own; it attends
 with its own queries over the keys and values its source layer computed (and cached) in the same
@@ -58,6 +63,12 @@ def attention_naive(
     return (torch.softmax(scores + bias.float(), dim=-1) @ v.float()).to(q.dtype)
 
 
+def attention_head_dim(config: ZooConfig) -> int:
+    """The attention's head size: `attention_head_dim` when set, else hidden_size / heads."""
+    explicit = getattr(config, "attention_head_dim", None)
+    return explicit if explicit is not None else config.head_dim
+
+
 class Attention(nn.Module):
     def __init__(self, config: ZooConfig, layer_idx: int) -> None:
         super().__init__()
@@ -66,14 +77,26 @@ class Attention(nn.Module):
         self.shares_kv = layer_idx in (config.kv_source or [])
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
+        self.head_dim = attention_head_dim(config)
         self.rotary_base = config.rotary_base
+        self.rotary_scaling = getattr(config, "rotary_scaling", None)
+        self.max_position_embeddings = getattr(config, "max_position_embeddings", None)
+        bias = bool(getattr(config, "attention_bias", False))
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
         if self.kv_source is None:
-            self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-            self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+            self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+            self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
+
+    def _rotary(
+        self, context: MixerContext, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of this layer's RoPE, made once per forward and shared by the layers."""
+        scaling = self.rotary_scaling or None
+        return context.rotary(
+            self.head_dim, self.rotary_base, dtype, scaling, self.max_position_embeddings
+        )
 
     def _qkv(
         self, x: torch.Tensor, context: MixerContext
@@ -81,7 +104,7 @@ class Attention(nn.Module):
         """q, k, v with RoPE applied; k and v are None in a layer that reads another's."""
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        cos, sin = context.rotary(self.head_dim, self.rotary_base, q.dtype)
+        cos, sin = self._rotary(context, q.dtype)
         if self.kv_source is not None:
             return apply_rotary(q, cos, sin), None, None
         k = self.k_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)

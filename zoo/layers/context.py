@@ -12,7 +12,10 @@ the whole sequence (`offset`): positions are global (offset + local position), a
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,7 +49,7 @@ class MixerContext:
         default_factory=dict, repr=False
     )
     _span_mask: torch.Tensor | None = field(default=None, repr=False)
-    _rotary: dict[tuple[int, float, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = field(
+    _rotary: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False
     )
 
@@ -130,12 +133,22 @@ class MixerContext:
         return self._span_mask
 
     def rotary(
-        self, head_dim: int, base: float, dtype: torch.dtype
+        self,
+        head_dim: int,
+        base: float,
+        dtype: torch.dtype,
+        scaling: Mapping[str, Any] | None = None,
+        max_position_embeddings: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE cos/sin (B, T, head_dim) at `position_ids`, computed once per forward."""
-        key = (head_dim, base, dtype)
+        """RoPE cos/sin (B, T, head_dim) at `position_ids`, computed once per forward for each
+        setting (`scaling`: transformers' `rope_parameters` of a scaled RoPE, see
+        `zoo.layers.rotary`)."""
+        setting = json.dumps(scaling, sort_keys=True) if scaling else None
+        key = (head_dim, base, dtype, setting, max_position_embeddings if scaling else None)
         if key not in self._rotary:
-            self._rotary[key] = rotary_cos_sin(self.position_ids, head_dim, base, dtype)
+            self._rotary[key] = rotary_cos_sin(
+                self.position_ids, head_dim, base, dtype, scaling, max_position_embeddings
+            )
         return self._rotary[key]
 
     def attention_bias(self, past_len: int, kv_len: int, dtype: torch.dtype) -> torch.Tensor:

@@ -19,13 +19,17 @@ class GLU(nn.Module):
     """TNL's activation-free GLU; `activation="silu"` (or `SwiGLU`) makes it LLaMA's SwiGLU."""
 
     def __init__(
-        self, config: ZooConfig, activation: str = "identity", intermediate_size: int | None = None
+        self,
+        config: ZooConfig,
+        activation: str = "identity",
+        intermediate_size: int | None = None,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         d, g = config.hidden_size, intermediate_size or config.intermediate_size
-        self.gate_proj = nn.Linear(d, g, bias=False)
-        self.up_proj = nn.Linear(d, g, bias=False)
-        self.down_proj = nn.Linear(g, d, bias=False)
+        self.gate_proj = nn.Linear(d, g, bias=bias)
+        self.up_proj = nn.Linear(d, g, bias=bias)
+        self.down_proj = nn.Linear(g, d, bias=bias)
         self.activation = activation
 
     def flops_per_token(self, seq_len: int) -> int:
@@ -40,7 +44,10 @@ class GLU(nn.Module):
 
 
 class SwiGLU(GLU):
-    """LLaMA's SwiGLU: the GLU with SiLU on the gate."""
+    """LLaMA's SwiGLU: the GLU with SiLU on the gate; biases on its three projections when
+    `config.mlp_bias` (transformers' LlamaMLP with `mlp_bias=True`)."""
 
     def __init__(self, config: ZooConfig, intermediate_size: int | None = None) -> None:
-        super().__init__(config, "silu", intermediate_size)
+        super().__init__(
+            config, "silu", intermediate_size, bool(getattr(config, "mlp_bias", False))
+        )
