@@ -312,7 +312,8 @@ def convert(
     src: Annotated[Path, typer.Argument(help="Checkpoint folder to read.")],
     dst: Annotated[Path, typer.Argument(help="Folder to write.")],
 ) -> None:
-    """Convert a checkpoint between transformers' Llama/Mixtral/Mamba and zoo's (both ways)."""
+    """Convert a checkpoint between transformers' Llama/Mixtral/Mamba and zoo's (both ways), or
+    mamba_ssm's raw Mamba folder into zoo's."""
     from zoo.convert import convert_checkpoint
 
     direction = convert_checkpoint(src, dst)
