@@ -80,7 +80,7 @@ from zoo.data import (
 from zoo.flops import model_flops
 from zoo.layers.moe import Experts, expert_load, load_imbalance, router_losses
 from zoo.parallel.batch import shard_windows
-from zoo.parallel.context import context_parallel, shard_sequence
+from zoo.parallel.context import context_parallel
 from zoo.parallel.expert import whole_expert_weights
 from zoo.parallel.fsdp import apply_fsdp, blocks_of, clip_grad_norm, expert_gradients_to_mean
 from zoo.parallel.mesh import Mesh, build_mesh, format_groups, memory_per_rank
@@ -470,11 +470,10 @@ def evaluate(
         if not rows:  # no window at all here: a sharded model still needs this forward
             rows = [w for ws in windows for w in ws][: t.micro_batch_size]
         batch = torch.stack(rows).to(accelerator.device)
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        with context_parallel(cp_group) as cp:
-            if cp is not None:  # this rank's span of the inputs and of their targets
-                inputs, targets = shard_sequence(inputs, cp), shard_sequence(targets, cp)
-            logits = model(input_ids=inputs.contiguous(), use_cache=False).logits
+        with context_parallel(cp_group) as cp:  # this rank's span of inputs and targets
+            window = shard_windows(batch, cp)
+            logits = model(input_ids=window["input_ids"], use_cache=False).logits
+        targets = window["shift_labels"]
         if start >= len(mine):
             continue
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
