@@ -23,7 +23,7 @@ import zoo
         ({"intermediate_size": 0}, "intermediate_size=0"),
         ({"vocab_size": -1}, "vocab_size=-1"),
         ({"rms_norm_eps": 0.0}, "rms_norm_eps=0.0 must be positive"),
-        ({"norm_type": "layernorm"}, "norm_type='layernorm' is not one of"),
+        ({"norm_type": "groupnorm"}, "norm_type='groupnorm' is not one of"),
         ({"lightning_decay": "learned"}, "lightning_decay='learned'"),
         ({"kernel_backend": "cuda"}, "kernel_backend='cuda'"),
         ({"output_gate_rank": 0}, "output_gate_rank=0"),

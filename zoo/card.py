@@ -121,7 +121,13 @@ def heldout_results(run_dir: Path) -> dict[str, Any] | None:
     return lm_eval_layout(scores, run_dir.name, configs=config)
 
 
-def _training(recipe: dict[str, Any] | None) -> str:
+def _training(recipe: dict[str, Any] | None, released: str | None = None) -> str:
+    if released:
+        return (
+            f"Trained by its authors and released as `{released}` (their own format); the zoo "
+            f"reads it exactly: `zoo convert {released} DIR` writes this model's checkpoint "
+            "(the weights are fetched through huggingface_hub once config.json is accepted)."
+        )
     if not recipe:
         return "Not trained: this card describes the architecture of a named size."
     t, data, opt = recipe["training"], recipe.get("data", {}), recipe.get("optimizer", {})
@@ -143,6 +149,7 @@ def render_card(
     eval_results: dict[str, Any] | None = None,
     recipe: dict[str, Any] | None = None,
     summary: str | None = None,
+    released: str | None = None,
 ) -> ModelCard:
     """The card of a model with `config` (built on the meta device to count, nothing loaded)."""
     with torch.device("meta"):
@@ -199,7 +206,7 @@ def render_card(
         moe=moe,
         state=f"{state_1k:,} elements per sequence at 1K tokens, {state_8k:,} at 8K ({grows})",
         flops=f"{flops.train_per_token / 1e9:.3f} GFLOPs at context {flops.seq_len}",
-        training=_training(recipe),
+        training=_training(recipe, released),
         evaluation=_eval_table(eval_results),
         repo_id=repo_id,
         limitations=limitations,
@@ -249,10 +256,12 @@ def preset_cards() -> dict[str, ModelCard]:
     cards = {}
     for family, entry in registry.families().items():
         cls = entry.config_class()
-        for size in cls.named_sizes:
-            config = cls.from_size(size, vocab_size=entry.card_vocab)
+        for size, row in cls.named_sizes.items():
+            # A released model keeps its own vocabulary; the others are counted with the card's.
+            vocab = {} if "vocab_size" in (row.settings or {}) else {"vocab_size": entry.card_vocab}
+            config = cls.from_size(size, **vocab)
             name = f"{family}-{size}"
-            cards[f"{name}.md"] = render_card(config, f"hybrid-zoo/{name}")
+            cards[f"{name}.md"] = render_card(config, f"hybrid-zoo/{name}", released=row.released)
     return cards
 
 

@@ -309,13 +309,30 @@ def generate(
 
 @app.command()
 def convert(
-    src: Annotated[Path, typer.Argument(help="Checkpoint folder to read.")],
-    dst: Annotated[Path, typer.Argument(help="Folder to write.")],
+    src: Annotated[str, typer.Argument(help="Checkpoint folder to read, or a Hub id (org/name).")],
+    dst: Annotated[Path | None, typer.Argument(help="Folder to write.")] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Only check config.json and count the converted model (parameters, decode "
+            "state, FLOPs per token) on the meta device; no weight is read or written.",
+        ),
+    ] = False,
+    seq_len: Annotated[
+        int, typer.Option(help="Context of the --dry-run's state and FLOPs counts.", min=1)
+    ] = 2048,
 ) -> None:
     """Convert a checkpoint between transformers' Llama/Mixtral/Mamba and zoo's (both ways), or
-    mamba_ssm's raw Mamba folder into zoo's."""
-    from zoo.convert import convert_checkpoint
+    a released model of another project (mamba_ssm's Mamba, TransNormerLLM, fla's HGRN2,
+    safari's Hyena) into zoo's; what the zoo cannot express is refused from config.json alone."""
+    from zoo.convert import convert_checkpoint, plan_conversion
 
+    if dry_run:
+        typer.echo(plan_conversion(src, seq_len=seq_len).table())
+        return
+    if dst is None:
+        raise typer.BadParameter("DST is required unless --dry-run", param_hint="DST")
     direction = convert_checkpoint(src, dst)
     typer.echo(f"converted {src} -> {dst} ({direction})")
 

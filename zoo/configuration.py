@@ -23,7 +23,7 @@ from transformers import PreTrainedConfig
 
 from zoo import registry
 
-NORM_TYPES: tuple[str, ...] = ("rmsnorm", "srmsnorm")
+NORM_TYPES: tuple[str, ...] = ("rmsnorm", "srmsnorm", "layernorm")
 KERNEL_BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 
 # The byte tokenizer's ids (zoo/tokenizer.py): 256 bytes, then <s>, </s>, <pad>.
@@ -50,6 +50,11 @@ class NamedSize:
     moe_intermediate_size: int | None = None
     # Layer pattern (see `parse_layer_pattern`) of a hybrid size; None = the family's default.
     pattern: str | None = None
+    # Config fields of a released model's variant (its settings, vocabulary, ...); applied after
+    # the row's shape, before the caller's overrides.
+    settings: dict[str, Any] | None = None
+    # The Hub id of the released weights this size converts from (`zoo convert ID DIR`).
+    released: str | None = None
 
 
 _GROUP = re.compile(r"\(([^()]*)\)\s*\*\s*(\d+)")
@@ -166,9 +171,10 @@ class ZooConfig(PreTrainedConfig):
     num_attention_heads: int = 4
     # Channel-mixer width g; None = 8d/3 rounded up to a multiple of 256 (the paper's rule).
     intermediate_size: int | None = None
-    # Norm of the blocks and the final norm: "rmsnorm" (with gain) or "srmsnorm" (no gain).
+    # Norm of the blocks and the final norm: "rmsnorm" (with gain), "srmsnorm" (no gain) or
+    # "layernorm" (gain and bias; safari's Hyena).
     norm_type: str = "rmsnorm"
-    # Epsilon of every RMS norm.
+    # Epsilon of every norm (a mixer's own output norm may set its own).
     rms_norm_eps: float = 1e-6
     # Longest context the model was trained for; Hyena's implicit filters span exactly this many
     # positions (safari's l_max), every other mixer takes it as information only.
@@ -189,6 +195,9 @@ class ZooConfig(PreTrainedConfig):
     kernel_backend: str = "auto"
     # Std of the normal init of every Linear and Embedding (TNL/HGRN2 code and LLaMA use 0.02).
     initializer_range: float = 0.02
+    # Factor on the token embeddings before the first block (the released TransNormerLLM's √d;
+    # 1 everywhere else). Embeddings passed as inputs_embeds are taken as they are.
+    embedding_multiplier: float = 1.0
     # Share the input embedding and the LM head.
     tie_word_embeddings: bool = True
     # Return the cache from forward (used by generate).
@@ -276,9 +285,9 @@ class ZooConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        for name in ("rms_norm_eps", "initializer_range"):
+        for name in ("rms_norm_eps", "initializer_range", "embedding_multiplier"):
             value = getattr(self, name)
-            if not value > 0:
+            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
                 raise ValueError(f"{name}={value!r} must be positive")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
@@ -487,6 +496,7 @@ class ZooConfig(PreTrainedConfig):
             )
         if row.pattern is not None:
             fields["mixers"], fields["channel_mixers"] = parse_layer_pattern(row.pattern)
+        fields.update(copy.deepcopy(row.settings or {}))
         fields.update(overrides)
         return cls(**fields)
 
@@ -535,6 +545,33 @@ class LlamaConfig(ZooConfig):
 _TNL_SIZES = {**_SL_SIZES, "410m": NamedSize(25, 1024, 8, 2816)}
 
 
+def _released_tnl(layers: int, width: int, heads: int, glu: int, repo: str) -> NamedSize:
+    """A released TransNormerLLM (OpenNLPLab, remote code) as zoo TNL settings: the plain linear
+    output gate, learned LRPE in layer 0, embeddings times √d, SRMSNorm eps 1e-6, its 64K
+    vocabulary and special tokens (zoo.convert.transnormer maps any such config.json)."""
+    settings = {
+        "vocab_size": 64000,
+        "output_gate": "linear",
+        "layer_overrides": [{"lightning_lrpe": True}] + [None] * (layers - 1),
+        "embedding_multiplier": math.sqrt(width),
+        "rms_norm_eps": 1e-6,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    return NamedSize(layers, width, heads, glu, settings=settings, released=repo)
+
+
+# The released checkpoints' shapes (TransNormerLLM paper, arXiv 2307.14995, Table of model
+# sizes; their parameter counts, 0.40B, 1.02B and 6.84B, agree with the README's 0.39B, 1.0B and
+# 6.8B; the GLU widths are the released configs' glu_dim, not checked against the Hub offline).
+_TNL_RELEASED = {
+    "385m-released": _released_tnl(24, 1024, 8, 2816, "OpenNLPLab/TransNormerLLM-385M"),
+    "1b-released": _released_tnl(16, 2048, 16, 5632, "OpenNLPLab/TransNormerLLM-1B"),
+    "7b-released": _released_tnl(30, 4096, 32, 11008, "OpenNLPLab/TransNormerLLM-7B"),
+}
+
+
 class TNLConfig(ZooConfig):
     """TransNormerLLM (Qin et al., arXiv 2307.14995 / 2405.17381) as sized in arXiv 2406.16690.
 
@@ -551,9 +588,40 @@ class TNLConfig(ZooConfig):
             _TNL_SIZES,
             {"70m": "170m-a87m", "160m": "560m-a220m", "410m": "1.9b-a650m", "1b": "5.3b-a1.7b"},
         ),
+        **_TNL_RELEASED,
     }
 
     norm_type: str = "srmsnorm"
+
+
+def _released_hgrn2(layers: int, width: int, heads: int, mlp: int, repo: str) -> NamedSize:
+    """fla's released HGRN2 (fla-hub, trained 100B tokens): fla's variant as HGRN2 settings
+    (q scaled by e^−1/2, an output RMSNorm with gain and eps 1e-5, RMSNorm blocks, SwiGLU MLPs,
+    an untied head, Llama-2's 32K vocabulary); zoo.convert.fla_hgrn2 maps any such config.json."""
+    settings = {
+        "vocab_size": 32000,
+        "channel_mixers": ["swiglu"] * layers,
+        "norm_type": "rmsnorm",
+        "rms_norm_eps": 1e-6,
+        "hgrn2_expand_ratio": 128,
+        "hgrn2_q_scale": "rsqrt_dim",
+        "hgrn2_output_norm": "rmsnorm",
+        "hgrn2_output_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 2048,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": None,
+    }
+    return NamedSize(layers, width, heads, mlp, settings=settings, released=repo)
+
+
+# The 1.3B matches the published count (1,364,396,032 parameters, 244 tensors); the 2.7B's
+# shape is its GLA sibling's (2.70B parameters), not checked against the Hub offline.
+_HGRN2_RELEASED = {
+    "1.3b-fla": _released_hgrn2(24, 2048, 16, 5632, "fla-hub/hgrn2-1.3B-100B"),
+    "2.7b-fla": _released_hgrn2(32, 2560, 20, 6912, "fla-hub/hgrn2-2.7B-100B"),
+}
 
 
 class HGRN2Config(ZooConfig):
@@ -567,7 +635,7 @@ class HGRN2Config(ZooConfig):
     model_type = "zoo_hgrn2"
     default_mixer = "hgrn2"
     default_channel_mixer = "glu"
-    named_sizes = _SL_SIZES
+    named_sizes = {**_SL_SIZES, **_HGRN2_RELEASED}
 
     norm_type: str = "srmsnorm"
 
@@ -619,6 +687,28 @@ _HYENA_SIZES: dict[str, NamedSize] = {
     "355m": NamedSize(24, 1024, 8, 2752),
     "1.3b": NamedSize(24, 2048, 16, 5504),
     "2.7b": NamedSize(32, 2560, 20, 6912),
+    # safari's released Zymrael/hyena-small-150b-tok, as its eval config loads it
+    # (configs/evals/hyena_small_150b.yaml): LayerNorm blocks, tanh-GELU MLPs, trained positional
+    # features, no decay window; 153.7M parameters. zoo.convert.safari_hyena maps such a config.
+    "153m-safari": NamedSize(
+        18,
+        864,
+        1,
+        1728,
+        settings={
+            "vocab_size": 50264,  # GPT-2's 50257, padded to a multiple of 8
+            "channel_mixers": ["gelu_mlp"] * 18,
+            "gelu_mlp_approximate": "tanh",
+            "norm_type": "layernorm",
+            "rms_norm_eps": 1e-5,
+            "hyena_modulate": False,
+            "hyena_learned_pos_emb": True,
+            "bos_token_id": 50256,
+            "eos_token_id": 50256,
+            "pad_token_id": None,
+        },
+        released="Zymrael/hyena-small-150b-tok",
+    ),
 }
 
 

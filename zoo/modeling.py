@@ -237,6 +237,8 @@ class ZooModel(ZooPreTrainedModel):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+            if self.config.embedding_multiplier != 1.0:
+                inputs_embeds = inputs_embeds * self.config.embedding_multiplier
         cp = current()
         if cp is not None:
             if cache is not None or use_cache:

@@ -591,6 +591,12 @@ _LINEAR_ATTENTION_SETTINGS = {
         "Rank t of the low-rank sigmoid output gate; None = head dim (arXiv 2406.16690 A.1.2).",
         optional(positive_int),
     ),
+    "output_gate": Setting(
+        "low_rank_sigmoid",
+        'Output gate: "low_rank_sigmoid" (σ(x W_down W_up), arXiv 2406.16690) or "linear" (x W_u, '
+        "full rank, no activation: the released TransNormerLLM).",
+        one_of("low_rank_sigmoid", "linear"),
+    ),
 }
 register_mixer(
     "lightning",
@@ -598,7 +604,16 @@ register_mixer(
     cache="linear_attention",
     display_name="TNL lightning attention",
     doc="Lightning attention with a fixed per-head decay and a low-rank output gate (TNL).",
-    settings=_LINEAR_ATTENTION_SETTINGS,
+    settings={
+        **_LINEAR_ATTENTION_SETTINGS,
+        "lightning_lrpe": Setting(
+            False,
+            "LRPE with θ learned per head and channel on q and k (the released TransNormerLLM's "
+            "first layer; key width 2·head dim).",
+            boolean,
+        ),
+    },
+    per_layer=("lightning_lrpe",),
     tiny={"lightning_chunk_size": 8},
 )
 
@@ -632,6 +647,23 @@ register_mixer(
             derive=lambda c: c.hidden_size // c.num_attention_heads,
         ),
         "hgrn2_chunk_size": Setting(64, "Chunk length of the chunked gated scan.", positive_int),
+        "hgrn2_q_scale": Setting(
+            "none",
+            'Scale of q before the recurrence: "none" (the output norm absorbs it) or '
+            '"rsqrt_dim" (q / sqrt(e), as fla\'s HGRN2 does).',
+            one_of("none", "rsqrt_dim"),
+        ),
+        "hgrn2_output_norm": Setting(
+            "config",
+            'Norm before o_proj: "config" (config.norm_type), "rmsnorm" (with gain, as fla) '
+            'or "srmsnorm" (gain-free).',
+            one_of("config", "rmsnorm", "srmsnorm"),
+        ),
+        "hgrn2_output_norm_eps": Setting(
+            None,
+            "Epsilon of the norm before o_proj; None = rms_norm_eps (fla's HGRN2: 1e-5).",
+            optional(positive_number),
+        ),
     },
     per_layer=("hgrn2_expand_ratio",),
     validate=_check_hgrn2,
@@ -714,6 +746,36 @@ register_mixer(
         "hyena_modulate": Setting(
             True, "Multiply the filters by the exponential decay window.", boolean
         ),
+        "hyena_modulation_shift": Setting(
+            0.0, "Constant added to the decay window (safari's shift).", finite_number
+        ),
+        "hyena_decay_target": Setting(
+            1e-2, "Window value the decays reach (safari's target).", positive_number
+        ),
+        "hyena_fast_decay_pct": Setting(
+            0.3,
+            "Fraction of L_max where the fastest channel reaches the target (fast_decay_pct).",
+            positive_number,
+        ),
+        "hyena_slow_decay_pct": Setting(
+            1.5,
+            "Fraction of L_max where the slowest channel reaches the target (slow_decay_pct).",
+            positive_number,
+        ),
+        "hyena_normalized": Setting(
+            False,
+            "Divide each filter position by its L1 norm over the channels (safari's normalized).",
+            boolean,
+        ),
+        "hyena_filter_bias": Setting(
+            True, "The skip term b ⊙ v of each long convolution (safari's filter bias).", boolean
+        ),
+        "hyena_learned_pos_emb": Setting(
+            False,
+            "Hold the filters' positional features as a parameter (safari trains them at "
+            "lr_pos_emb) instead of recomputing them.",
+            boolean,
+        ),
     },
     per_layer=("hyena_order",),
     tiny={"hyena_filter_order": 16, "max_position_embeddings": 256},
@@ -756,6 +818,20 @@ register_channel_mixer(
     "zoo.layers.glu:GLU",
     display_name="GLU",
     doc="TNL's activation-free GLU of width intermediate_size.",
+    per_layer=("intermediate_size",),
+)
+register_channel_mixer(
+    "gelu_mlp",
+    "zoo.layers.mlp:GeluMLP",
+    display_name="GELU MLP",
+    doc="GPT-2's two-layer GELU MLP with biases, of width intermediate_size (safari's Hyena LMs).",
+    settings={
+        "gelu_mlp_approximate": Setting(
+            "tanh",
+            "GELU form: 'tanh' (GPT-2's and safari's approximation) or 'none' (exact erf).",
+            one_of("tanh", "none"),
+        )
+    },
     per_layer=("intermediate_size",),
 )
 register_channel_mixer(

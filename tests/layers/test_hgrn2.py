@@ -190,7 +190,7 @@ def test_model_bounds_start_at_l_over_L_and_learn():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("hgrn2_expand_ratio", 0), ("hgrn2_expand_ratio", 5), ("norm_type", "layernorm")],
+    [("hgrn2_expand_ratio", 0), ("hgrn2_expand_ratio", 5), ("norm_type", "groupnorm")],
 )
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -49,19 +49,23 @@ CHUNK = 5  # no divisor of any span: ragged chunks on every rank
 # "inside": the span passes on only its own last document's state, nothing from before it).
 PACKINGS = {"cross": [0, 3, 19, 24, 24, 30, 32], "aligned": [0, 16, 20, 32], "inside": [0, 12, 32]}
 
-# mixer name: (family, layer index)
+# mixer name: (family, layer index[, settings])
 LAYERS = {"lightning": ("tnl", 0), "cosformer2": ("cosformer2", 1), "hgrn2": ("hgrn2", 2),
-          "mamba": ("mamba", 1)}  # fmt: skip
+          "mamba": ("mamba", 1),
+          # the released TransNormerLLM's first layer: learned LRPE, linear output gate
+          "lightning_released": ("tnl", 0, {"lightning_lrpe": True,
+                                            "output_gate": "linear"})}  # fmt: skip
 
 
 # --- layers --------------------------------------------------------------------------------------
 
 
 def _layer(name: str):
-    family, layer_idx = LAYERS[name]
+    family, layer_idx, *settings = LAYERS[name]
     config = tiny_config(
-        family, hidden_size=WIDTH, num_attention_heads=HEADS, hgrn2_expand_ratio=HEAD_DIM
-    )
+        family, hidden_size=WIDTH, num_attention_heads=HEADS, hgrn2_expand_ratio=HEAD_DIM,
+        **(settings[0] if settings else {}),
+    )  # fmt: skip
     torch.manual_seed(0)
     layer = build_sequence_mixer(config, layer_idx)
     generator = torch.Generator().manual_seed(1)

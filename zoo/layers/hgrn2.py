@@ -12,17 +12,29 @@ The recurrence is gated linear attention with q, k = 1 − f, v = i and log deca
 `zoo.kernels.gla`. β_l = `hgrn2_lower_bounds(Γ)[layer_idx]` comes from Γ (L, d), a parameter
 the model holds for all HGRN2 layers (declared in HGRN2's registry entry, passed as
 `context.parameters["hgrn2_lower_bounds"]`; softmax over depth, cumsum, minus the first row), so
-β_0 = 0 and deeper layers forget less.
+β_0 = 0 and deeper layers forget less. A context without Γ (a mixer used outside the model)
+means β = 0.
 
 Choices where the sources differ (shared/papers/linear-families.md §2): q = SiLU and i = identity
 (fla `fla/layers/hgrn2.py` and the first author's LM code; the LRA code uses sigmoid/SiLU); the
 value dim per head is e too (fla's head_i_dim = d / H), so the state is e × e per head and d·e per
-layer; no short convolution (off by default in fla); the output norm is `config.norm_type` over
-the full width (SRMSNorm for the preset, as in the author's code; fla uses RMSNorm with gain);
-no q scale (fla's 1/sqrt(e) is absorbed by that norm). log f is formed as fla does,
-logaddexp(log β, log(1 − β) + logsigmoid(x W_f)), which stays finite for any logit; unlike fla,
-which skips layer 0, we take log β = −inf where β = 0 exactly, with a gradient that stays finite.
-A context without Γ (a mixer used outside the model) means β = 0.
+layer; no short convolution (off by default in fla). log f is formed as fla does,
+logaddexp(log β, log(1 − β) + logsigmoid(x W_f)), which stays finite for any logit; where fla skips
+layer 0 (whose β_0 is 0 anyway), we take log β = −inf where β = 0 exactly, with a gradient that
+stays finite.
+
+By default the output norm is `config.norm_type` over the full width with `config.rms_norm_eps`
+(SRMSNorm for the preset, as in the author's code) and q is not scaled: a scale of q only scales
+y, which that norm undoes up to its eps. fla's HGRN2 (`zoo.convert.fla_hgrn2`) differs in both,
+and three settings express it:
+
+    hgrn2_q_scale = "rsqrt_dim"   q · e^(−1/2) before the recurrence (fla's gla ops' default
+                                  scale); applied before the op, it holds for every form: chunked,
+                                  recurrent decode, naive, each kernel backend, context parallel
+    hgrn2_output_norm = "rmsnorm" the output norm with gain ("srmsnorm": without), whatever
+                                  `norm_type` says ("config", the default, follows it)
+    hgrn2_output_norm_eps = 1e-5  its epsilon (None, the default, is `rms_norm_eps`); fla uses
+                                  1e-5 there whatever its `norm_eps`
 
 Padding never enters the state: at padded tokens log f = 0 (no decay) and i = 0, so a left-padded
 row decodes exactly like the same row unpadded.
@@ -72,11 +84,19 @@ class HGRN2Attention(nn.Module):
         self.num_heads = config.hidden_size // self.head_dim
         self.chunk_size = config.hgrn2_chunk_size
         self.backend = config.kernel_backend
+        # 1.0 keeps q as it is (no multiply: the default path stays bit for bit what it was).
+        self.q_scale = self.head_dim**-0.5 if config.hgrn2_q_scale == "rsqrt_dim" else 1.0
         d = config.hidden_size
         self.q_proj = nn.Linear(d, d, bias=False)
         self.f_proj = nn.Linear(d, d, bias=False)
         self.i_proj = nn.Linear(d, d, bias=False)
-        self.norm = build_norm(config.norm_type, d, config.rms_norm_eps)
+        norm_type = config.hgrn2_output_norm
+        eps = config.hgrn2_output_norm_eps
+        self.norm = build_norm(
+            config.norm_type if norm_type == "config" else norm_type,
+            d,
+            config.rms_norm_eps if eps is None else eps,
+        )
         self.o_proj = nn.Linear(d, d, bias=False)
 
     def _gates(
@@ -86,6 +106,8 @@ class HGRN2Attention(nn.Module):
         batch, seq_len, _ = x.shape
         shape = (batch, seq_len, self.num_heads, self.head_dim)
         q = F.silu(self.q_proj(x)).view(shape)  # (B, T, H, e)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
         i = self.i_proj(x).view(shape)  # (B, T, H, e)
         log_f = F.logsigmoid(self.f_proj(x).float()).view(shape)  # (B, T, H, e)
         gamma = context.parameters.get("hgrn2_lower_bounds")  # (L, d)

@@ -8,13 +8,18 @@ in the form of its reference code, HazyResearch/safari `HyenaOperator` / `HyenaF
     for o = 0 … N−2:  v ← v ⊙ x_{N−1−o};  v ← h_o ∗ v + b_o ⊙ v    (∗ causal long convolution)
     y = out_proj(v ⊙ x_0)
 
-    h_i = FFN(PosEnc(t_i)) ⊙ exp(−t_i·|δ|),  t = linspace(0, 1, L_max),  i = 0 … L_max−1
+    h_i = FFN(PosEnc(t_i)) ⊙ (exp(−t_i·|δ|) + s),  t = linspace(0, 1, L_max),  i = 0 … L_max−1
     PosEnc(t_i) = [t_i, cos(f·w_i), −sin(f·w_i)],  w_i = 2π·i / L_max,  f = linspace(1e-4, B−1, B)
     FFN = Linear(E, F) → Sin → [Linear(F, F) → Sin] × num_inner_mlps → Linear(F, d·(N−1), no bias)
-    Sin(x) = sin(ω ⊙ x), ω learnable; δ = linspace(ln(1e-2)/1.5, ln(1e-2)/0.3, d·(N−1)), fixed
+    Sin(x) = sin(ω ⊙ x), ω learnable; δ = linspace(ln(τ)/p_slow, ln(τ)/p_fast, d·(N−1)), fixed
 
 with E = `hyena_emb_dim` (B = (E−1)/2 bands), F = `hyena_filter_order`, L_max =
-`max_position_embeddings`; a length-T input uses the filters' first T positions.
+`max_position_embeddings`, τ, p_fast, p_slow, s = `hyena_decay_target` (1e-2),
+`hyena_fast_decay_pct` (0.3), `hyena_slow_decay_pct` (1.5), `hyena_modulation_shift` (0); a
+length-T input uses the filters' first T positions. safari's other filter options are settings
+too: `hyena_modulate=False` drops the window, `hyena_normalized` divides each position's
+d·(N−1) filter values by their L1 norm (after the window), `hyena_filter_bias=False` drops the
+skip terms b_o (no parameter), as `zoo.convert.safari_hyena` needs to load safari checkpoints.
 
 Choices where the sources disagree (shared/papers/mamba-hyena.md §2):
 
@@ -27,11 +32,15 @@ Choices where the sources disagree (shared/papers/mamba-hyena.md §2):
   task (d = 64, E = 33, 150 steps) the final loss averaged 1.0 nats over 4 seeds with ω = 14 and
   2.3 over 3 seeds with ω = 1 (chance 2.77). One ω (F,) is shared by every Sin, as safari
   builds a single `Sin` module and reuses it.
-* The positional features are fixed and recomputed each forward; safari trains them at
-  lr 1e-5 (`lr_pos_emb`), so a converted checkpoint drops its slightly drifted copy. δ is fixed
-  as in safari's code (a buffer there, learnable in the paper); shift 0, no filter normalisation.
+* The positional features are fixed and recomputed each forward (the default). safari trains
+  them (`lr_pos_emb`: 1e-5 by default, the full learning rate in its Pile LM config), so with
+  `hyena_learned_pos_emb` they are a parameter, `filter_fn.pos_emb` (L_max, E), initialised to
+  the fixed features: safari checkpoints convert with it and keep their trained copy. δ is fixed
+  as in safari's code (a buffer there, learnable in the paper), and so is t.
 * The filters, the long convolutions and their skip terms run in fp32 whatever the weights'
-  dtype (bf16 FFTs are not supported, and sin(14·x) in bf16 is coarse).
+  dtype (bf16 FFTs are not supported, and sin(14·x) in bf16 is coarse); learned positional
+  features are stored in the weights' dtype like every parameter, so keep such a model in fp32
+  where the filters must match safari's to the last bit.
 * A sequence longer than L_max raises instead of safari's silent truncation of the filter.
 * Init (`init_zoo_weights`): the short conv keeps PyTorch's Conv1d init, as in safari (the
   N(0, 0.02) of transformers would all but zero the gates); the skip weights b are N(0, 1)
@@ -41,8 +50,9 @@ Choices where the sources disagree (shared/papers/mamba-hyena.md §2):
   `HyenaOperator`.
 
 Parameter names follow safari (in_proj, short_filter, filter_fn, out_proj) except the filter FFN:
-safari's `implicit_filter.{0,2,4,6}` Linears are `filter_fn.ffn.{0,1,2,3}` here and its shared
-`implicit_filter.1.freq` (1, F) is `filter_fn.freq` (F,).
+safari's `implicit_filter.{0,2,4,6}` Linears are `filter_fn.ffn.{0,1,2,3}` here, its shared
+`implicit_filter.1.freq` (1, F) is `filter_fn.freq` (F,) and its `pos_emb.z` (1, L_max, E) is
+`filter_fn.pos_emb` (L_max, E).
 
 Decoding: a long convolution has no finite state, so the cache keeps the history. The layer's
 cache entry is a growing `DynamicLayer`:
@@ -93,9 +103,6 @@ from zoo.parallel.context import gather_sequence, halo
 
 # Initial Sin frequency ω: safari's LM config (w: 14), see the module docstring.
 _SIN_FREQ_INIT = 14.0
-# safari's ExponentialModulation defaults: every filter decays to `target` between 30% (fastest
-# channel) and 150% (slowest) of L_max.
-_DECAY_TARGET, _FAST_DECAY_PCT, _SLOW_DECAY_PCT = 1e-2, 0.3, 1.5
 
 
 @lru_cache(maxsize=16)
@@ -115,10 +122,11 @@ def _positional_features(max_len: int, emb_dim: int) -> tuple[torch.Tensor, torc
 
 
 @lru_cache(maxsize=16)
-def _decay_rates(channels: int) -> torch.Tensor:
-    """|δ| per filter channel (channels,), fp32: safari's fixed modulation rates."""
-    slow = math.log(_DECAY_TARGET) / _SLOW_DECAY_PCT
-    fast = math.log(_DECAY_TARGET) / _FAST_DECAY_PCT
+def decay_rates(channels: int, target: float, fast_pct: float, slow_pct: float) -> torch.Tensor:
+    """|δ| per filter channel (channels,), fp32: safari's fixed modulation rates, with which
+    channel c's window exp(−t·|δ_c|) reaches `target` at t = slow_pct (c = 0) … fast_pct (last)."""
+    slow = math.log(target) / slow_pct
+    fast = math.log(target) / fast_pct
     return torch.linspace(slow, fast, channels).abs()
 
 
@@ -132,6 +140,13 @@ class HyenaFilter(nn.Module):
         self.max_len = config.max_position_embeddings
         self.emb_dim = config.hyena_emb_dim
         self.modulate = config.hyena_modulate
+        self.shift = config.hyena_modulation_shift
+        self.decay = (
+            config.hyena_decay_target,
+            config.hyena_fast_decay_pct,
+            config.hyena_slow_decay_pct,
+        )
+        self.normalized = config.hyena_normalized
         hidden = config.hyena_filter_order
         channels = width * num_filters
         self.ffn = nn.ModuleList(
@@ -141,16 +156,23 @@ class HyenaFilter(nn.Module):
         )
         self.freq = nn.Parameter(torch.empty(hidden))
         # Channel c = i·num_filters + o is channel i of filter o (safari's '(v o)' layout).
-        self.bias = nn.Parameter(torch.empty(channels))
+        self.bias = nn.Parameter(torch.empty(channels)) if config.hyena_filter_bias else None
+        self.pos_emb = None
+        if config.hyena_learned_pos_emb:
+            self.pos_emb = nn.Parameter(torch.empty(self.max_len, self.emb_dim))  # (L_max, E)
         # (key, filters, skips) kept between calls without autograd, see `forward`.
         self._memo: tuple | None = None
         self.init_zoo_weights()
 
     def init_zoo_weights(self) -> None:
-        """ω = 14 and N(0, 1) skip weights (safari's randn); the FFN keeps the N(0, 0.02) Linear
-        init, which is also what safari's LM init gives it."""
+        """ω = 14, N(0, 1) skip weights (safari's randn) and learned positional features at the
+        fixed ones; the FFN keeps the N(0, 0.02) Linear init, which is also what safari's LM init
+        gives it."""
         init.constant_(self.freq, _SIN_FREQ_INIT)
-        init.normal_(self.bias)
+        if self.bias is not None:
+            init.normal_(self.bias)
+        if self.pos_emb is not None:
+            init.copy_(self.pos_emb, _positional_features(self.max_len, self.emb_dim)[0])
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Filters (num_filters, width, seq_len) and skip weights (num_filters, width), fp32."""
@@ -176,6 +198,8 @@ class HyenaFilter(nn.Module):
 
     def _compute(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         z, t = _positional_features(self.max_len, self.emb_dim)
+        if self.pos_emb is not None:
+            z = self.pos_emb.float()
         h = z[:seq_len].to(device)  # (T, E)
         freq = self.freq.float()
         for i, linear in enumerate(self.ffn):
@@ -184,10 +208,16 @@ class HyenaFilter(nn.Module):
             if i < len(self.ffn) - 1:
                 h = torch.sin(freq * h)
         if self.modulate:
-            rates = _decay_rates(h.shape[-1]).to(device)  # (channels,)
-            h = h * torch.exp(-t[:seq_len].to(device) * rates)
+            rates = decay_rates(h.shape[-1], *self.decay).to(device)  # (channels,)
+            window = torch.exp(-t[:seq_len].to(device) * rates)  # (T, channels)
+            h = h * (window + self.shift if self.shift else window)
+        if self.normalized:
+            h = h / torch.linalg.vector_norm(h, ord=1, dim=-1, keepdim=True)
         filters = h.view(seq_len, self.width, self.num_filters).permute(2, 1, 0)  # (O, d, T)
-        skips = self.bias.float().view(self.width, self.num_filters).t()  # (O, d)
+        if self.bias is None:
+            skips = filters.new_zeros(self.num_filters, self.width)  # (O, d)
+        else:
+            skips = self.bias.float().view(self.width, self.num_filters).t()  # (O, d)
         return filters, skips
 
 

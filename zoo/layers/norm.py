@@ -1,4 +1,6 @@
-"""RMSNorm (LLaMA) and SRMSNorm (TNL: RMSNorm without the gain, arXiv 2405.17381 Eq. 14)."""
+"""RMSNorm (LLaMA), SRMSNorm (TNL: RMSNorm without the gain, arXiv 2405.17381 Eq. 14) and
+LayerNorm with gain and bias (GPT-2's, which safari's Hyena LMs use: `nn.LayerNorm` in
+HazyResearch/safari src/models/sequence/long_conv_lm.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,19 @@ class RMSNorm(nn.Module):
         return y if self.weight is None else self.weight * y
 
 
-def build_norm(norm_type: str, dim: int, eps: float) -> RMSNorm:
+class LayerNorm(nn.LayerNorm):
+    """(x − mean(x)) / std(x) · g + b, computed in fp32 whatever the input's dtype (as flash_attn's
+    fused dropout-add-LayerNorm, which safari's LMs run, does) and cast back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        weight, bias = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+def build_norm(norm_type: str, dim: int, eps: float) -> nn.Module:
     """The block/final norm named by `ZooConfig.norm_type`."""
+    if norm_type == "layernorm":
+        return LayerNorm(dim, eps)
     return RMSNorm(dim, eps, elementwise_affine=norm_type == "rmsnorm")

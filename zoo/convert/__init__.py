@@ -127,6 +127,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,13 @@ import transformers
 from transformers import AutoTokenizer
 
 from zoo.configuration import LlamaConfig, MambaConfig, ZooConfig
+from zoo.convert.common import (
+    ForeignFormat,
+    load_converted,
+    load_tensor_file,
+    load_weights,
+    read_config,
+)
 from zoo.layers.attention import attention_head_dim
 from zoo.layers.mamba import dt_rank
 from zoo.layers.rotary import SCALED_ROPE_TYPES
@@ -148,7 +156,11 @@ except ImportError:  # pragma: no cover - other transformers layouts
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "RAW_MAMBA",
+    "ConversionPlan",
+    "ForeignFormat",
     "convert_checkpoint",
+    "foreign_formats",
     "from_hf_llama",
     "from_hf_mamba",
     "from_hf_mixtral",
@@ -168,6 +180,8 @@ __all__ = [
     "mixtral_config_to_hf",
     "mixtral_state_dict_from_hf",
     "mixtral_state_dict_to_hf",
+    "plan_conversion",
+    "resolve_source",
     "to_hf_llama",
     "to_hf_mamba",
     "to_hf_mixtral",
@@ -763,13 +777,17 @@ _RAW_SSM_DEFAULTS = {
 }
 # Init-only or implementation switches of the mixer: no effect on a trained model's outputs.
 _RAW_SSM_IGNORED = ("dt_init", "dt_scale", "use_fast_path")
-_RAW_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def is_raw_mamba_config(fields: Mapping[str, Any]) -> bool:
     """Whether a config.json is mamba_ssm's own (state-spaces/mamba-*): d_model and n_layer, no
     model_type."""
-    return "model_type" not in fields and "d_model" in fields and "n_layer" in fields
+    return (
+        "model_type" not in fields
+        and "d_model" in fields
+        and "n_layer" in fields
+        and "layer" not in fields  # safari's LM configs (d_model, n_layer and a layer dict)
+    )
 
 
 def _refuse_raw(field: str, value: Any, why: str) -> ValueError:
@@ -831,146 +849,212 @@ def mamba_hf_config_from_raw(fields: Mapping[str, Any]) -> transformers.MambaCon
     )
 
 
-def _raw_weight_file(src: Path) -> Path:
-    for name in _RAW_WEIGHT_FILES:
-        if (src / name).is_file():
-            return src / name
-    raise FileNotFoundError(
-        f"no mamba_ssm weights in {src} (looked for {' or '.join(_RAW_WEIGHT_FILES)})"
-    )
-
-
-def _load_error(error: Exception) -> str:
-    """One line for a failed load; torch's weights_only message is many lines whose first one
-    advises turning weights_only off, so only the part naming what was refused is kept."""
-    text = str(error)
-    match = re.search(r"Unsupported (?:global: GLOBAL \S+|operand \S+|[^\n.]+)", text)
-    lines = text.strip().splitlines()
-    detail = match.group(0) if match else (lines[0] if lines else "")
-    if "weights_only" in detail:
-        detail = "it holds objects other than tensors"
-    return f"{type(error).__name__}: {detail}"
-
-
-def load_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file or a torch `.bin`, read with transformers'
-    `load_state_dict` (torch's loader with `weights_only=True`, on the CPU, for a `.bin`):
-    a pickle that holds anything but tensors is refused with a `ValueError` naming the file, and
-    none of its code runs."""
-    from transformers.modeling_utils import load_state_dict
-
-    path = Path(path)
-    try:
-        state_dict = load_state_dict(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # UnpicklingError (a forbidden global), a corrupt file, ...
-        raise ValueError(
-            f"{path}: refused, not a plain tensor checkpoint ({_load_error(error)}); only "
-            "tensors are read (weights_only=True), nothing else is unpickled or run"
-        ) from error
-    if not isinstance(state_dict, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
-    ):
-        raise ValueError(f"{path}: refused, not a dict of named tensors")
-    return dict(state_dict)
-
-
 def from_raw_mamba(src: str | Path) -> MambaForCausalLM:
     """zoo's `MambaForCausalLM` from a mamba_ssm `MambaLMHeadModel.save_pretrained` folder
     (state-spaces/mamba-130m, ...): config.json in mamba_ssm's schema and pytorch_model.bin
     (or model.safetensors). The config is checked before any weight is read."""
-    src = Path(src)
-    hf_config = mamba_hf_config_from_raw(json.loads((src / "config.json").read_text()))
-    config = mamba_config_from_hf(hf_config)
-    state_dict = mamba_state_dict_from_hf(load_tensor_file(_raw_weight_file(src)))
-    dtype = state_dict[_EMBED].dtype if _EMBED in state_dict else torch.float32
-    config.dtype = dtype
-    with no_init_weights():
-        model = MambaForCausalLM(config)
-    model.to(dtype=dtype)
-    if config.tie_word_embeddings and _HEAD not in state_dict and _EMBED in state_dict:
-        state_dict[_HEAD] = state_dict[_EMBED]
-    if config.tie_word_embeddings and _HEAD in state_dict and _EMBED in state_dict:
-        if not torch.equal(state_dict[_HEAD], state_dict[_EMBED]):
-            raise ValueError(
-                "tie_embeddings=True but lm_head.weight differs from backbone.embedding.weight"
-            )
-        state_dict[_HEAD] = state_dict[_EMBED]
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:  # missing keys or shapes config.json does not explain
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        raise ValueError(
-            f"{src}: the weights do not match config.json: {' '.join(lines[1:3] or lines[:1])}"
-        ) from error
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model.eval()
+    config = _raw_mamba_config(read_config(src))
+    state_dict = mamba_state_dict_from_hf(load_weights(src))
+    return load_converted(
+        MambaForCausalLM, config, state_dict, src, embed_name="backbone.embedding.weight"
+    )
+
+
+def _raw_mamba_config(fields: Mapping[str, Any]) -> MambaConfig:
+    return mamba_config_from_hf(mamba_hf_config_from_raw(fields))
+
+
+RAW_MAMBA = ForeignFormat(
+    "mamba_ssm", "zoo_mamba", is_raw_mamba_config, _raw_mamba_config, from_raw_mamba
+)
+
+# The released formats of other projects, each in its own module (imported when first asked).
+_FOREIGN_MODULES = ("transnormer", "fla_hgrn2", "safari_hyena")
+
+
+def foreign_formats() -> tuple[ForeignFormat, ...]:
+    """Every released checkpoint format `convert_checkpoint` recognises besides transformers'."""
+    import importlib
+
+    found = [RAW_MAMBA]
+    for name in _FOREIGN_MODULES:
+        try:
+            module = importlib.import_module(f"zoo.convert.{name}")
+        except ModuleNotFoundError as error:  # a converter still being written
+            if error.name != f"zoo.convert.{name}":
+                raise
+            continue
+        found.append(module.FORMAT)
+    return tuple(found)
 
 
 # ---------------------------------------------------------------------------------- checkpoints
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path) -> str:
-    """Convert the checkpoint folder `src` into `dst`; returns the direction converted.
+# Files a conversion reads from the Hub: the config first (checked before anything else), then
+# the weights, their index and the tokenizer's files.
+_HUB_CONFIG = "config.json"
+_HUB_FILES = ("*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.tiktoken")
 
-    `src/config.json`'s `model_type` picks the direction: "llama" / "mixtral" / "mamba" (a
-    transformers model) writes a zoo checkpoint; "zoo_llama" writes a transformers Llama, or a
-    Mixtral when its channel mixers are MoE layers, and "zoo_mamba" a transformers Mamba; all
-    with `save_pretrained` (safetensors), in the checkpoint's dtype. Weights are read from
-    safetensors only. A tokenizer in `src` is loaded with `AutoTokenizer` and saved into `dst`.
-    A config.json in mamba_ssm's own schema (`d_model` and `n_layer`, no `model_type`: the
-    state-spaces/mamba-* folders) is converted to a zoo Mamba by `from_raw_mamba`, its weights
-    read from model.safetensors or pytorch_model.bin (tensors only, `weights_only=True`).
-    Returns one of "llama->zoo_llama", "zoo_llama->llama", "mixtral->zoo_llama",
-    "zoo_llama->mixtral", "mamba->zoo_mamba", "zoo_mamba->mamba", "mamba_ssm->zoo_mamba".
-    """
-    src, dst = Path(src), Path(dst)
+
+def _zoo_source(src: str | Path) -> ZooConfig:
+    """The zoo config of a zoo checkpoint folder (the zoo -> transformers directions)."""
+    return transformers.AutoConfig.from_pretrained(src)
+
+
+def _plan(src: Path, fields: Mapping[str, Any]) -> tuple[str, ZooConfig, ForeignFormat | None]:
+    """(direction, the zoo side's config, the foreign format if any) of converting `src`, from
+    its config.json alone: what cannot be converted is refused here, before any weight is read."""
+    for fmt in foreign_formats():  # another project's own folder (state-spaces/mamba-*, ...)
+        if fmt.matches(fields):
+            return fmt.direction, fmt.config(fields), fmt
+    model_type = fields.get("model_type")
+    if model_type == "llama":
+        return HF_TO_ZOO, llama_config_from_hf(transformers.AutoConfig.from_pretrained(src)), None
+    if model_type == "mixtral":
+        config = mixtral_config_from_hf(transformers.AutoConfig.from_pretrained(src))
+        return MIXTRAL_HF_TO_ZOO, config, None
+    if model_type == "mamba":
+        return (
+            MAMBA_HF_TO_ZOO,
+            mamba_config_from_hf(transformers.MambaConfig.from_pretrained(src)),
+            None,
+        )
+    if model_type == "zoo_llama" and "moe" in (fields.get("channel_mixers") or []):
+        return MIXTRAL_ZOO_TO_HF, _zoo_source(src), None
+    if model_type == "zoo_llama":
+        return ZOO_TO_HF, _zoo_source(src), None
+    if model_type == "zoo_mamba":
+        return MAMBA_ZOO_TO_HF, _zoo_source(src), None
+    foreign = ", ".join(repr(fmt.name) for fmt in foreign_formats())
+    raise ValueError(
+        f"model_type={model_type!r} in {src / 'config.json'} has no converter; supported: "
+        "'llama', 'mixtral' and 'mamba' (transformers -> zoo), 'zoo_llama' and 'zoo_mamba' "
+        f"(zoo -> transformers), and the released formats {foreign}"
+    )
+
+
+def _is_hub_id(src: str | Path) -> bool:
+    text = str(src)
+    return not Path(text).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None
+
+
+def resolve_source(src: str | Path, *, config_only: bool = False) -> Path:
+    """A local checkpoint folder for `src`: the folder itself, or for a Hub id ("org/name") the
+    Hub's copy in the huggingface_hub cache (downloaded when not cached; `HF_HUB_OFFLINE=1`
+    uses the cache only). With `config_only`, only config.json is fetched."""
+    if not _is_hub_id(src):
+        return Path(src)
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        if config_only:
+            return Path(hf_hub_download(str(src), _HUB_CONFIG)).parent
+        return Path(snapshot_download(str(src), allow_patterns=list(_HUB_FILES)))
+    except (EntryNotFoundError, OSError) as error:  # HTTP errors, offline, not cached, ...
+        raise FileNotFoundError(
+            f"{src}: not a local folder, and the Hub has no such model or cannot be reached "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        ) from error
+
+
+def _read_fields(src: Path) -> dict[str, Any]:
     config_file = src / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no checkpoint config at {config_file} (looked for config.json)")
-    if dst.exists() and dst.resolve() == src.resolve():
+    return json.loads(config_file.read_text())
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """What converting a checkpoint gives, counted from its config.json alone on the meta
+    device (no weight is read): parameters, the decode state of one sequence after `seq_len`
+    tokens and the forward FLOPs per token at that context (`zoo.flops.model_flops`)."""
+
+    direction: str
+    config: ZooConfig
+    parameters: int
+    seq_len: int
+    state_elements: int
+    state_bytes: int
+    forward_flops_per_token: int
+
+    def table(self) -> str:
+        rows = [
+            ("direction", self.direction),
+            ("parameters", f"{self.parameters:,}"),
+            (f"decode state after {self.seq_len:,} tokens",
+             f"{self.state_elements:,} elements ({self.state_bytes / 2**20:,.1f} MiB)"),
+            (f"forward FLOPs per token at {self.seq_len:,}", f"{self.forward_flops_per_token:,}"),
+        ]  # fmt: skip
+        return "\n".join(f"{name}: {value}" for name, value in rows)
+
+
+def plan_conversion(src: str | Path, seq_len: int = 2048) -> ConversionPlan:
+    """Check that `src` (a folder or a Hub id: only its config.json is fetched) converts, and
+    count the result on the meta device. Refusals are the ones `convert_checkpoint` makes."""
+    from zoo.flops import model_flops
+
+    folder = resolve_source(src, config_only=True)
+    direction, config, _ = _plan(folder, _read_fields(folder))
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
+    if isinstance(config.dtype, str) and config.dtype not in ("auto", ""):
+        dtype = getattr(torch, config.dtype, torch.float32)
+    state = model.state_size(1, seq_len)
+    return ConversionPlan(
+        direction=direction,
+        config=config,
+        parameters=model.num_parameters(),
+        seq_len=seq_len,
+        state_elements=state,
+        state_bytes=state * torch.finfo(dtype).bits // 8 if dtype.is_floating_point else state * 4,
+        forward_flops_per_token=model_flops(model, seq_len).forward_per_token,
+    )
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path) -> str:
+    """Convert the checkpoint `src` (a folder, or a Hub id "org/name" fetched through
+    huggingface_hub: config.json first, the weights only once it is accepted) into the folder
+    `dst`; returns the direction converted.
+
+    `src/config.json` picks the direction: "llama" / "mixtral" / "mamba" (a transformers model)
+    writes a zoo checkpoint; "zoo_llama" writes a transformers Llama, or a Mixtral when its
+    channel mixers are MoE layers, and "zoo_mamba" a transformers Mamba; all with
+    `save_pretrained` (safetensors), in the checkpoint's dtype, weights read from safetensors
+    only. The released formats of other projects (`foreign_formats()`: mamba_ssm's raw Mamba,
+    TransNormerLLM, fla's HGRN2, safari's Hyena) convert to the zoo family that expresses them,
+    their weights read as tensors only (`weights_only=True`). A tokenizer in `src` is loaded with
+    `AutoTokenizer` and saved into `dst`. What cannot be converted is refused from config.json
+    alone, before any weight is read. Returns e.g. "llama->zoo_llama", "zoo_llama->mixtral",
+    "mamba_ssm->zoo_mamba", "transnormer->zoo_tnl".
+    """
+    dst = Path(dst)
+    folder = resolve_source(src, config_only=True)
+    fields = _read_fields(folder)
+    if dst.exists() and dst.resolve() == folder.resolve():
         raise ValueError(f"dst {dst} is the source folder; convert into a different folder")
-    fields = json.loads(config_file.read_text())
-    model_type = fields.get("model_type")
+    direction, _, foreign = _plan(folder, fields)
+    folder = resolve_source(src)  # the weights, now that the config is accepted
     load = {"dtype": "auto", "use_safetensors": True}
-    if is_raw_mamba_config(fields):  # mamba_ssm's own folder (state-spaces/mamba-*)
-        target, direction = from_raw_mamba(src), MAMBA_RAW_TO_ZOO
-        dst.mkdir(parents=True, exist_ok=True)
-        target.save_pretrained(dst)
-        if any((src / name).is_file() for name in _TOKENIZER_FILES):
-            AutoTokenizer.from_pretrained(src).save_pretrained(dst)
-        return direction
-    # What cannot be converted is refused from the config alone, before any weight is read.
-    if model_type == "llama":
-        llama_config_from_hf(transformers.AutoConfig.from_pretrained(src))
-    elif model_type == "mixtral":
-        mixtral_config_from_hf(transformers.AutoConfig.from_pretrained(src))
-    if model_type == "llama":
-        source = transformers.LlamaForCausalLM.from_pretrained(src, **load)
-        target, direction = from_hf_llama(source), HF_TO_ZOO
-    elif model_type == "mixtral":
-        source = transformers.MixtralForCausalLM.from_pretrained(src, **load)
-        target, direction = from_hf_mixtral(source), MIXTRAL_HF_TO_ZOO
-    elif model_type == "zoo_llama" and "moe" in (fields.get("channel_mixers") or []):
-        source = LlamaForCausalLM.from_pretrained(src, **load)
-        target, direction = to_hf_mixtral(source), MIXTRAL_ZOO_TO_HF
-    elif model_type == "zoo_llama":
-        source = LlamaForCausalLM.from_pretrained(src, **load)
-        target, direction = to_hf_llama(source), ZOO_TO_HF
-    elif model_type == "mamba":
-        source = transformers.MambaForCausalLM.from_pretrained(src, **load)
-        target, direction = from_hf_mamba(source), MAMBA_HF_TO_ZOO
-    elif model_type == "zoo_mamba":
-        source = MambaForCausalLM.from_pretrained(src, **load)
-        target, direction = to_hf_mamba(source), MAMBA_ZOO_TO_HF
-    else:
-        raise ValueError(
-            f"model_type={model_type!r} in {config_file} has no converter; supported: "
-            "'llama', 'mixtral' and 'mamba' (transformers -> zoo), 'zoo_llama' and 'zoo_mamba' "
-            "(zoo -> transformers)"
-        )
+    if foreign is not None:
+        target = foreign.load(folder)
+    elif direction == HF_TO_ZOO:
+        target = from_hf_llama(transformers.LlamaForCausalLM.from_pretrained(folder, **load))
+    elif direction == MIXTRAL_HF_TO_ZOO:
+        target = from_hf_mixtral(transformers.MixtralForCausalLM.from_pretrained(folder, **load))
+    elif direction == MAMBA_HF_TO_ZOO:
+        target = from_hf_mamba(transformers.MambaForCausalLM.from_pretrained(folder, **load))
+    elif direction == MIXTRAL_ZOO_TO_HF:
+        target = to_hf_mixtral(LlamaForCausalLM.from_pretrained(folder, **load))
+    elif direction == ZOO_TO_HF:
+        target = to_hf_llama(LlamaForCausalLM.from_pretrained(folder, **load))
+    else:  # MAMBA_ZOO_TO_HF
+        target = to_hf_mamba(MambaForCausalLM.from_pretrained(folder, **load))
     dst.mkdir(parents=True, exist_ok=True)
     target.save_pretrained(dst)
-    if any((src / name).is_file() for name in _TOKENIZER_FILES):
-        AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    if any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        AutoTokenizer.from_pretrained(folder).save_pretrained(dst)
     return direction

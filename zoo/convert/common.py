@@ -1,0 +1,187 @@
+"""What every converter of a released checkpoint folder shares: reading its tensors (nothing but
+tensors is ever unpickled), building the zoo model in the weights' dtype and loading them
+strictly, and the `ForeignFormat` record `zoo.convert.convert_checkpoint` dispatches on.
+
+A foreign format is a checkpoint folder written by another project's own code (mamba_ssm's
+`MambaLMHeadModel`, OpenNLPLab's TransNormerLLM, fla's HGRN2, safari's Hyena): a config.json in
+that project's schema and its weights. Each converter module holds one `ForeignFormat`:
+`matches` recognises the config.json, `config` maps it to a zoo config (a one-line `ValueError`
+naming the field for anything the zoo cannot express, before any weight is read) and `load`
+builds the converted zoo model from the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zoo.configuration import ZooConfig
+from zoo.modeling import ZooForCausalLM
+
+try:  # builds the target without drawing random weights that the state dict overwrites anyway
+    from transformers.initialization import no_init_weights
+except ImportError:  # pragma: no cover - other transformers layouts
+    from contextlib import nullcontext as no_init_weights
+
+__all__ = [
+    "EMBED",
+    "HEAD",
+    "ForeignFormat",
+    "generic_config_fields",
+    "load_converted",
+    "load_tensor_file",
+    "load_weights",
+    "read_config",
+    "refuse",
+    "weight_file",
+]
+
+EMBED = "model.embed_tokens.weight"
+HEAD = "lm_head.weight"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class ForeignFormat:
+    """A released checkpoint layout that converts to a zoo family (one direction)."""
+
+    name: str  # the source project's name for its format, e.g. "transnormer"
+    target: str  # the zoo model_type it becomes, e.g. "zoo_tnl"
+    matches: Callable[[Mapping[str, Any]], bool]  # does this config.json belong to the format?
+    config: Callable[[Mapping[str, Any]], ZooConfig]  # config.json -> zoo config, or ValueError
+    load: Callable[[Path], ZooForCausalLM]  # folder -> converted zoo model (eval mode)
+
+    @property
+    def direction(self) -> str:
+        return f"{self.name}->{self.target}"
+
+
+def refuse(source: str, field: str, value: Any, why: str) -> ValueError:
+    """The one-line error for a config field the zoo cannot express."""
+    return ValueError(f"{source} config field {field}={value!r} cannot be converted: {why}")
+
+
+@lru_cache(maxsize=1)
+def generic_config_fields() -> frozenset[str]:
+    """The fields every transformers `PretrainedConfig` writes (output_hidden_states,
+    architectures, ...): in a remote-code model's config.json they say nothing about its network
+    (the fields that do, such as tie_word_embeddings, each converter reads itself)."""
+    import transformers
+
+    return frozenset(transformers.PretrainedConfig().to_dict())
+
+
+def read_config(src: str | Path) -> dict[str, Any]:
+    path = Path(src) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint config at {path} (looked for config.json)")
+    return json.loads(path.read_text())
+
+
+def weight_file(src: str | Path, names: tuple[str, ...] = WEIGHT_FILES) -> Path:
+    """The first of `names` present in `src` (safetensors before a torch `.bin`)."""
+    src = Path(src)
+    for name in names:
+        if (src / name).is_file():
+            return src / name
+    raise FileNotFoundError(f"no weights in {src} (looked for {' or '.join(names)})")
+
+
+def _load_error(error: Exception) -> str:
+    """One line for a failed load; torch's weights_only message is many lines whose first one
+    advises turning weights_only off, so only the part naming what was refused is kept."""
+    text = str(error)
+    match = re.search(r"Unsupported (?:global: GLOBAL \S+|operand \S+|[^\n.]+)", text)
+    lines = text.strip().splitlines()
+    detail = match.group(0) if match else (lines[0] if lines else "")
+    if "weights_only" in detail:
+        detail = "it holds objects other than tensors"
+    return f"{type(error).__name__}: {detail}"
+
+
+def load_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file or a torch `.bin`, read with transformers'
+    `load_state_dict` (torch's loader with `weights_only=True`, on the CPU, for a `.bin`):
+    a pickle that holds anything but tensors is refused with a `ValueError` naming the file, and
+    none of its code runs."""
+    from transformers.modeling_utils import load_state_dict
+
+    path = Path(path)
+    try:
+        state_dict = load_state_dict(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError (a forbidden global), a corrupt file, ...
+        raise ValueError(
+            f"{path}: refused, not a plain tensor checkpoint ({_load_error(error)}); only "
+            "tensors are read (weights_only=True), nothing else is unpickled or run"
+        ) from error
+    if not isinstance(state_dict, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
+    ):
+        raise ValueError(f"{path}: refused, not a dict of named tensors")
+    return dict(state_dict)
+
+
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def load_weights(src: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder: the shards its index names (safetensors first, then
+    torch `.bin`; the released 1B-7B models ship sharded), else its one weight file; all read
+    with `load_tensor_file` (tensors only)."""
+    src = Path(src)
+    for name in _INDEXES:
+        index = src / name
+        if not index.is_file():
+            continue
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, Mapping) or not weight_map:
+            raise ValueError(f"{index}: no weight_map naming the shard files")
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            if Path(shard).name != shard:
+                raise ValueError(f"{index}: shard {shard!r} is not a file in {src}")
+            tensors.update(load_tensor_file(src / shard))
+        return tensors
+    return load_tensor_file(weight_file(src))
+
+
+def load_converted(
+    model_class: type[ZooForCausalLM],
+    config: ZooConfig,
+    state_dict: dict[str, torch.Tensor],
+    src: str | Path,
+    *,
+    embed_name: str = "the embedding",
+) -> ZooForCausalLM:
+    """`model_class(config)` in the weights' dtype holding `state_dict` (zoo key names), loaded
+    strictly; in eval mode. A tied model may come with or without `lm_head.weight`; with it, the
+    head must equal the embedding. A key or shape config.json does not explain is a `ValueError`
+    naming `src`."""
+    dtype = state_dict[EMBED].dtype if EMBED in state_dict else torch.float32
+    config.dtype = dtype
+    with no_init_weights():
+        model = model_class(config)
+    model.to(dtype=dtype)
+    if config.tie_word_embeddings and EMBED in state_dict:
+        if HEAD in state_dict and not torch.equal(state_dict[HEAD], state_dict[EMBED]):
+            raise ValueError(
+                f"{src}: the embeddings are tied but lm_head.weight differs from {embed_name}"
+            )
+        state_dict[HEAD] = state_dict[EMBED]
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:  # missing keys or shapes config.json does not explain
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise ValueError(
+            f"{src}: the weights do not match config.json: {' '.join(lines[1:3] or lines[:1])}"
+        ) from error
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
