@@ -43,7 +43,8 @@ implementations of an op, not a count of what each kernel moves (the torch forms
 and materialise per-token states or spectra).
 
 GPU: (8, 2048, 2048) and (1, 32768, 2048) in bf16, plus the long conv alone at (8, T, 2048),
-T ∈ {64, 128, 256, 1024, 4096}. CPU (the default): (2, 256, 64) and (1, 1024, 64) in fp32, plus
+T ∈ {64, 128, 256, 1024, 4096}. CPU (the default): (2, 256, 64), (1, 1024, 64) and (1, 1024, 768)
+(the D_in of benchmarks/cpu_models.py's Mamba, whose forward the scan dominates) in fp32, plus
 the long conv at (2, 64, 64) and (2, 1024, 64), the torch forms only (Triton runs on a CPU only in
 its interpreter, and the baselines are CUDA kernels), which keeps the script itself tested.
 
@@ -82,7 +83,7 @@ from zoo.kernels.selective_scan import selective_scan
 Shape = tuple[int, int, int]
 SHAPES: dict[str, list[Shape]] = {
     "cuda": [(8, 2048, 2048), (1, 32768, 2048)],
-    "cpu": [(2, 256, 64), (1, 1024, 64)],
+    "cpu": [(2, 256, 64), (1, 1024, 64), (1, 1024, 768)],
 }
 QUICK_SHAPES: dict[str, list[Shape]] = {"cuda": [(1, 2048, 2048)], "cpu": [(1, 128, 16)]}
 # The long conv alone at more lengths: where the Triton kernel and the FFT cross over.

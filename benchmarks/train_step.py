@@ -8,7 +8,10 @@ Four models of the same width and depth, each trained for a few steps by `zoo.tr
   trained by the same loop (the loop takes any causal LM),
 - zoo TNL,
 - a striped MoE hybrid: (lightning:moe lightning:moe attention:moe) × depth/3, 8 experts of half
-  the dense width, top-2 (iso-active with the dense MLP).
+  the dense width, top-2 (iso-active with the dense MLP),
+- zoo LLaMA and transformers' Llama again with the recipe's `training.compile: true`
+  (`nn.Module.compile`, inductor; `--no-compile` leaves them out). Their first logging window
+  holds the compilation: "wall" is train()'s whole time, so compiled − eager wall ≈ compile time.
 
 Tokens/s is the median over logging windows after the first (warm-up) one. MFU = training
 FLOPs/token (`zoo.flops`: 6 × matmul parameters + attention's 12·l·T·d, active experts only)
@@ -24,6 +27,7 @@ MFU reads "share of this CPU's matmul speed".
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
@@ -89,7 +93,9 @@ def measured_gemm_peak(device: torch.device, dtype: torch.dtype) -> float:
     return repeats * 2 * 2048**3 / (time.perf_counter() - start)
 
 
-def _recipe(s: dict[str, int], out: Path, precision: str, peak: float | None) -> Recipe:
+def _recipe(
+    s: dict[str, int], out: Path, precision: str, peak: float | None, compile_: bool = False
+) -> Recipe:
     return Recipe.model_validate(
         {
             "model": {"preset": "llama"},  # replaced by the model handed to train()
@@ -103,6 +109,7 @@ def _recipe(s: dict[str, int], out: Path, precision: str, peak: float | None) ->
                 "seq_len": s["seq"],
                 "precision": precision,
                 "peak_tflops": peak / 1e12 if peak else None,
+                "compile": compile_,
             },
             "logging": {"log_every": max(1, s["steps"] // 5), "tensorboard": False},
             "output_dir": str(out),
@@ -111,7 +118,12 @@ def _recipe(s: dict[str, int], out: Path, precision: str, peak: float | None) ->
     )
 
 
-def bench(s: dict[str, int], device: torch.device, precision: str, peak: float | None):
+ZOO_COMPILED, HF_COMPILED = "zoo LLaMA, compile: true", "transformers LlamaForCausalLM, compiled"
+
+
+def bench(
+    s: dict[str, int], device: torch.device, precision: str, peak: float | None, compiled: bool
+):
     mixed = {"fp32": "no", "bf16": "bf16"}[precision]
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
     torch.manual_seed(0)
@@ -119,18 +131,27 @@ def bench(s: dict[str, int], device: torch.device, precision: str, peak: float |
         name: AutoModelForCausalLM.from_config(config) for name, config in _configs(s).items()
     }
     models["transformers LlamaForCausalLM"] = to_hf_llama(models["zoo LLaMA"])
+    order = ["zoo LLaMA", "transformers LlamaForCausalLM", "zoo TNL", "zoo striped MoE hybrid"]
+    if compiled:  # the same starting weights again
+        models[ZOO_COMPILED] = copy.deepcopy(models["zoo LLaMA"])
+        models[HF_COMPILED] = to_hf_llama(models[ZOO_COMPILED])
+        order += [ZOO_COMPILED, HF_COMPILED]
     flops = {
         name: model_flops(m, s["seq"]).train_per_token
         for name, m in models.items()
         if name.startswith("zoo")
     }
     flops["transformers LlamaForCausalLM"] = flops["zoo LLaMA"]
+    flops[HF_COMPILED] = flops["zoo LLaMA"]
     rows = {}
-    order = ["zoo LLaMA", "transformers LlamaForCausalLM", "zoo TNL", "zoo striped MoE hybrid"]
     for name in order:
         model = models[name]
+        torch._dynamo.reset()
+        start = time.perf_counter()
         with tempfile.TemporaryDirectory() as out:
-            recipe = _recipe(s, Path(out), precision, peak)
+            recipe = _recipe(
+                s, Path(out), precision, peak, compile_=name in (ZOO_COMPILED, HF_COMPILED)
+            )
             result = train(
                 recipe,
                 model=model,
@@ -156,6 +177,7 @@ def bench(s: dict[str, int], device: torch.device, precision: str, peak: float |
             "tokens_per_s": tokens_per_s,
             "mfu": flops[name] * tokens_per_s / peak if peak else None,
             "final_loss": result.train_loss,
+            "wall_s": time.perf_counter() - start,
         }
         del model
         models[name] = None
@@ -174,8 +196,8 @@ def table(result: dict[str, Any]) -> str:
         f"T={s['seq']}, {s['steps']} steps; peak {result['peak_tflops']:.2f} TFLOP/s "
         f"({result['peak_source']})",
         "",
-        "| model | params (active) | train GFLOPs/token | tokens/s | MFU |",
-        "|---|---:|---:|---:|---:|",
+        "| model | params (active) | train GFLOPs/token | tokens/s | MFU | wall (s) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, row in result["rows"].items():
         params = f"{row['params'] / 1e6:.1f}M"
@@ -184,7 +206,7 @@ def table(result: dict[str, Any]) -> str:
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "—"
         lines.append(
             f"| {name} | {params} | {row['train_flops_per_token'] / 1e9:.3f} | "
-            f"{row['tokens_per_s']:,.0f} | {mfu} |"
+            f"{row['tokens_per_s']:,.0f} | {mfu} | {row.get('wall_s', float('nan')):.0f} |"
         )
     lines += ["", f"zoo LLaMA / transformers Llama, same loop: {result['llama_over_hf']:.2f}x"]
     return with_notes(lines, [], dev)
@@ -196,6 +218,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--no-compile", action="store_true", help="leave out the compiled LLaMA rows"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -221,11 +246,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "peak_source": source,
         }
     )
-    rows, ratio = bench(shape, device, precision, peak)
+    rows, ratio = bench(shape, device, precision, peak, compiled=not args.no_compile)
     result["rows"], result["llama_over_hf"] = rows, ratio
     result["goals"] = {
         "zoo_llama_vs_transformers_llama >= 1.0": {"value": ratio, "met": ratio >= 1.0}
     }
+    if ZOO_COMPILED in rows:
+        ours = rows[ZOO_COMPILED]["tokens_per_s"]
+        over_eager = ours / rows["transformers LlamaForCausalLM"]["tokens_per_s"]
+        over_compiled = ours / rows[HF_COMPILED]["tokens_per_s"]
+        result["goals"]["zoo_compiled_vs_transformers_eager >= 1.2"] = {
+            "value": over_eager, "met": over_eager >= 1.2,
+        }  # fmt: skip
+        result["goals"]["zoo_compiled_vs_transformers_compiled >= 1.0"] = {
+            "value": over_compiled, "met": over_compiled >= 1.0,
+        }  # fmt: skip
     if device.type == "cuda" and not args.quick:
         mfu = rows["zoo LLaMA"]["mfu"]
         result["goals"]["zoo_llama_mfu >= 0.45"] = {

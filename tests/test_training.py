@@ -228,3 +228,69 @@ def test_fsdp_launch_config_trains_on_gpus(tmp_path):
     assert "warning: FSDP was requested" not in result.stdout
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp/final")
     assert math.isfinite(float(next(model.parameters()).sum()))
+
+
+def test_compile_true_trains_the_same_run(tmp_path, monkeypatch):
+    """`training.compile: true` compiles the model in place: the loss curve and the saved weights
+    are eager's (the `aot_eager` backend here, so the test is about the wiring; inductor's
+    compile time and speed are benchmarks/train_step.py's), and resuming may switch it."""
+    compiled_calls = []
+    original = torch.nn.Module.compile
+
+    def compile_(module, *args, **kwargs):
+        compiled_calls.append(type(module).__name__)
+        return original(module, *args, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_)
+    common = ("logging.checkpoint_every=null", "training.steps=6")
+    eager = train(_recipe("tiny-tnl.yaml", tmp_path / "eager", *common), echo=lambda _: None)
+    torch._dynamo.reset()
+    compiled = train(
+        _recipe("tiny-tnl.yaml", tmp_path / "compiled", *common, "training.compile=true"),
+        echo=lambda _: None,
+    )
+    assert compiled_calls == ["TNLForCausalLM"]
+    losses = [
+        [r["loss"] for r in _records(run.output_dir) if "loss" in r] for run in (eager, compiled)
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    weights = [load_file(run.final_dir / "model.safetensors") for run in (eager, compiled)]
+    assert weights[0].keys() == weights[1].keys()
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+    # Compiling changes how a step is computed, not what: a resumed run may switch it.
+    from zoo.training import recipe_changes
+
+    before = {"training": {"compile": False, "seq_len": 64}}
+    assert recipe_changes(before, {"training": {"compile": True, "seq_len": 64}}) == []
+    assert (
+        recipe_changes(
+            {"training": {"seq_len": 64}}, {"training": {"compile": True, "seq_len": 64}}
+        )
+        == []
+    )
+    assert recipe_changes(before, {"training": {"compile": True, "seq_len": 32}}) == [
+        "training.seq_len: 64 -> 32"
+    ]
+
+
+def test_the_loop_trains_a_transformers_model(tmp_path):
+    """train() takes any causal LM: transformers' own Llama (benchmarks/train_step.py's
+    reference) gets its loss from the loop's windows and learns."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    recipe = _recipe(
+        "tiny-llama.yaml", tmp_path, "logging.checkpoint_every=null", "training.steps=20"
+    )
+    flops = 6 * model.num_parameters()  # zoo.flops counts zoo models only
+    result = train(
+        recipe, model=model, flops_per_token=flops, save_final=False, echo=lambda _: None
+    )
+    losses = [r["loss"] for r in _records(result.output_dir) if "loss" in r]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.9 * losses[0]

@@ -156,6 +156,10 @@ class TrainingSection(_Section):
     seq_len: int = Field(gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_clip: float | None = Field(1.0, gt=0)
+    compile: bool = Field(
+        False, description="torch.compile the model in place (nn.Module.compile: same "
+        "parameters, same checkpoints); the first steps pay the compilation",
+    )  # fmt: skip
     seed: int = 0
     peak_tflops: float | None = Field(
         None, gt=0, description="device peak for MFU; None: known GPUs only"

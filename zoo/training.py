@@ -288,6 +288,8 @@ class Checkpoints:
 # logging intervals, the output folder, the source file and the mesh (`parallel`: how the same
 # step is computed) may change freely.
 _RESUME_SECTIONS = ("optimizer", "schedule", "training", "data", "tokenizer")
+# Settings inside those sections that change how a step is computed, not what it computes.
+_FREE_KEYS = {("training", "compile")}
 
 
 def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -297,7 +299,7 @@ def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
         old, new = saved.get(section), current.get(section)
         if isinstance(old, dict) and isinstance(new, dict):
             for key in sorted(set(old) | set(new)):
-                if old.get(key) != new.get(key):
+                if (section, key) not in _FREE_KEYS and old.get(key) != new.get(key):
                     changes.append(f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
         elif old != new:
             changes.append(f"{section}: {old!r} -> {new!r}")
@@ -687,6 +689,8 @@ def _train(
     # The scheduler is ours, not prepared: accelerate's wrapper would step it once per process
     # (it assumes schedules written in single-process steps); ours counts optimizer steps.
     # A model sharded by zoo.parallel is not accelerate's to wrap.
+    if t.compile:  # in place, before any wrapper: parameter names and checkpoints unchanged
+        model.compile()
     if mesh is None:
         model, optimizer = accelerator.prepare(model, optimizer)
     parts = (model, optimizer, scheduler, batches)

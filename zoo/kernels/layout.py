@@ -12,6 +12,13 @@ from collections.abc import Callable
 import torch
 
 
+def values_checkable(t: torch.Tensor) -> bool:
+    """Whether an op may check `t`'s values (finite, signs) for a clear error: only where that is
+    free. On a GPU it costs a host sync per call, every decode step included; under
+    torch.compile it would break the graph (a tensor read into Python)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def check_qkv(
     op: str,
     q: torch.Tensor,

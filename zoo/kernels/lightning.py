@@ -35,7 +35,13 @@ import math
 import torch
 
 from zoo.kernels.gla import gla_naive, gla_step
-from zoo.kernels.layout import check_cu_seqlens, check_initial_state, check_qkv, chunk_spans
+from zoo.kernels.layout import (
+    check_cu_seqlens,
+    check_initial_state,
+    check_qkv,
+    chunk_spans,
+    values_checkable,
+)
 from zoo.kernels.linear_attention import dispatch
 
 __all__ = [
@@ -212,9 +218,7 @@ def _check_inputs(
             raise ValueError(
                 f"log_decay has shape {tuple(log_decay.shape)} but must be (H,) = ({H},) from q"
             )
-        # Values are checked where that is free (a CPU tensor); on a GPU it would cost a host
-        # sync per call, every decode step included.
-        if log_decay.device.type == "cpu":
+        if values_checkable(log_decay):
             if not bool(torch.isfinite(log_decay).all()):
                 raise ValueError(f"log_decay must be finite, got {log_decay.tolist()}")
             if bool((log_decay > 0).any()):

@@ -8,42 +8,45 @@ and a step size Δ_t ≥ 0 per token and channel:
     y_t = h_t C_t + D ⊙ u_t
 
 B̄ = Δ B is the Euler simplification of the paper's ZOH B̄ that mamba_ssm's kernels and its
-`selective_scan_ref` use; we follow the code. The gate (y ⊙ SiLU(z)) stays in the layer.
+`selective_scan_ref` use; we follow the code. The gate (y ⊙ SiLU(z)) is fused into the torch
+form and the Triton kernels when ``z`` is given (the layer passes it).
 
-Chunked form (chunk of C tokens, S_t = Σ_{r≤t} Δ_r within the chunk), after SSD's chunk
-decomposition (Mamba-2, "Transformers are SSMs", arXiv 2405.21060, §6):
+Blocked torch form (`selective_scan_chunk_torch`, an autograd.Function with its own backward).
+Tokens go in blocks of whole chunks holding about `_GROUP_ELEMENTS` state elements (at least one
+chunk); per block, time-major, with states laid out (N, D_in):
 
-1. chunk states: each chunk's final state from a zero start;
-2. state passing: h_{c+1} = exp(A · S_C) ⊙ h_c + (chunk state of c), a loop over chunks in fp32;
-3. chunk outputs: every chunk re-runs its recurrence from its true start state h_c, then
-   y_t = h_t C_t for all its positions in one contraction.
+1. exp(Δ_t A) and Δ_t u_t B_t for the block, each one op into a buffer reused by every block;
+2. the recurrence in place in the second buffer, one fused multiply-add per token;
+3. y_t = C_t h_t for the whole block in one batched (1, N) @ (N, D_in) product.
 
-Every exponent is A times a segment sum of Δ (one token's, or a chunk's), so it is ≤ 0 and never
-overflows, as the exp(±cumsum) factorisation does at real Δ. Ours, where Mamba-2 differs: SSD
-computes 1 and 3 as masked C×C matrix products, which needs a scalar decay per head; Mamba-1's A
-is diagonal per (channel, state), so that form needs C×C decays per (channel, state), D_in·N·C²
-exponentials per chunk, C/2 times the work of the recurrence. On 2 CPU threads (D_in=768, N=16,
-T=1024) it ran 4–8× slower than this form at C=4–8, and slower than a plain token loop. So 1
-and 3 advance all n chunks of a group together, one position at a time: a Python loop over the
-C positions of a chunk, each step one fused multiply-add over (B, n, D_in, N), about 2C + n
-steps for n·C tokens. A group holds about `_GROUP_ELEMENTS` state elements, so memory per group
-is bounded and time and memory grow linearly in T. When one chunk alone fills that budget
-(large B·D_in) a group is one chunk and the loop takes one step per token, but each step is
-then large enough that the loop's overhead is small.
+Every exponent is A times one token's Δ (≤ 0), so nothing overflows, as the exp(±cumsum)
+factorisation does at real Δ. Only the state entering each block is kept for backward, which
+recomputes a block's states from it and walks the block backwards (g_t = C_t ⊗ dy_t + exp(Δ_{t+1}
+A) ⊙ g_{t+1}), as the Triton kernels do per block of `_SCAN_BT` tokens: memory and time are
+linear in T. Why this shape, measured on 2 CPU threads at Mamba's benchmark size (B=1,
+D_in=768, N=16, T=1024): a token-step costs ~3 µs, mostly dispatch overhead, so the scan is
+bounded by T such steps per layer. SSD's chunk decomposition (Mamba-2, arXiv 2405.21060, §6)
+needs C×C decays per (channel, state) for Mamba-1's diagonal A, C/2 times the recurrence's work,
+and ran 4–8× slower; advancing several chunks together from zero and fixing their starts up
+afterwards (our previous form) doubles the elementwise work, and under autograd kept every
+state and stacked them, 2–3× slower than this form forward and backward. (D_in, N) states made
+the read-out a (D_in, N) @ (N, 1) product per token, ~7× slower than (1, N) @ (N, D_in).
 
 Layout follows mamba_ssm's selective_scan_ref with time before channels: u, delta (B, T, D_in);
 A (D_in, N); B, C (B, T, N); D (D_in,); state (B, D_in, N) fp32. Module order: naive reference →
-decode step → chunked torch form → Triton kernels → public dispatch function.
+decode step → blocked torch form → Triton kernels → public dispatch function.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 try:
     import triton
@@ -52,7 +55,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA torch and in ou
     triton = None
 
 from zoo.kernels.backend import resolve_backend
-from zoo.kernels.layout import check_cu_seqlens, needs_grad, run_segments
+from zoo.kernels.layout import check_cu_seqlens, needs_grad, run_segments, values_checkable
 
 __all__ = [
     "selective_scan",
@@ -61,8 +64,8 @@ __all__ = [
     "selective_scan_step",
 ]
 
-# State elements (B · tokens · D_in · N) of one group of chunks: 2^20 fp32 values = 4 MiB per
-# tensor, so a group's few such tensors stay in a CPU's L3 cache (2^21 and up measured slower).
+# State elements (B · tokens · D_in · N) of one block of chunks: 2^20 fp32 values = 4 MiB per
+# buffer, so a block's three buffers stay in a CPU's L3 cache.
 _GROUP_ELEMENTS = 1 << 20
 
 
@@ -121,49 +124,193 @@ def selective_scan_step(
     return y.to(u.dtype), new_state
 
 
-def _scan_group(
-    u: torch.Tensor,
+def _block_states(
     delta: torch.Tensor,
+    inject: torch.Tensor,
     A2: torch.Tensor,
     B: torch.Tensor,
-    C: torch.Tensor,
-    state: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """n equal chunks of c tokens. u, delta: (B, n, c, D_in); B, C: (B, n, c, N);
-    A2 = A · log2(e) (D_in, N); state (B, D_in, N) entering the first chunk; all fp32.
+    h: torch.Tensor,
+    decay: torch.Tensor,
+    states: torch.Tensor,
+    decays: tuple[torch.Tensor, ...],
+    hs: tuple[torch.Tensor, ...],
+) -> None:
+    """One block of L tokens, time-major, fp32, states as (N, D_in): delta and inject = Δ ⊙ u
+    (L, B, D_in); B (L, B, N); A2 = Aᵀ · log2(e) (N, D_in); h (B, N, D_in), the state entering
+    the block.
 
-    Returns y (B, n, c, D_in) without the D skip, and the state after the last chunk.
+    Fills the buffers ``decay`` (L, B, N, D_in) with exp(Δ_t A) and ``states`` with h_1 … h_L,
+    in place: no (L, B, N, D_in) tensor is allocated. ``decays`` and ``hs`` are the per-token
+    views of the whole buffers (unbound once per call, not per block: a view costs ~1 µs).
     """
-    n = u.shape[1]
     # exp(x) = 2^(x · log2 e); torch's exp2 is ~2.5x faster than its exp on CPU.
-    decay = torch.exp2(delta.unsqueeze(-1) * A2)  # (B, n, c, D_in, N): exp(Δ_t A) ≤ 1
-    inject = (delta * u).unsqueeze(-1) * B.unsqueeze(-2)  # (B, n, c, D_in, N): Δ_t u_t B_t
-    # Per-position pieces come from unbind, not indexing: the backward of c index views would
-    # build c zero-filled gradients of the whole group; unbind's is one stack.
+    torch.mul(delta.unsqueeze(-2), A2, out=decay).exp2_()
+    torch.mul(B.unsqueeze(-1), inject.unsqueeze(-2), out=states)  # Δ_t u_t B_t
+    hs[0].addcmul_(decays[0], h)
+    for t in range(1, states.shape[0]):
+        hs[t].addcmul_(decays[t], hs[t - 1])
 
-    # 1. Final state of every chunk but the last from a zero start (the last one's is not
-    # needed: step 3 ends on the group's true final state).
-    starts = [state]
-    if n > 1:
-        head_decay = decay[:, :-1].unbind(dim=2)  # c x (B, n-1, D_in, N)
-        head_inject = inject[:, :-1].unbind(dim=2)
-        h = head_inject[0]
-        for a_i, b_i in zip(head_decay[1:], head_inject[1:], strict=True):
-            h = torch.addcmul(b_i, a_i, h)
-        # 2. State passing: exp(A · Σ_chunk Δ) carries a start state across a whole chunk.
-        chunk_decay = torch.exp2(delta[:, :-1].sum(dim=2).unsqueeze(-1) * A2)  # (B, n-1, D_in, N)
-        for a_k, h_k in zip(chunk_decay.unbind(dim=1), h.unbind(dim=1), strict=True):
-            starts.append(torch.addcmul(h_k, a_k, starts[-1]))
-    h = torch.stack(starts, dim=1)  # (B, n, D_in, N)
 
-    # 3. Every chunk re-runs its recurrence from its true start; y_t = h_t C_t for all positions
-    # at once afterwards (one einsum is several times faster than c small matrix-vector products).
-    states = []
-    for a_i, b_i in zip(decay.unbind(dim=2), inject.unbind(dim=2), strict=True):
-        h = torch.addcmul(b_i, a_i, h)
-        states.append(h)
-    y = torch.einsum("bncdk,bnck->bncd", torch.stack(states, dim=2), C)  # (B, n, c, D_in)
-    return y, h[:, -1]
+def _block_spans(T: int, block: int) -> list[tuple[int, int]]:
+    return [(start, min(start + block, T)) for start in range(0, T, block)]
+
+
+def _scratch_mode() -> contextlib.AbstractContextManager:
+    """Inference mode for the scan's scratch loop in eager mode (less dispatch per token); plain
+    no_grad under torch.compile, whose tracer cannot take inference tensors."""
+    return torch.no_grad() if torch.compiler.is_compiling() else torch.inference_mode()
+
+
+class _ChunkScan(torch.autograd.Function):
+    """The blocked torch form with its own backward. Autograd would keep every state of every
+    block (or could not differentiate the in-place updates at all); this forward keeps only the
+    state entering each block, and backward recomputes one block's states from it and walks the
+    block backwards, as the Triton kernels do per block of ``_SCAN_BT`` tokens."""
+
+    @staticmethod
+    def forward(ctx: Any, u, delta, A, B, C, D, z, h0, block, final):  # type: ignore[override]
+        batch, T, d_inner = u.shape
+        n_state = A.shape[1]
+        # Time-major fp32 views (T, B, X): one token's (B, N, D_in) slice of a buffer is
+        # contiguous. States are kept as (N, D_in), so y_t = C_t h_t is a (1, N) @ (N, D_in)
+        # product per token (a batched matrix-vector product the other way round, (D_in, N) @
+        # (N, 1), ran ~7x slower on a CPU).
+        u_, delta_, B_, C_ = (x.float().transpose(0, 1) for x in (u, delta, B, C))
+        inject = delta_ * u_  # (T, B, D_in)
+        # Contiguous: a strided (N, D_in) view would make every broadcast with it ~3x slower.
+        A2 = (A.float().t() * math.log2(math.e)).contiguous()  # (N, D_in)
+        spans = _block_spans(T, block)
+        # The state entering each block: all that backward keeps of the scan.
+        checkpoints = u_.new_empty(len(spans), batch, n_state, d_inner)
+        if h0 is None:
+            checkpoints[0].zero_()
+        else:
+            checkpoints[0] = h0.transpose(1, 2)
+        y = u_.new_empty(T, batch, d_inner)
+        final_state = u_.new_empty(batch, d_inner, n_state) if final else None  # (B, D_in, N)
+        # Scratch only, under inference mode: ~15% less dispatch overhead per token-step, which
+        # is most of a step's cost at these sizes. What leaves this block (y, the checkpoints,
+        # the final state) is made outside it: an inference tensor cannot take part in autograd.
+        with _scratch_mode():
+            decay = u_.new_empty(block, batch, n_state, d_inner)  # reused by every block
+            states = torch.empty_like(decay)
+            views = decay.unbind(0), states.unbind(0)
+            for k, (start, end) in enumerate(spans):
+                L = end - start
+                _block_states(
+                    delta_[start:end],
+                    inject[start:end],
+                    A2,
+                    B_[start:end],
+                    checkpoints[k],
+                    decay[:L],
+                    states[:L],
+                    *views,
+                )
+                # y_t = C_t h_t for the whole block at once. (Assigned, not `out=` a view of y:
+                # torch.compile's functionalization cannot write a matmul into such a view.)
+                y[start:end] = torch.matmul(C_[start:end].unsqueeze(-2), states[:L]).squeeze(-2)
+                if k + 1 < len(spans):
+                    checkpoints[k + 1] = states[L - 1]
+            if final_state is not None:
+                final_state.copy_(states[L - 1].transpose(1, 2))
+        if D is not None:
+            y.addcmul_(u_, D.float())
+        y = y.transpose(0, 1)  # (B, T, D_in)
+        gated = F.silu(z.float()).mul_(y) if z is not None else y
+        saved_y = y if z is not None else None  # the gate's backward needs y
+        ctx.save_for_backward(u, delta, A, B, C, D, z, h0, checkpoints, saved_y)
+        ctx.block = block
+        return gated.to(u.dtype).contiguous(), final_state
+
+    @staticmethod
+    @once_differentiable  # the scratch buffers are updated in place, under inference mode
+    def backward(ctx: Any, dy, dht):  # type: ignore[override]
+        u, delta, A, B, C, D, z, h0, checkpoints, y = ctx.saved_tensors
+        batch, T, d_inner = u.shape
+        n_state = A.shape[1]
+        block = ctx.block
+        dy = dy.float()
+        dz = None
+        if z is not None:
+            zf = z.float()
+            sig = torch.sigmoid(zf)
+            # d(y · z σ(z))/dz = y σ(z) (1 + z (1 − σ(z))), in place on one fresh tensor.
+            dz = torch.sub(1.0, sig).mul_(zf).add_(1.0).mul_(sig).mul_(y).mul_(dy).to(z.dtype)
+            dy = zf.mul(sig).mul_(dy)  # the gradient of y, through the gate
+        dD = (dy * u.float()).sum((0, 1)).to(D.dtype) if D is not None else None
+        u_, delta_, B_, C_, dy_ = (x.float().transpose(0, 1) for x in (u, delta, B, C, dy))
+        inject = delta_ * u_  # (T, B, D_in)
+        At = A.float().t().contiguous()  # (N, D_in)
+        A2 = At * math.log2(math.e)
+        # Time-major gradients, written block by block.
+        du = u_.new_empty(T, batch, d_inner)
+        ddelta = torch.empty_like(du)
+        dB = u_.new_empty(T, batch, n_state)
+        dC = torch.empty_like(dB)
+        dA = torch.zeros_like(At)
+        # The gradient of the state after the current block's last token, from later tokens.
+        if dht is None:
+            carry = u_.new_zeros(batch, n_state, d_inner)
+        else:
+            carry = dht.float().transpose(1, 2)
+        with _scratch_mode():  # scratch only, as in forward
+            decay = u_.new_empty(block, batch, n_state, d_inner)
+            states = torch.empty_like(decay)
+            grad = torch.empty_like(decay)
+            decays, hs_all, gs = decay.unbind(0), states.unbind(0), grad.unbind(0)
+            for k, (start, end) in reversed(list(enumerate(_block_spans(T, block)))):
+                L = end - start
+                h = checkpoints[k]
+                a, hs, g = decay[:L], states[:L], grad[:L]
+                dy_k, delta_k, inject_k = dy_[start:end], delta_[start:end], inject[start:end]
+                B_k, C_k = B_[start:end], C_[start:end]
+                _block_states(delta_k, inject_k, A2, B_k, h, a, hs, decays, hs_all)
+                # dC_t = h_t dy_t, before the buffers are reused; (1, D_in) @ (D_in, N) ran ~9x
+                # faster than the (N, D_in) @ (D_in, 1) product on a CPU.
+                dC[start:end] = torch.matmul(dy_k.unsqueeze(-2), hs.mT).squeeze(-2)
+                # g_t = dL/dh_t = C_t ⊗ dy_t + exp(Δ_{t+1} A) ⊙ g_{t+1}, the last token first.
+                torch.mul(C_k.unsqueeze(-1), dy_k.unsqueeze(-2), out=g)
+                gs[L - 1].add_(carry)
+                for t in range(L - 2, -1, -1):
+                    gs[t].addcmul_(decays[t + 1], gs[t + 1])
+                carry = decays[0] * gs[0]  # the gradient of the state entering this block
+                # Through the input Δ_t u_t B_t: gB_t = B_t g_t (D_in), dB_t = g_t (Δ_t u_t) (N).
+                gB = torch.matmul(B_k.unsqueeze(-2), g).squeeze(-2)  # (L, B, D_in)
+                dB[start:end] = torch.matmul(inject_k.unsqueeze(-2), g.mT).squeeze(-2)
+                # Through the decay: q = g_t ⊙ h_{t-1} ⊙ exp(Δ_t A) = dL/d(Δ_t A), in a's buffer.
+                q = a.mul_(g)
+                q[1:].mul_(hs[:-1])
+                q[0].mul_(h)
+                dA += torch.mul(q, delta_k.unsqueeze(-2), out=g).sum((0, 1))
+                q_A = q.mul_(At).sum(-2)  # (L, B, D_in): Σ_n q A
+                torch.addcmul(q_A, gB, u_[start:end], out=ddelta[start:end])
+                torch.mul(gB, delta_k, out=du[start:end])
+        du = du.transpose(0, 1)
+        if D is not None:
+            du = torch.addcmul(du, dy, D.float())
+        # clone(): carry may be an inference tensor, which must not leave as a gradient.
+        dh0 = carry.transpose(1, 2).clone().to(h0.dtype) if h0 is not None else None
+        # Contiguous (B, T, ...) gradients, the layout of their inputs: compiled backward graphs
+        # view them flat (torch.compile of a Mamba failed on the transposed ones).
+        return (
+            du.to(u.dtype).contiguous(),
+            ddelta.transpose(0, 1).to(delta.dtype).contiguous(),
+            dA.t().to(A.dtype),
+            dB.transpose(0, 1).to(B.dtype).contiguous(),
+            dC.transpose(0, 1).to(C.dtype).contiguous(),
+            dD,
+            dz,
+            dh0,
+            None,
+            None,
+        )
+
+
+def _block_tokens(batch: int, d_inner: int, n_state: int, chunk_size: int) -> int:
+    """Tokens per block: whole chunks holding about _GROUP_ELEMENTS state elements, at least one."""
+    chunks = max(1, _GROUP_ELEMENTS // (batch * chunk_size * d_inner * n_state))
+    return chunks * chunk_size
 
 
 def selective_scan_chunk_torch(
@@ -176,44 +323,21 @@ def selective_scan_chunk_torch(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    z: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked form in pure torch: O(T) time and memory, differentiable, any T ≥ 1.
+    """Blocked form in pure torch: O(T) time and memory, differentiable, any T ≥ 1.
 
-    Inputs are not validated beyond T and chunk_size; ``selective_scan`` does that. Computes in
-    fp32 and returns y in u's dtype.
+    ``z`` (B, T, D_in): returns y ⊙ SiLU(z), the gate fused (in forward and backward). Inputs
+    are not validated beyond T and chunk_size; ``selective_scan`` does that. Computes in fp32
+    and returns y in u's dtype.
     """
     batch, T, d_inner = u.shape
-    n_state = A.shape[1]
     if T == 0:
         raise ValueError("selective_scan_chunk_torch needs at least one token but u has T=0")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
-    A2 = A.float() * math.log2(math.e)  # (D_in, N)
-    if initial_state is None:
-        state = u.new_zeros(batch, d_inner, n_state, dtype=torch.float32)
-    else:
-        state = initial_state.float()
-
-    c = min(chunk_size, T)
-    full = T - T % c
-    # Whole chunks go in groups of about _GROUP_ELEMENTS state elements (at least one chunk),
-    # so memory is bounded per group; the ragged tail (T mod c tokens) is one more chunk of its
-    # own length, chained on the state.
-    group = max(1, _GROUP_ELEMENTS // (batch * c * d_inner * n_state)) * c
-    spans = [(start, min(start + group, full), c) for start in range(0, full, group)]
-    if full < T:
-        spans.append((full, T, T - full))
-    ys = []
-    for start, end, length in spans:
-        # fp32 copies of this group only: (B, tokens, X) -> (B, n, c, X).
-        shape = (batch, (end - start) // length, length, -1)
-        u_g, delta_g, B_g, C_g = (t[:, start:end].float().reshape(shape) for t in (u, delta, B, C))
-        y, state = _scan_group(u_g, delta_g, A2, B_g, C_g, state)
-        ys.append(y.reshape(batch, end - start, d_inner))  # (B, tokens, D_in)
-    y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]  # (B, T, D_in)
-    if D is not None:
-        y = torch.addcmul(y, u.float(), D.float())
-    return y.to(u.dtype), (state if output_final_state else None)
+    block = min(T, _block_tokens(batch, d_inner, A.shape[1], chunk_size))
+    return _ChunkScan.apply(u, delta, A, B, C, D, z, initial_state, block, output_final_state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,13 +667,11 @@ def _check_inputs(
             raise ValueError(f"{name} is on {t.device} but u is on {u.device}")
     if T == 0:
         raise ValueError("u has T=0 tokens; selective_scan needs at least one")
-    # Values are checked where that is free (CPU tensors); on a GPU each check would cost a
-    # host sync per call, every decode step included.
-    if u.device.type == "cpu":
+    if values_checkable(u):
         if bool((A > 0).any()):
             # A = -exp(A_log): a positive entry would make the state grow without bound.
             raise ValueError(f"A must be <= 0 (A = -exp(A_log)) but its max is {A.max().item()}")
-        if bool((delta < 0).any()):
+        if bool(delta.min() < 0):  # one reduction: no (B, T, D_in) mask is made
             raise ValueError(
                 f"delta must be >= 0 (a step size, e.g. a softplus output) but its min is "
                 f"{delta.min().item()}"
@@ -620,6 +742,11 @@ def selective_scan(
         return selective_scan_chunk_torch(u_, delta_, A, B_, C_, D, init, final, chunk_size)
 
     if bounds is None:
+        if u.shape[1] > 1:
+            # The gate fused into the blocked form: no separate pass over y in either direction.
+            return selective_scan_chunk_torch(
+                u, delta, A, B, C, D, initial_state, output_final_state, chunk_size, z
+            )
         y, final_state = scan(u, delta, B, C, initial_state, output_final_state)
         return gate(y), final_state
     state_shape = (u.shape[2], A.shape[1])

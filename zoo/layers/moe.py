@@ -160,10 +160,24 @@ class Experts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        if self.expert_group is not None:
-            backend = EXPERTS_BACKENDS[resolve_moe_backend(self.backend)]
-            return expert_parallel_forward(self, hidden_states, top_k_index, top_k_weights, backend)
-        return experts_forward(self, hidden_states, top_k_index, top_k_weights, self.backend)
+        return _routed_experts(self, hidden_states, top_k_index, top_k_weights)
+
+
+# torch.compile's escape for routing: how many pairs each expert gets is data, so the grouped
+# GEMMs' shapes are too (and CPU fp32 grouped_mm has no meta kernel to trace). dynamo runs this
+# function eagerly, a graph break at the experts only; the router, the mixers and everything
+# else in the block stay in the graph.
+@torch.compiler.disable
+def _routed_experts(
+    experts: Experts,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    if experts.expert_group is not None:
+        backend = EXPERTS_BACKENDS[resolve_moe_backend(experts.backend)]
+        return expert_parallel_forward(experts, hidden_states, top_k_index, top_k_weights, backend)
+    return experts_forward(experts, hidden_states, top_k_index, top_k_weights, experts.backend)
 
 
 class MoE(nn.Module):

@@ -56,16 +56,18 @@ def shard_causal_batch(
 
 def shard_windows(windows: torch.Tensor, cp: ContextParallel | None) -> dict[str, torch.Tensor]:
     """(B, T + 1) training windows (T inputs and the token after each) as keyword arguments of
-    the model's forward: the first T tokens as `input_ids`, the last T as `shift_labels`, B·T
-    as `num_items_in_batch`; under context parallelism (`cp`) this rank's span of both. The
-    window's last token is only a target: no forward runs on it (its router scores would enter
-    a MoE model's router losses otherwise)."""
+    the model's forward: the first T tokens as `input_ids`, the last T as `shift_labels` (and as
+    `labels`: a transformers model computes its loss only when given labels, and its loss then
+    takes the shift_labels as they are), B·T as `num_items_in_batch`; under context parallelism
+    (`cp`) this rank's span of both. The window's last token is only a target: no forward runs
+    on it (its router scores would enter a MoE model's router losses otherwise)."""
     inputs, targets = windows[:, :-1], windows[:, 1:]
     if cp is not None:
         inputs, targets = shard_sequence(inputs, cp), shard_sequence(targets, cp)
     return {
         "input_ids": inputs.contiguous(),
         "shift_labels": targets.contiguous(),
+        "labels": targets.contiguous(),
         "num_items_in_batch": torch.tensor(windows[:, 1:].numel(), device=windows.device),
     }
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -45,27 +44,30 @@ class ContextParallel:
         return self.rank * local_len
 
 
-_CURRENT: ContextVar[ContextParallel | None] = ContextVar("zoo_context_parallel", default=None)
+# A module global, not a ContextVar: torch.compile traces a global read (and guards on it) but
+# breaks the graph at ContextVar.get(). One forward runs at a time in a training process.
+_current: ContextParallel | None = None
 
 
 def current() -> ContextParallel | None:
     """The context-parallel group the running forward is split over, or None."""
-    return _CURRENT.get()
+    return _current
 
 
 @contextlib.contextmanager
 def context_parallel(group: dist.ProcessGroup | None) -> Iterator[ContextParallel | None]:
     """Run the model's forward (and backward, which replays the same collectives) on this rank's
     span of the sequence. A group of one process, or None, is no context parallelism."""
+    global _current
+    outer = _current
     if group is None or dist.get_world_size(group) == 1:
-        token = _CURRENT.set(None)
+        _current = None
     else:
-        cp = ContextParallel(group, dist.get_rank(group), dist.get_world_size(group))
-        token = _CURRENT.set(cp)
+        _current = ContextParallel(group, dist.get_rank(group), dist.get_world_size(group))
     try:
-        yield _CURRENT.get()
+        yield _current
     finally:
-        _CURRENT.reset(token)
+        _current = outer
 
 
 def shard_sequence(x: torch.Tensor, cp: ContextParallel, dim: int = 1) -> torch.Tensor:
