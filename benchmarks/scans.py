@@ -49,6 +49,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from common import (
+    RESULTS,
     bench_parser,
     checkpoint,
     finish,
@@ -231,12 +232,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = bench_parser(
         __doc__, repeats=10, quick_help="one small shape (a smoke run)", time_limit_s=120.0
     )
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help="comma-separated indices of the shapes to run (default: all); fla's first calls "
+        "autotune for up to ~2 min each on a GPU, so one 10-minute command covers about one shape. "
+        "The JSON is then gpu_scans_shapes-<indices>.json unless --out says otherwise",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     start = time.perf_counter()
-    result, out_path = new_result("scans", device, args.threads, args.quick, args.out)
+    shapes = (QUICK_SHAPES if args.quick else SHAPES)[device.type]
+    out = args.out
+    if args.shapes:
+        try:
+            picked = [int(i) for i in args.shapes.split(",")]
+            shapes = [shapes[i] for i in picked]
+        except (ValueError, IndexError):
+            parser.error(f"--shapes {args.shapes!r}: indices 0..{len(shapes) - 1}, comma-separated")
+        if out is None:
+            stem = ("gpu" if device.type == "cuda" else "cpu") + "_scans"
+            out = RESULTS / f"{stem}_shapes-{'-'.join(map(str, picked))}.json"
+    result, out_path = new_result("scans", device, args.threads, args.quick, out)
     result["dtype"] = str(dtype).removeprefix("torch.")
     result["fla"] = fla_version()
     result["chunk_size"] = CHUNK
@@ -247,7 +266,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fwd_bwd": "3 * fwd (backward = 2 * forward)",
     }
     warm_up(device)
-    shapes = (QUICK_SHAPES if args.quick else SHAPES)[device.type]
     result["time_limit_s"] = args.time_limit or None
     result["rows"] = bench(
         shapes,
