@@ -211,12 +211,17 @@ def fla_op(module: str, name: str) -> Callable[..., Any] | str:
 
 
 def new_result(
-    benchmark: str, device: torch.device, threads: int, quick: bool, out: Path | None = None
+    benchmark: str,
+    device: torch.device,
+    threads: int,
+    quick: bool,
+    out: Path | None = None,
+    suffix: str = "",
 ) -> tuple[dict[str, Any], Path]:
     """The record every result starts with, and where it goes:
-    results/{cpu,gpu}_<benchmark>[_quick].json unless `out` says otherwise."""
+    results/{cpu,gpu}_<benchmark>[_quick]<suffix>.json unless `out` says otherwise."""
     stem = ("gpu" if device.type == "cuda" else "cpu") + f"_{benchmark}"
-    out_path = out or RESULTS / (stem + ("_quick" if quick else "") + ".json")
+    out_path = out or RESULTS / (stem + ("_quick" if quick else "") + suffix + ".json")
     result = {
         "benchmark": benchmark,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -49,7 +49,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from common import (
-    RESULTS,
     bench_parser,
     checkpoint,
     finish,
@@ -245,17 +244,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     start = time.perf_counter()
     shapes = (QUICK_SHAPES if args.quick else SHAPES)[device.type]
-    out = args.out
+    suffix = ""
     if args.shapes:
         try:
             picked = [int(i) for i in args.shapes.split(",")]
             shapes = [shapes[i] for i in picked]
         except (ValueError, IndexError):
             parser.error(f"--shapes {args.shapes!r}: indices 0..{len(shapes) - 1}, comma-separated")
-        if out is None:
-            stem = ("gpu" if device.type == "cuda" else "cpu") + "_scans"
-            out = RESULTS / f"{stem}_shapes-{'-'.join(map(str, picked))}.json"
-    result, out_path = new_result("scans", device, args.threads, args.quick, out)
+        suffix = "_shapes-" + "-".join(map(str, picked))
+    result, out_path = new_result("scans", device, args.threads, args.quick, args.out, suffix)
     result["dtype"] = str(dtype).removeprefix("torch.")
     result["fla"] = fla_version()
     result["chunk_size"] = CHUNK

@@ -1000,9 +1000,14 @@ def plan_conversion(src: str | Path, seq_len: int = 2048) -> ConversionPlan:
     direction, config, _ = _plan(folder, _read_fields(folder))
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
-    dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
-    if isinstance(config.dtype, str) and config.dtype not in ("auto", ""):
-        dtype = getattr(torch, config.dtype, torch.float32)
+    # The checkpoint's dtype: a torch.dtype, its name ("bfloat16"), or nothing / "auto" (fp32).
+    dtype = (
+        config.dtype
+        if isinstance(config.dtype, torch.dtype)
+        else getattr(torch, str(config.dtype), None)
+    )
+    if not isinstance(dtype, torch.dtype):
+        dtype = torch.float32
     state = model.state_size(1, seq_len)
     return ConversionPlan(
         direction=direction,
@@ -1010,7 +1015,7 @@ def plan_conversion(src: str | Path, seq_len: int = 2048) -> ConversionPlan:
         parameters=model.num_parameters(),
         seq_len=seq_len,
         state_elements=state,
-        state_bytes=state * torch.finfo(dtype).bits // 8 if dtype.is_floating_point else state * 4,
+        state_bytes=state * dtype.itemsize,
         forward_flops_per_token=model_flops(model, seq_len).forward_per_token,
     )
 
