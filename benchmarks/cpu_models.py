@@ -149,7 +149,7 @@ LABELS = {
 }
 
 
-def _configs(model: dict[str, int]) -> dict[str, ZooConfig]:
+def model_configs(model: dict[str, int]) -> dict[str, ZooConfig]:
     """One config per family at the same width; untied embeddings so parameter counts compare.
 
     Mamba stacks twice the layers (it has no channel mixer: two Mamba blocks ≈ one layer);
@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
-    configs = _configs(shapes["model"])
+    configs = model_configs(shapes["model"])
     llama_cfg, tnl_cfg = configs["zoo_llama"], configs["zoo_tnl"]
     zoo_models = {
         name: AutoModelForCausalLM.from_config(config).to(device).eval()

@@ -37,6 +37,7 @@ decode, with other settings, other variants (fused recurrent kernels) and its ow
 
 from __future__ import annotations
 
+import functools
 import gc
 import statistics
 import time
@@ -51,15 +52,24 @@ from common import (
     finish,
     fla_op,
     fla_version,
+    median_time,
     new_result,
+    progress,
     sync,
     time_once,
     warm_up,
     with_notes,
 )
+from cpu_models import FULL as CPU_MODELS
+from cpu_models import QUICK as CPU_MODELS_QUICK
+from cpu_models import model_configs
+from transformers import CompileConfig
+from transformers.utils import logging as transformers_logging
 
 from zoo.cache import cache_nbytes, new_cache
 from zoo.configuration import TNLConfig
+from zoo.convert import to_hf_llama, to_hf_mamba
+from zoo.decode import compile_config, decode_layout
 from zoo.kernels.gla import gla as zoo_gla
 from zoo.kernels.lightning import lightning, tnl_log_decay
 from zoo.modeling import ZooForCausalLM
@@ -348,6 +358,304 @@ def bench_model(
 
 
 # --------------------------------------------------------------------------------------------
+# (c) whole models through generate(): eager, compiled, and transformers' own models
+
+
+GENERATE: dict[str, dict[str, Any]] = {
+    "full": {
+        "model": CPU_MODELS["model"],
+        "families": ["llama", "tnl", "hgrn2", "mamba"],
+        "batches": [1, 16],
+        "context": 1024,
+        "long_contexts": {"tnl": [4096, 16384]},
+        "tokens": (8, 72),
+        # A batch's prefill takes seconds and varies by more than 64 steps take: more steps.
+        "tokens_batched": (8, 200),
+    },
+    "quick": {
+        "model": CPU_MODELS_QUICK["model"],
+        "families": ["llama", "tnl"],
+        "batches": [1, 4],
+        "context": 64,
+        "long_contexts": {"tnl": [256]},
+        "tokens": (4, 36),
+        "tokens_batched": (4, 36),
+    },
+}
+FAMILY_KEYS = {"llama": "zoo_llama", "tnl": "zoo_tnl", "hgrn2": "zoo_hgrn2", "mamba": "zoo_mamba"}
+Generate = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def gemv_bandwidth(nbytes: int, width: int, device: torch.device, repeats: int) -> dict[str, float]:
+    """GB/s of one matrix-vector product over a matrix of `nbytes` fp32 weights, `width` wide:
+    in `nn.Linear`'s layout (rows of `width` inputs: `width`-long dot products) and column-major
+    (the same product streaming rows of Wᵀ, `zoo.decode.decode_layout`). The best is the bound's
+    bandwidth: every weight read once, at the fastest rate a GEMV reached here."""
+    rows = max(1, nbytes // (4 * width))
+    weight = torch.randn(rows, width, device=device)
+    x, y = torch.randn(width, device=device), torch.randn(rows, device=device)
+    out = {}
+    for name, product in (
+        ("linear_layout", lambda: weight @ x),
+        ("column_major", lambda: y @ weight),
+    ):
+        seconds = median_time(product, device, 2, repeats)
+        out[f"{name}_gb_per_s"] = weight.numel() * 4 / seconds / 1e9
+    return out
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights one decode step reads: every parameter once, the embedding table
+    excepted (a step reads one row of it per sequence); a tied LM head counts once."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    head = model.get_output_embeddings()
+    read = {id(head.weight)} if head is not None else set()
+    return sum(
+        p.numel() * p.element_size()
+        for p in model.parameters()
+        if id(p) not in embeddings or id(p) in read
+    )
+
+
+def _generate_fn(model: torch.nn.Module, **options: Any) -> Generate:
+    """generate() of `n` greedy tokens, exactly n (no end-of-sequence stop)."""
+
+    def run(ids: torch.Tensor, n: int) -> torch.Tensor:
+        return model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            **options,
+        )
+
+    return run
+
+
+def _hf_compile_config(device: torch.device) -> CompileConfig | None:
+    """How transformers' models compile their decode step: on CUDA their own default (CUDA graphs,
+    None here); on a CPU, where transformers does not compile by itself, inductor's default mode
+    allowed on every device, as the zoo does (`zoo.decode.compile_config`)."""
+    return None if device.type == "cuda" else compile_config(device)
+
+
+def _variants(family: str, model: ZooForCausalLM, batch: int) -> dict[str, Generate]:
+    """name -> generate of every way the benchmark decodes one family's weights: ours eager and
+    compiled; at batch 1 also transformers' own model on the same weights, in its documented
+    configurations, and (Llama) with our GEMV layout, to show what that layout alone buys."""
+    out = {
+        "zoo eager": _generate_fn(model),
+        "zoo compiled": _generate_fn(model, cache_implementation="static"),
+    }
+    if batch != 1:
+        return out
+    if family == "llama":
+        hf = to_hf_llama(model)
+        hf.set_attn_implementation("sdpa")
+        static = {"cache_implementation": "static"}
+        compiled = _generate_fn(hf, **static, compile_config=_hf_compile_config(model.device))
+
+        def hf_gemv_layout(ids: torch.Tensor, n: int) -> torch.Tensor:
+            with decode_layout(hf):
+                return compiled(ids, n)
+
+        out["transformers dynamic cache"] = _generate_fn(hf)
+        out["transformers static cache"] = _generate_fn(hf, **static, disable_compile=True)
+        out["transformers static + compile"] = compiled
+        out["transformers static + compile + zoo GEMV layout"] = hf_gemv_layout
+    if family == "mamba":
+        hf = to_hf_mamba(model)
+        out["transformers"] = _generate_fn(hf)
+        out["transformers + compile"] = _generate_fn(
+            hf, cache_implementation="static", compile_config=_hf_compile_config(model.device)
+        )
+    return out
+
+
+def time_group(
+    runs: dict[str, tuple[Generate, torch.Tensor]],
+    tokens: tuple[int, int],
+    repeats: int,
+    bandwidth: Callable[[], dict[str, float]],
+) -> dict[str, dict[str, Any]]:
+    """Per decode step of each run: (time of `long` tokens − time of `short` tokens) /
+    (long − short), medians over `repeats` rounds, so the prefill and generate()'s set-up cancel
+    out. The runs take turns within each round, with the GEMV bandwidth measured at its start,
+    so that this machine's drifts hit them alike. Each run's first call makes `long` tokens: it
+    compiles (recorded apart) and sizes a static cache for both lengths (transformers keeps a
+    static cache that is long enough; a longer one would compile again)."""
+    short, long = tokens
+    out: dict[str, dict[str, Any]] = {}
+    for name, (run, ids) in runs.items():
+        start = time.perf_counter()
+        first = run(ids, long)
+        sync(ids.device)
+        out[name] = {"first_call_s": time.perf_counter() - start, "short": [], "long": []}
+        out[name]["tokens"] = first[:, ids.shape[1] :]
+    gemv: list[dict[str, float]] = []
+    for _ in range(repeats):
+        gemv.append(bandwidth())
+        for name, (run, ids) in runs.items():
+            for n, key in ((short, "short"), (long, "long")):
+                call = functools.partial(run, ids, n)
+                out[name][key].append(time_once(call, ids.device))
+    for name, (_, ids) in runs.items():
+        res = out[name]
+        shorts, longs = statistics.median(res.pop("short")), statistics.median(res.pop("long"))
+        res["compile_s"] = max(res["first_call_s"] - longs, 0.0)
+        res["gemv"] = {k: statistics.median(g[k] for g in gemv) for k in gemv[0]}
+        if longs <= shorts:  # the machine's noise exceeded the decode time: no number
+            res["error"] = f"unstable: {long} tokens took {longs:.3f} s, {short} {shorts:.3f} s"
+            continue
+        step = (longs - shorts) / (long - short)
+        res["step_ms"], res["tokens_per_s"] = 1e3 * step, ids.shape[0] / step
+    return out
+
+
+@torch.inference_mode()
+def bench_generate(settings: dict[str, Any], device: torch.device, repeats: int) -> dict[str, Any]:
+    configs = model_configs(settings["model"])
+    out: dict[str, Any] = {
+        "model": settings["model"],
+        "context": settings["context"],
+        "tokens": list(settings["tokens"]),
+        "tokens_batched": list(settings["tokens_batched"]),
+        "rows": [],
+    }
+    for family in settings["families"]:
+        torch.manual_seed(0)
+        model = ZooForCausalLM(configs[FAMILY_KEYS[family]]).to(device).eval()
+        nbytes, width = _weight_bytes(model), model.config.hidden_size
+
+        def bandwidth(nbytes: int = nbytes, width: int = width) -> dict[str, float]:
+            return gemv_bandwidth(nbytes, width, device, 5)
+
+        # Groups of runs timed in turns: each batch at the base context with every variant, and
+        # (TNL) the compiled path at each context, whose decode must not depend on it.
+        groups: list[dict[str, tuple[str, int, int, Generate]]] = []
+        for batch in settings["batches"]:
+            variants = _variants(family, model, batch)
+            groups.append(
+                {name: (name, batch, settings["context"], run) for name, run in variants.items()}
+            )
+        contexts = settings["long_contexts"].get(family, [])
+        if contexts:
+            compiled = _generate_fn(model, cache_implementation="static")
+            groups.append(
+                {
+                    f"context {c}": ("zoo compiled", 1, c, compiled)
+                    for c in [settings["context"], *contexts]
+                }
+            )
+        for group in groups:
+            progress(f"generate: {family}: {', '.join(group)}")
+            batched = any(batch > 1 for _, batch, _, _ in group.values())
+            tokens = settings["tokens_batched" if batched else "tokens"]
+            runs, cache_bytes = {}, {}
+            for key, (_, batch, context, run) in group.items():
+                gen = torch.Generator().manual_seed(context + batch)
+                ids = torch.randint(3, model.config.vocab_size, (batch, context), generator=gen)
+                runs[key] = (run, ids.to(device))
+                cache_bytes[key] = cache_nbytes(_prefill(model, runs[key][1], context)[1])
+            torch._dynamo.reset()  # the group's compiled runs compile afresh, and only they
+            try:
+                timed = time_group(runs, tokens, repeats, bandwidth)
+            except Exception as exc:  # a configuration that fails is a result of the run
+                for impl, batch, context, _ in group.values():
+                    out["rows"].append(
+                        {"family": family, "impl": impl, "B": batch, "context": context,
+                         "error": error_text(exc)}
+                    )  # fmt: skip
+                continue
+            first = next(iter(group))
+            for key, (impl, batch, context, _) in group.items():
+                row = {
+                    "family": family, "impl": impl, "B": batch, "context": context,
+                    "group": "contexts" if key.startswith("context") else f"B={batch}",
+                    "tokens_timed": list(tokens),
+                    "weight_bytes": nbytes, "cache_bytes": cache_bytes[key], **timed[key],
+                }  # fmt: skip
+                generated = row.pop("tokens")
+                if runs[key][1] is runs[first][1] or torch.equal(runs[key][1], runs[first][1]):
+                    # Same prompt as the group's first run (zoo eager): the same greedy tokens.
+                    row["greedy_equals_zoo_eager"] = bool(
+                        torch.equal(generated, timed[first]["tokens"])
+                    )
+                if "error" not in row:
+                    best = max(row["gemv"].values()) * 1e9
+                    row["bound_ms"] = 1e3 * (nbytes + cache_bytes[key]) / best
+                    row["fraction_of_bound"] = row["bound_ms"] / row["step_ms"]
+                    progress(
+                        f"  {impl} B={batch} context={context}: {row['step_ms']:.2f} ms/step, "
+                        f"{100 * row['fraction_of_bound']:.0f}% of the bound, "
+                        f"compile {row['compile_s']:.1f} s"
+                    )
+                out["rows"].append(row)
+        del model
+        gc.collect()
+    out["goals"] = generate_goals(out["rows"], settings)
+    return out
+
+
+def _row(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    for row in rows:
+        if all(row.get(k) == v for k, v in match.items()) and "error" not in row:
+            return row
+    return None
+
+
+def generate_goals(rows: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
+    """Issue 25's decode goals, from this run's rows (fp32, ≈14M parameters, base context)."""
+    b1, b16 = settings["batches"][:2]
+    goals: dict[str, Any] = {}
+    for family in settings["families"]:
+        one = _row(rows, family=family, impl="zoo compiled", B=b1, group=f"B={b1}")
+        many = _row(rows, family=family, impl="zoo compiled", B=b16, group=f"B={b16}")
+        if one is None:
+            continue
+        goals[f"{family}_fraction_of_bound_b{b1}"] = {
+            "value": one["fraction_of_bound"], "met": one["fraction_of_bound"] >= 0.75
+        }  # fmt: skip
+        if many is not None:
+            ratio = many["tokens_per_s"] / one["tokens_per_s"]
+            goals[f"{family}_b{b16}_over_b{b1}"] = {"value": ratio, "met": ratio >= 8}
+    ours = _row(rows, family="llama", impl="zoo compiled", B=b1, group=f"B={b1}")
+    theirs = [
+        r for r in rows
+        if r["family"] == "llama" and r["impl"].startswith("transformers") and "error" not in r
+    ]  # fmt: skip
+    documented = [r for r in theirs if "zoo" not in r["impl"]]
+    if ours and documented:
+        fastest = max(documented, key=lambda r: r["tokens_per_s"])
+        ratio = ours["tokens_per_s"] / fastest["tokens_per_s"]
+        goals["llama_over_transformers_fastest"] = {
+            "value": ratio, "against": fastest["impl"], "met": ratio >= 1.3
+        }  # fmt: skip
+    with_layout = [r for r in theirs if "zoo" in r["impl"]]
+    if ours and with_layout:
+        # Not a goal: how much of the lead is the layout, which transformers' model can borrow.
+        ratio = ours["tokens_per_s"] / with_layout[0]["tokens_per_s"]
+        goals["llama_over_transformers_with_zoo_gemv_layout"] = {"value": ratio, "met": None}
+    tnl = [r for r in rows if r["family"] == "tnl" and r.get("group") == "contexts"]
+    tnl = [r for r in tnl if "error" not in r]
+    if len(tnl) > 1:
+        speeds = [r["tokens_per_s"] for r in tnl]
+        spread = min(speeds) / max(speeds)
+        goals["tnl_flat_over_contexts"] = {
+            "value": spread, "contexts": [r["context"] for r in tnl], "met": spread >= 0.8
+        }  # fmt: skip
+    same = [r["greedy_equals_zoo_eager"] for r in rows if "greedy_equals_zoo_eager" in r]
+    goals["greedy_equals_zoo_eager"] = {"value": all(same), "met": all(same)}
+    compile_s = [r["compile_s"] for r in rows if r["impl"] == "zoo compiled" and "error" not in r]
+    if compile_s:
+        goals["compile_under_60s"] = {"value": max(compile_s), "met": max(compile_s) < 60}
+    return goals
+
+
+# --------------------------------------------------------------------------------------------
 # Report
 
 
@@ -356,14 +664,14 @@ def _mib(n: int | None) -> str:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [
-        f"Decode, {result['device']['name']} ({result['dtype']}), fla: {result['fla']}",
-        "",
-        "| one step: op | impl | B | K | V | µs / step | first call s |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
+    lines = [f"Decode, {result['device']['name']} ({result['dtype']}), fla: {result['fla']}", ""]
+    if "op_step" in result:
+        lines += [
+            "| one step: op | impl | B | K | V | µs / step | first call s |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
     notes = []
-    for row in result["op_step"]:
+    for row in result.get("op_step", []):
         what = f"{OPS[row['op']]} {row['impl']} B={row['B']}"
         if "skipped" in row:
             notes.append(f"- {what}: skipped, {row['skipped']}")
@@ -376,9 +684,11 @@ def table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {OPS[row['op']]} | {row['impl']} | {row['B']} | {row['K']} | {row['V']} | {cells} |"
         )
-    model = result["model"]
+    model = result.get("model")
     lines += [""]
-    if "error" in model:
+    if model is None:
+        pass
+    elif "error" in model:
         lines.append(f"TNL decode: {model['error']}")
     else:
         lines += [
@@ -395,7 +705,44 @@ def table(result: dict[str, Any]) -> str:
                 f"| {res['cache_nbytes']:,} "
                 f"| {_mib(res.get('max_memory_allocated_decode_bytes'))} |"
             )
+    if "generate" in result:
+        lines += ["", *generate_table(result["generate"])]
     return with_notes(lines, notes, result["device"])
+
+
+def generate_table(gen: dict[str, Any]) -> list[str]:
+    lines = [
+        f"generate(): greedy, context {gen['context']:,} unless said, ms per decode step from "
+        f"{gen['tokens'][1]} − {gen['tokens'][0]} tokens (batches: "
+        f"{gen['tokens_batched'][1]} − {gen['tokens_batched'][0]}); bound = (weights + cache "
+        "bytes) ÷ the best GEMV bandwidth measured in the row's rounds",
+        "",
+        "| model | group | impl | B | context | ms / step | tokens/s | % of bound | GEMV GB/s "
+        "(Linear / column-major) | compile s | greedy = zoo eager |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for row in gen["rows"]:
+        head = (
+            f"| {row['family']} | {row.get('group', '')} | {row['impl']} | {row['B']} "
+            f"| {row['context']:,} |"
+        )
+        if "error" in row:
+            lines.append(f"{head} error: {row['error'][:80]} | | | | | |")
+            continue
+        gemv = row["gemv"]
+        lines.append(
+            f"{head} {row['step_ms']:.2f} | {row['tokens_per_s']:,.0f} "
+            f"| {100 * row['fraction_of_bound']:.0f}% "
+            f"| {gemv['linear_layout_gb_per_s']:.1f} / {gemv['column_major_gb_per_s']:.1f} "
+            f"| {row['compile_s']:.1f} | {row.get('greedy_equals_zoo_eager', '—')} |"
+        )
+    lines += ["", "| goal | value | met |", "|---|---:|---|"]
+    for name, goal in gen["goals"].items():
+        value = goal["value"]
+        shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+        met = "(information)" if goal["met"] is None else goal["met"]
+        lines.append(f"| {name} | {shown} | {met} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -407,7 +754,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="the TNL model's config.kernel_backend",
     )
     parser.add_argument("--prefill-chunk", type=int, default=4096, help="tokens per prefill call")
+    parser.add_argument(
+        "--sections",
+        default="op_step,model,generate",
+        help="comma-separated sections to run (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
+    sections = set(args.sections.split(","))
+    if not sections <= {"op_step", "model", "generate"}:
+        parser.error(f"--sections: unknown {sorted(sections - {'op_step', 'model', 'generate'})}")
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -419,16 +774,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["repeats"] = args.repeats
     result["op_step_settings"] = settings["op_step"]
     warm_up(device)
-    result["op_step"] = bench_op_step(settings["op_step"], device, dtype, args.repeats)
-    try:
-        result["model"] = bench_model(
-            settings["model"], device, dtype, args.kernel_backend, args.prefill_chunk
-        )
-    except Exception as exc:
-        if device.type != "cuda":
-            raise
-        # On a lent GPU the op-step numbers are worth keeping when the model run fails.
-        result["model"] = {"error": error_text(exc)}
+    if "op_step" in sections:
+        result["op_step"] = bench_op_step(settings["op_step"], device, dtype, args.repeats)
+    if "model" in sections:
+        try:
+            result["model"] = bench_model(
+                settings["model"], device, dtype, args.kernel_backend, args.prefill_chunk
+            )
+        except Exception as exc:
+            if device.type != "cuda":
+                raise
+            # On a lent GPU the op-step numbers are worth keeping when the model run fails.
+            result["model"] = {"error": error_text(exc)}
+    if "generate" in sections:
+        # Each compiled variant recompiles the same frames (after a dynamo reset); transformers'
+        # warnings about generation flags would drown the progress lines.
+        transformers_logging.set_verbosity_error()
+        settings = GENERATE["quick" if args.quick else "full"]
+        result["generate"] = bench_generate(settings, device, max(args.repeats // 2, 1))
     result["wall_s"] = time.perf_counter() - start
     finish(result, out_path, table)
     return result

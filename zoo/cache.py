@@ -1,16 +1,23 @@
-"""The decode cache: transformers' own `DynamicCache`, built from `ZooConfig.layer_types`.
+"""The decode cache: transformers' own `DynamicCache` or `StaticCache`, built from
+`ZooConfig.layer_types`.
 
 `DynamicCache(config=config)` already makes one cache layer per model layer from `layer_types`:
 a `DynamicLayer` (growing keys/values) for softmax attention and a `LinearAttentionLayer`
 (fixed-size recurrent and conv states) for the recurrent mixers, and `generate()` builds it on
-its own. This module holds only the two things transformers lacks.
+its own. `StaticCache(config=config, max_cache_len=n)` (`generate(cache_implementation="static")`)
+swaps the growing layers for `StaticLayer`s of n key slots: every tensor of the cache then has a
+fixed shape and address, which is what a compiled decode step needs (`zoo.decode`). This module
+holds only what transformers lacks.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
+from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin, StaticLayer
+from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 
 from zoo.configuration import ZooConfig
 
@@ -46,3 +53,42 @@ def cache_nbytes(cache: Cache) -> int:
         tensors += [getattr(layer, "keys", None), getattr(layer, "values", None)]
         total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     return total
+
+
+def has_static_attention(cache: Cache | None) -> bool:
+    """Whether some layer of `cache` keeps keys in fixed slots (`StaticLayer`): its attention then
+    needs a mask over all the slots, filled or not."""
+    return cache is not None and any(isinstance(layer, StaticLayer) for layer in cache.layers)
+
+
+def static_masks(
+    config: Any,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> dict[str, torch.Tensor | None] | torch.Tensor | None:
+    """The masks a forward over a static cache needs, per layer type (what `generate()` asks the
+    model for through `create_masks_for_generate`):
+
+    - "full_attention": (B, 1, T, S) over the cache's S key slots, causal, padding and unfilled
+      slots excluded. Always materialised: transformers' default may return None to let SDPA use
+      `is_causal`, which over fixed slots would also see the unfilled ones.
+    - "linear_attention": the current tokens' (B, T) padding, None when nothing is padded.
+
+    Any other cache (dynamic) gets the 2-D mask back: the model derives its masks itself.
+    """
+    if not has_static_attention(cache):
+        return attention_mask
+    kwargs = {
+        "config": config,
+        "inputs_embeds": inputs_embeds,
+        "attention_mask": attention_mask,
+        "cache": cache,
+        "position_ids": position_ids,
+    }
+    return {
+        "full_attention": create_causal_mask(**kwargs, allow_is_causal_skip=False),
+        "linear_attention": create_recurrent_attention_mask(**kwargs),
+    }

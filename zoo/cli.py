@@ -277,6 +277,14 @@ def generate(
     trust_remote_code: Annotated[
         bool, typer.Option(help="Load through the checkpoint's auto_map shim instead of zoo.")
     ] = False,
+    compiled: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="The fast decode path (zoo.decode): a static cache and a compiled per-token "
+            "step. Worth its compile time (seconds) on long outputs; same greedy tokens.",
+        ),
+    ] = False,
 ) -> None:
     """Load a checkpoint and print a continuation of the prompt (greedy, or --sample)."""
     import torch
@@ -302,6 +310,8 @@ def generate(
     if sample:
         torch.manual_seed(seed)
         options = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    if compiled:
+        options["cache_implementation"] = "static"
     output = model.eval().generate(**inputs, max_new_tokens=max_new_tokens, **options)
     new_tokens = output[0, inputs["input_ids"].shape[1] :]
     typer.echo(prompt + tokenizer.decode(new_tokens, skip_special_tokens=True))

@@ -20,6 +20,7 @@ whole sequence (see `ZooForCausalLM.forward`). No cache and no padding there: it
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from transformers.modeling_outputs import (
 from transformers.utils.deprecation import deprecate_kwarg
 
 from zoo import registry
-from zoo.cache import new_cache
+from zoo.cache import has_static_attention, new_cache, static_masks
 from zoo.checkpoint import CheckpointError, check_checkpoint_dir, check_weights_fit
 from zoo.configuration import (
     CosFormer2Config,
@@ -225,7 +226,7 @@ class ZooModel(ZooPreTrainedModel):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | Mapping[str, torch.Tensor | None] | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
@@ -262,8 +263,18 @@ class ZooModel(ZooPreTrainedModel):
         past_len = 0
         # Absolute positions only matter to softmax attention, whose cache layers know the length
         # (cosFormer2's LRPE uses only differences within a call; its state is origin-relative).
+        # A static cache's length is a 0-d tensor, so that a compiled step never reads it.
         if cache is not None and position_ids is None and not all(cache.is_linear):
             past_len = cache.get_seq_length()
+        if cache is not None and all(cache.is_linear) and isinstance(attention_mask, torch.Tensor):
+            # Recurrent layers read only the current tokens' padding; the rest of the growing
+            # 2-D mask would change a decode step's shapes at every token.
+            attention_mask = attention_mask[:, -seq_len:]
+        if has_static_attention(cache) and not isinstance(attention_mask, Mapping):
+            # Made before any layer writes the cache: the mask covers its slots as they are now.
+            attention_mask = static_masks(
+                self.config, inputs_embeds, attention_mask, cache, position_ids
+            )
         context = MixerContext.build(
             attention_mask, position_ids, batch, seq_len, past_len, inputs_embeds.device, cp
         )
@@ -306,6 +317,9 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     losses are taken (`zoo.layers.moe.router_losses`); None: this process's tokens alone, or
     under context parallelism the context-parallel group. A trainer sets it on the instance."""
 
+    # generate() asks for the masks of a compilable (static) cache here, per layer type.
+    create_masks_for_generate = staticmethod(static_masks)
+
     def __init__(self, config: ZooConfig) -> None:
         super().__init__(config)
         self.model = ZooModel(config)
@@ -316,7 +330,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | Mapping[str, torch.Tensor | None] | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
@@ -382,9 +396,11 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         )
         aux_loss = None
         if loss is not None or output_router_logits:
-            token_mask = None
-            if attention_mask is not None:  # the current tokens' columns
-                token_mask = attention_mask[:, -outputs.last_hidden_state.shape[1] :].bool()
+            token_mask = attention_mask
+            if isinstance(token_mask, Mapping):  # a static cache's masks: the current tokens'
+                token_mask = token_mask.get("linear_attention")
+            if token_mask is not None:  # the current tokens' columns
+                token_mask = token_mask[:, -outputs.last_hidden_state.shape[1] :].bool()
             group = self.router_loss_group
             if group is None and cp is not None:
                 group = cp.group
@@ -401,6 +417,29 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             router_logits=outputs.router_logits if output_router_logits else None,
         )
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `generate`; with `cache_implementation="static"` the zoo's fast decode
+        path (`zoo.decode`): a static cache, a compiled per-token step on every device, and on a
+        CPU weights laid out for batch-1 matrix-vector products. Greedy tokens are the ones the
+        default (dynamic-cache, eager) path gives."""
+        from zoo.decode import fast_path
+
+        kwargs, layout = fast_path(self, args, kwargs)
+        with layout:
+            return super().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """transformers' inputs of one generation step; over an all-recurrent cache the 2-D mask is
+        cut to the current tokens (the only padding a recurrent layer reads), so a decode step
+        keeps one shape instead of a mask that grows by a column per token."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        cache, mask = inputs.get("cache"), inputs.get("attention_mask")
+        tokens = inputs.get("input_ids")
+        tokens = inputs.get("inputs_embeds") if tokens is None else tokens
+        if cache is not None and all(cache.is_linear) and isinstance(mask, torch.Tensor):
+            inputs["attention_mask"] = mask[:, -tokens.shape[1] :].contiguous()
+        return inputs
 
     def _lm_loss(
         self,

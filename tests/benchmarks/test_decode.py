@@ -1,4 +1,5 @@
-"""benchmarks/decode.py on a CPU: op steps are timed, and a TNL's cache stays one size."""
+"""benchmarks/decode.py on a CPU: op steps are timed, a TNL's cache stays one size, and whole
+models decode through generate(), eager, compiled and as transformers' own."""
 
 from __future__ import annotations
 
@@ -27,3 +28,13 @@ def test_decode_quick_times_steps_and_keeps_the_cache_constant(run_benchmark):
     head_dim = config["hidden_size"] // config["num_attention_heads"]
     expected = 2 * config["num_attention_heads"] * head_dim * head_dim * 4
     assert {res["cache_nbytes"] for res in contexts.values()} == {expected}
+    # (c) generate(): every variant ran, the compiled path gave the eager greedy tokens, and the
+    # bound's bytes are the weights' and the cache's.
+    gen = result["generate"]
+    impls = {(row["family"], row["impl"]) for row in gen["rows"]}
+    assert {("llama", "zoo compiled"), ("llama", "transformers static + compile")} <= impls
+    for row in gen["rows"]:
+        assert "error" not in row, row
+        assert row["step_ms"] > 0 and row["bound_ms"] > 0, row
+        assert row["weight_bytes"] > 0 and row["cache_bytes"] > 0
+    assert gen["goals"]["greedy_equals_zoo_eager"]["met"]

@@ -6,10 +6,14 @@ name the argument and both numbers, so a shape mistake is found at the call, not
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def values_checkable(t: torch.Tensor) -> bool:
@@ -17,6 +21,24 @@ def values_checkable(t: torch.Tensor) -> bool:
     free. On a GPU it costs a host sync per call, every decode step included; under
     torch.compile it would break the graph (a tensor read into Python)."""
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def constant_cache(maxsize: int) -> Callable[[F], F]:
+    """`functools.lru_cache` for the tables a layer rebuilds from its settings (decays, RoPE and
+    LRPE frequencies): cached in eager calls; traced as the plain function under torch.compile,
+    where the table becomes a constant of the graph (dynamo would trace through the cache anyway,
+    warning each time that it ignores it)."""
+
+    def wrap(fn: F) -> F:
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def call(*args: Any) -> Any:
+            return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+
+        return call  # type: ignore[return-value]
+
+    return wrap
 
 
 def check_qkv(

@@ -156,7 +156,9 @@ class Attention(nn.Module):
         kv_len = k.shape[2]
         past_len = kv_len - seq_len
         mask, is_causal = None, False
-        if context.key_mask is not None:
+        if context.prepared_mask is not None:
+            mask = context.prepared_mask  # a static cache's (B, 1, T, slots), made by the model
+        elif context.key_mask is not None:
             mask = context.attention_bias(past_len, kv_len, q.dtype)
         elif seq_len == kv_len:
             is_causal = seq_len > 1

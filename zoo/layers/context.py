@@ -45,6 +45,11 @@ class MixerContext:
     offset: int = 0
     """Under context parallelism, the position of this span's first token in the whole sequence
     (`cp.offset(T)`); 0 otherwise."""
+    prepared_mask: torch.Tensor | None = None
+    """(B, 1, T, S) bool, True where a current token's softmax attention sees a key: the mask
+    transformers' `create_masks_for_generate` prepares for a static cache, whose S key slots are
+    fixed (the cache's length, filled or not). Attention then uses it as it is; None: attention
+    derives its mask from `key_mask` and causality."""
     _bias: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(
         default_factory=dict, repr=False
     )
@@ -56,15 +61,18 @@ class MixerContext:
     @classmethod
     def build(
         cls,
-        attention_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | Mapping[str, torch.Tensor | None] | None,
         position_ids: torch.Tensor | None,
         batch_size: int,
         seq_len: int,
-        past_len: int,
+        past_len: int | torch.Tensor,
         device: torch.device,
         cp: ContextParallel | None = None,
     ) -> MixerContext:
         """Positions and masks of `seq_len` current tokens after `past_len` cached ones.
+
+        ``attention_mask``: the (B, S) padding mask of every token so far, or the per-layer-type
+        masks transformers prepares for a static cache (see `_build_prepared`).
 
         Under context parallelism (`cp`: the current tokens are this rank's span of the whole
         sequence, no cache) the default positions are global, `cp.offset(seq_len)` + local
@@ -73,7 +81,7 @@ class MixerContext:
         masks, so all of them raise together instead of some waiting on the others): padding is
         what generation needs, and under context parallelism the zoo only trains, on packed rows.
         """
-        if attention_mask is not None and attention_mask.dim() != 2:
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
             raise ValueError(
                 "attention_mask must be 2-D (batch, tokens), "
                 f"got shape {tuple(attention_mask.shape)}"
@@ -82,7 +90,16 @@ class MixerContext:
             if past_len:
                 raise ValueError("context parallelism runs without a cache (past_len must be 0)")
             return cls._build_span(attention_mask, position_ids, batch_size, seq_len, device, cp)
-        if attention_mask is not None and bool(attention_mask.all()):
+        if isinstance(attention_mask, Mapping):
+            return cls._build_prepared(
+                attention_mask, position_ids, batch_size, seq_len, past_len, device
+            )
+        # An all-ones mask is no mask; checking reads its values, which a compiled step must not.
+        if (
+            attention_mask is not None
+            and not torch.compiler.is_compiling()
+            and bool(attention_mask.all())
+        ):
             attention_mask = None
         if position_ids is None:
             if attention_mask is not None:
@@ -94,6 +111,36 @@ class MixerContext:
             return cls(position_ids=position_ids)
         key_mask = attention_mask.bool()
         return cls(position_ids=position_ids, token_mask=key_mask[:, -seq_len:], key_mask=key_mask)
+
+    @classmethod
+    def _build_prepared(
+        cls,
+        masks: Mapping[str, torch.Tensor | None],
+        position_ids: torch.Tensor | None,
+        batch_size: int,
+        seq_len: int,
+        past_len: int | torch.Tensor,
+        device: torch.device,
+    ) -> MixerContext:
+        """From the masks transformers prepares per layer type for a compilable cache
+        (`transformers.masking_utils.create_masks_for_generate`): "full_attention" (B, 1, T, S)
+        bool or None, and for the recurrent layers "linear_attention" (B, T), the current
+        tokens' padding, None where nothing is padded (always None for one decode token).
+
+        Nothing here reads a tensor's values, so a compiled decode step has no host sync.
+        ``past_len`` may be a 0-d tensor (a static cache's length)."""
+        prepared = masks.get("full_attention")
+        if prepared is not None and prepared.dim() != 4:
+            raise ValueError(
+                "attention_mask['full_attention'] must be a 4-D (batch, 1, tokens, keys) mask, "
+                f"got shape {tuple(prepared.shape)}"
+            )
+        current = masks.get("linear_attention")
+        token_mask = None if current is None else current[:, -seq_len:].bool()
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=device) + past_len
+            position_ids = position_ids.expand(batch_size, seq_len)
+        return cls(position_ids=position_ids, token_mask=token_mask, prepared_mask=prepared)
 
     @classmethod
     def _build_span(

@@ -87,7 +87,6 @@ backward.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +96,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from zoo.configuration import ZooConfig
 from zoo.flops import linear_flops
+from zoo.kernels.layout import constant_cache
 from zoo.kernels.long_conv import long_conv, long_conv_naive, short_conv, short_conv_naive
 from zoo.layers.context import MixerContext
 from zoo.parallel.context import gather_sequence, halo
@@ -105,7 +105,7 @@ from zoo.parallel.context import gather_sequence, halo
 _SIN_FREQ_INIT = 14.0
 
 
-@lru_cache(maxsize=16)
+@constant_cache(maxsize=16)
 def _positional_features(max_len: int, emb_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """safari's `PositionalEmbedding` over L_max positions: z (L_max, E) and t (L_max, 1), fp32.
 
@@ -121,7 +121,7 @@ def _positional_features(max_len: int, emb_dim: int) -> tuple[torch.Tensor, torc
     return z, t
 
 
-@lru_cache(maxsize=16)
+@constant_cache(maxsize=16)
 def decay_rates(channels: int, target: float, fast_pct: float, slow_pct: float) -> torch.Tensor:
     """|δ| per filter channel (channels,), fp32: safari's fixed modulation rates, with which
     channel c's window exp(−t·|δ_c|) reaches `target` at t = slow_pct (c = 0) … fast_pct (last)."""

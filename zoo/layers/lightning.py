@@ -35,8 +35,6 @@ backward.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,6 +44,7 @@ from transformers.cache_utils import Cache
 from zoo.cache import recurrent_state
 from zoo.configuration import ZooConfig
 from zoo.flops import linear_flops
+from zoo.kernels.layout import constant_cache
 from zoo.kernels.lightning import lightning, lightning_naive, tnl_log_decay
 from zoo.layers.context import MixerContext
 from zoo.layers.lrpe import call_positions, lrpe, lrpe_cos_sin, shift_origin
@@ -53,7 +52,7 @@ from zoo.layers.norm import build_norm
 from zoo.parallel.scan import lightning_cp, recurrent_group
 
 
-@lru_cache(maxsize=256)
+@constant_cache(maxsize=256)
 def _log_decay(
     num_heads: int, layer_idx: int, num_layers: int, form: str, device: torch.device
 ) -> torch.Tensor:

@@ -8,16 +8,15 @@ channel) and TNL's released first layer (θ learned per head and channel).
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
+from zoo.kernels.layout import constant_cache
 from zoo.layers.context import MixerContext
 
 LRPE_BASE = 10000.0
 
 
-@lru_cache(maxsize=16)
+@constant_cache(maxsize=16)
 def _theta(head_dim: int) -> torch.Tensor:
     # A plain tensor rebuilt on demand rather than a buffer: transformers creates models on the
     # meta device before loading weights, and non-persistent buffers would come back empty.

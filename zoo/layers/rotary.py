@@ -17,16 +17,17 @@ the lengths of the earlier calls on the same module (they grow and are kept), no
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import lru_cache
 from typing import Any
 
 import torch
+
+from zoo.kernels.layout import constant_cache
 
 SCALED_ROPE_TYPES = ("linear", "yarn", "llama3", "longrope")
 """The `rotary_scaling["rope_type"]` values zoo's attention implements (exactly as transformers)."""
 
 
-@lru_cache(maxsize=16)
+@constant_cache(maxsize=16)
 def _inv_freq(head_dim: int, base: float) -> torch.Tensor:
     # Computed on the CPU once and moved per call: a buffer would be lost when transformers
     # builds the model on the meta device before loading weights.
@@ -37,7 +38,7 @@ def _freeze(scaling: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in scaling.items()))
 
 
-@lru_cache(maxsize=16)
+@constant_cache(maxsize=16)
 def _scaled_tables(
     device: torch.device,
     head_dim: int,
