@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, StaticCache
 from typer.testing import CliRunner
 
 import zoo
-from tests.tiny import FAMILIES, tiny_config
+from tests.tiny import FAMILIES, tiny_config, tiny_mixer_config
 from zoo.cli import app
 from zoo.decode import decode_layout, static_unsupported
 from zoo.tokenizer import PAD_ID, byte_tokenizer
@@ -20,8 +20,14 @@ MOE_ESCAPE = "zoo/layers/moe.py"
 
 
 def _model(family: str) -> zoo.ZooForCausalLM:
+    """A tiny model of a family, or ("mixer:NAME") three blocks of one mixer."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+    config = (
+        tiny_mixer_config(family.removeprefix("mixer:"))
+        if family.startswith("mixer:")
+        else tiny_config(family)
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
     model.generation_config.eos_token_id = None
     return model
 
@@ -34,7 +40,7 @@ def _padded_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
     return batch, mask, long, short
 
 
-@pytest.mark.parametrize("family", STATIC)
+@pytest.mark.parametrize("family", [*STATIC, "mixer:gla"])
 def test_compiled_static_generate_gives_the_eager_greedy_tokens(family):
     model = _model(family)
     batch, mask, long, short = _padded_batch()

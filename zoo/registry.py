@@ -676,6 +676,49 @@ register_mixer(
     },
     tiny={"hgrn2_expand_ratio": 16, "hgrn2_chunk_size": 8},
 )
+
+
+def _check_gla(config: Any) -> None:
+    heads = config.num_attention_heads
+    for name in ("gla_expand_k", "gla_expand_v"):
+        width = config.hidden_size * getattr(config, name)
+        if width != round(width) or round(width) % heads:
+            raise ValueError(
+                f"{name}={getattr(config, name)} makes a width of {width} at hidden_size="
+                f"{config.hidden_size}: it must be a whole multiple of num_attention_heads={heads}"
+            )
+
+
+register_mixer(
+    "gla",
+    "zoo.layers.gla:GatedLinearAttention",
+    cache="linear_attention",
+    display_name="GLA",
+    doc="Gated linear attention: per-key-channel data-dependent decay (arXiv 2312.06635).",
+    settings={
+        "gla_expand_k": Setting(0.5, "Key width / hidden_size (fla's expand_k).", positive_number),
+        "gla_expand_v": Setting(
+            1.0, "Value width / hidden_size (fla's expand_v).", positive_number
+        ),
+        "gla_gate_low_rank_dim": Setting(
+            16, "Rank of the forget gate's projection (fla's gate_low_rank_dim).", positive_int
+        ),
+        "gla_gate_logit_normalizer": Setting(
+            16.0,
+            "τ in log α = logsigmoid(gate logits) / τ (fla's gate_logit_normalizer).",
+            positive_number,
+        ),
+        "gla_chunk_size": Setting(64, "Chunk length of the chunked gated scan.", positive_int),
+        "gla_norm_eps": Setting(
+            None,
+            "Epsilon of the per-head norm before the output gate; None = rms_norm_eps "
+            "(fla's GLA: 1e-5).",
+            optional(positive_number),
+        ),
+    },
+    validate=_check_gla,
+    tiny={"gla_chunk_size": 8},
+)
 register_mixer(
     "cosformer2",
     "zoo.layers.cosformer2:CosFormer2Attention",

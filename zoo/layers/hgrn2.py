@@ -52,13 +52,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
-from zoo.cache import recurrent_state
 from zoo.configuration import ZooConfig
 from zoo.flops import linear_flops
-from zoo.kernels.gla import gla, gla_naive
+from zoo.kernels.gla import gla_naive
 from zoo.layers.context import MixerContext
+from zoo.layers.gla import gated_recurrence
 from zoo.layers.norm import build_norm
-from zoo.parallel.scan import gla_cp, recurrent_group
 
 
 def hgrn2_lower_bounds(gamma: torch.Tensor) -> torch.Tensor:
@@ -129,23 +128,9 @@ class HGRN2Attention(nn.Module):
         self, hidden_states: torch.Tensor, context: MixerContext, cache: Cache | None = None
     ) -> torch.Tensor:
         q, k, i, log_f = self._gates(hidden_states, context)
-        cp = recurrent_group(cache, context)
-        if cp is not None:
-            y = gla_cp(q, k, i, log_f, cp, chunk_size=self.chunk_size, backend=self.backend)
-            return self._output(y, hidden_states)
-        state = recurrent_state(cache, self.layer_idx) if cache is not None else None
-        y, final_state = gla(
-            q,
-            k,
-            i,
-            log_f,
-            initial_state=state,
-            output_final_state=cache is not None,
-            chunk_size=self.chunk_size,
-            backend=self.backend,
+        y = gated_recurrence(
+            q, k, i, log_f, context, cache, self.layer_idx, self.chunk_size, self.backend
         )
-        if cache is not None:
-            cache.update_recurrent_state(final_state, self.layer_idx)
         return self._output(y, hidden_states)
 
     def reference_forward(self, hidden_states: torch.Tensor, context: MixerContext) -> torch.Tensor:
