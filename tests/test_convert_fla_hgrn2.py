@@ -29,6 +29,7 @@ import torch
 from typer.testing import CliRunner
 
 import zoo
+from tests.fla_support import give_transformers_its_model_types_back, one_autotune_config
 from zoo.cli import app
 from zoo.convert import convert_checkpoint
 from zoo.convert.fla_hgrn2 import FORMAT, config_from_fla, state_dict_from_fla
@@ -38,20 +39,7 @@ from zoo.layers.hgrn2 import HGRN2Attention
 fla_models = pytest.importorskip("fla.models", reason="needs flash-linear-attention")
 
 
-def _give_transformers_its_model_types_back() -> None:
-    """Importing fla.models registers fla's classes with transformers' Auto classes under names
-    transformers already has ("mamba", "mamba2", ...), so that AutoModelForCausalLM would build
-    fla's Mamba for every later test in this process. Drop those registrations: fla's own types
-    ("hgrn2", ...) stay registered, transformers' own come back."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    for model_type in [
-        name for name in CONFIG_MAPPING._extra_content if name in CONFIG_MAPPING._mapping
-    ]:
-        del CONFIG_MAPPING._extra_content[model_type]
-
-
-_give_transformers_its_model_types_back()
+give_transformers_its_model_types_back()
 
 ATOL = 1e-5
 VOCAB, HIDDEN, LAYERS = 100, 64, 3
@@ -63,12 +51,7 @@ runner = CliRunner()
 def fla_runs_here():
     """fla's Triton kernels under the interpreter: one autotune config each (see the module
     docstring); undone after this module."""
-    from triton.runtime.autotuner import Autotuner
-
-    prune = Autotuner.prune_configs
-    with pytest.MonkeyPatch.context() as patch:
-        if FLA_DEVICE == "cpu":
-            patch.setattr(Autotuner, "prune_configs", lambda self, kw: prune(self, kw)[:1])
+    with one_autotune_config():
         yield
 
 

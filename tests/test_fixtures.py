@@ -23,6 +23,22 @@ FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file())
 # Keys that say which library version wrote or read the file, not what the model is.
 VOLATILE = {"transformers_version", "_name_or_path"}
+# Fixtures whose logits a deliberate change of an op's summation order moved by rounding only,
+# on the build that wrote them: held to 1e-6 there instead of bit equality, with the reason.
+ROUNDING_CHANGED = {
+    name: "issue 25's blocked CPU selective scan (zoo.kernels.selective_scan._ChunkScan) sums "
+    "Mamba's states in another order: |Δlogit| 1.2e-7 (mamba), 6e-8 (hybrid)"
+    for name in ("mamba", "hybrid")
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Bit equality holds on one thread only: set it here, whatever earlier tests left."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_every_fixture_is_here():
@@ -54,7 +70,7 @@ def test_fixture_loads_with_same_config_and_identical_logits(name):
     with safe_open(folder / "expected.safetensors", "pt") as f:
         written_on = f.metadata()
     here = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    if written_on == here and torch.get_num_threads() == 1:
+    if written_on == here and name not in ROUNDING_CHANGED:
         assert torch.equal(logits, expected["logits"]), f"{name}: logits differ by {difference:.3g}"
     else:  # another torch build or vector unit sums in another order: equal to rounding only
         assert difference < 1e-6, f"{name}: logits differ by {difference:.3g} ({written_on})"

@@ -21,6 +21,7 @@ from zoo.version import __version__
 if TYPE_CHECKING:
     from zoo.configuration import (
         CosFormer2Config,
+        GLAConfig,
         HGRN2Config,
         HybridConfig,
         HyenaConfig,
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from zoo.modeling import (
         CosFormer2ForCausalLM,
         CosFormer2Model,
+        GLAForCausalLM,
+        GLAModel,
         HGRN2ForCausalLM,
         HGRN2Model,
         HybridForCausalLM,
@@ -51,7 +54,7 @@ if TYPE_CHECKING:
     from zoo.registry import Setting, register_channel_mixer, register_mixer
     from zoo.saffu.model import SAFFUConfig, SAFFUForCausalLM
 
-_CONFIGS = ("CosFormer2", "HGRN2", "Hybrid", "Hyena", "Llama", "Mamba", "TNL", "Zoo")
+_CONFIGS = ("CosFormer2", "GLA", "HGRN2", "Hybrid", "Hyena", "Llama", "Mamba", "TNL", "Zoo")
 # name -> the module it lives in.
 _EXPORTS: dict[str, str] = {
     **{f"{stem}Config": "zoo.configuration" for stem in _CONFIGS},
@@ -67,6 +70,9 @@ __all__ = [
     "CosFormer2Config",
     "CosFormer2ForCausalLM",
     "CosFormer2Model",
+    "GLAConfig",
+    "GLAForCausalLM",
+    "GLAModel",
     "HGRN2Config",
     "HGRN2ForCausalLM",
     "HGRN2Model",

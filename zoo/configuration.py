@@ -640,6 +640,17 @@ class HGRN2Config(ZooConfig):
     norm_type: str = "srmsnorm"
 
 
+class GLAConfig(ZooConfig):
+    """Gated linear attention (Yang et al., arXiv 2312.06635) as fla's `GLAForCausalLM` builds
+    it: GLA blocks (`zoo.layers.gla`, fla's defaults: key width d/2, value width d, forget gate of
+    rank 16 over logsigmoid / 16) with RMSNorm and a SwiGLU MLP of width 8d/3 rounded up to 256
+    (the backbone's default, fla's `GatedMLP` rule)."""
+
+    model_type = "zoo_gla"
+    default_mixer = "gla"
+    default_channel_mixer = "swiglu"
+
+
 class CosFormer2Config(ZooConfig):
     """cosFormer2 (arXiv 2406.16690 §2.2): linear attention without decay, LRPE re-weighting.
 

@@ -49,6 +49,7 @@ from zoo.cache import has_static_attention, new_cache, static_masks
 from zoo.checkpoint import CheckpointError, check_checkpoint_dir, check_weights_fit
 from zoo.configuration import (
     CosFormer2Config,
+    GLAConfig,
     HGRN2Config,
     HybridConfig,
     HyenaConfig,
@@ -494,6 +495,7 @@ def causal_lm_classes(config_class: type[ZooConfig]) -> tuple[type[ZooModel], ty
 LlamaModel, LlamaForCausalLM = causal_lm_classes(LlamaConfig)
 TNLModel, TNLForCausalLM = causal_lm_classes(TNLConfig)
 HGRN2Model, HGRN2ForCausalLM = causal_lm_classes(HGRN2Config)
+GLAModel, GLAForCausalLM = causal_lm_classes(GLAConfig)
 CosFormer2Model, CosFormer2ForCausalLM = causal_lm_classes(CosFormer2Config)
 MambaModel, MambaForCausalLM = causal_lm_classes(MambaConfig)
 HyenaModel, HyenaForCausalLM = causal_lm_classes(HyenaConfig)

@@ -712,7 +712,7 @@ register_mixer(
         "gla_norm_eps": Setting(
             None,
             "Epsilon of the per-head norm before the output gate; None = rms_norm_eps "
-            "(fla's GLA: 1e-5).",
+            "(as fla's GLA model passes its norm_eps to the layer).",
             optional(positive_number),
         ),
     },
@@ -967,6 +967,7 @@ def _demo_hybrid(shared: dict[str, Any]) -> dict[str, Any]:
 register_family("llama", "zoo.configuration:LlamaConfig", display_name="LLaMA", card_vocab=100_280)
 register_family("tnl", "zoo.configuration:TNLConfig", display_name="TNL", card_vocab=100_280)
 register_family("hgrn2", "zoo.configuration:HGRN2Config", display_name="HGRN2", card_vocab=100_280)
+register_family("gla", "zoo.configuration:GLAConfig", display_name="GLA", card_vocab=32_000)
 register_family(
     "cosformer2", "zoo.configuration:CosFormer2Config", display_name="cosFormer2",
     card_vocab=100_280,

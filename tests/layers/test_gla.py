@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.fla_support import one_autotune_config
 from tests.tiny import tiny_mixer_config
 from zoo.kernels.gla import gla
 from zoo.layers.context import MixerContext
@@ -37,12 +38,7 @@ def test_the_op_equals_fla_naive_gla(T):
 
 @pytest.fixture
 def fla_kernels_here():
-    from triton.runtime.autotuner import Autotuner
-
-    prune = Autotuner.prune_configs
-    with pytest.MonkeyPatch.context() as patch:
-        if not torch.cuda.is_available():
-            patch.setattr(Autotuner, "prune_configs", lambda self, kw: prune(self, kw)[:1])
+    with one_autotune_config():
         yield
 
 

@@ -869,7 +869,7 @@ RAW_MAMBA = ForeignFormat(
 )
 
 # The released formats of other projects, each in its own module (imported when first asked).
-_FOREIGN_MODULES = ("transnormer", "fla_hgrn2", "safari_hyena")
+_FOREIGN_MODULES = ("transnormer", "fla_hgrn2", "fla_gla", "safari_hyena")
 
 
 def foreign_formats() -> tuple[ForeignFormat, ...]:

@@ -13,6 +13,7 @@ builds the converted zoo model from the folder.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -32,16 +33,23 @@ except ImportError:  # pragma: no cover - other transformers layouts
 
 __all__ = [
     "EMBED",
+    "FLA_ACCEPTED",
+    "FLA_SAME_NAME",
     "HEAD",
     "ForeignFormat",
+    "check_fla_config",
+    "fla_mlp_width",
     "generic_config_fields",
     "load_converted",
     "load_tensor_file",
     "load_weights",
     "read_config",
     "refuse",
+    "rename_fla_state_dict",
     "weight_file",
 ]
+
+logger = logging.getLogger(__name__)
 
 EMBED = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"
@@ -76,6 +84,94 @@ def generic_config_fields() -> frozenset[str]:
     import transformers
 
     return frozenset(transformers.PretrainedConfig().to_dict())
+
+
+# fla's models (HGRN2, GLA): config fields carried over under the same name, and fields that do
+# not change a converted model's outputs (how fla computes, what a file records about itself).
+FLA_SAME_NAME = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "tie_word_embeddings",
+    "initializer_range",
+    "use_cache",
+    "max_position_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
+FLA_ACCEPTED = frozenset(
+    {
+        "fuse_norm",
+        "fuse_swiglu",
+        "fuse_cross_entropy",
+        "fuse_linear_cross_entropy",
+        "model_type",
+        "architectures",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+    }
+)
+_FLA_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def check_fla_config(
+    fields: Mapping[str, Any],
+    source: str,
+    known: frozenset[str],
+    refusals: tuple[tuple[str, bool, str], ...],
+    get: Callable[[str], Any],
+) -> int:
+    """The checks every fla converter runs on a config.json, before any weight is read: no field
+    outside `known` (and transformers' generic ones), none of `refusals` (field, refused, why),
+    a positive integer hidden_size (returned); `use_l2warp=True` is dropped with a warning, as
+    it only adds a gradient penalty in training."""
+    for field, value in fields.items():
+        if field not in known | generic_config_fields() and not field.startswith("_"):
+            raise refuse(source, field, value, "not a field of fla's config this converter knows")
+    for field, refused, why in refusals:
+        if refused:
+            raise refuse(source, field, get(field), why)
+    if get("use_l2warp"):
+        logger.warning(
+            "%s config field use_l2warp=True dropped: it only adds a penalty to the gradient in "
+            "training and does not change the converted model's outputs",
+            source,
+        )
+    hidden_size = get("hidden_size")
+    if not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size <= 0:
+        raise refuse(source, "hidden_size", hidden_size, "must be a positive integer")
+    return hidden_size
+
+
+def rename_fla_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    shared: Mapping[str, str],
+    per_layer: Mapping[str, str],
+    source: str,
+) -> dict[str, torch.Tensor]:
+    """An fla state dict under zoo's names: `shared` maps whole keys, `per_layer` the part after
+    `model.layers.i.`; tensors unchanged. A key outside both is a `ValueError` naming it."""
+    converted: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        if key in shared:
+            converted[shared[key]] = tensor
+            continue
+        match = _FLA_LAYER.match(key)
+        if match is None or match.group(2) not in per_layer:
+            raise ValueError(f"{source} state dict key {key!r} has no zoo counterpart")
+        converted[f"model.layers.{match.group(1)}.{per_layer[match.group(2)]}"] = tensor
+    return converted
+
+
+def fla_mlp_width(hidden_size: int, hidden_ratio: Any, intermediate_size: Any) -> int:
+    """The width of fla's `GatedMLP`, the MLP of its HGRN2 and GLA models: `intermediate_size`,
+    else 2/3 · hidden_ratio · d (ratio None = 4) rounded up to a multiple of 256."""
+    if intermediate_size is not None:
+        return intermediate_size
+    width = int(hidden_size * (4 if hidden_ratio is None else hidden_ratio) * 2 / 3)
+    return 256 * ((width + 255) // 256)
 
 
 def read_config(src: str | Path) -> dict[str, Any]:

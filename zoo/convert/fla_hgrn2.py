@@ -71,8 +71,6 @@ There is no zoo -> fla direction: fla's model is not a transformers class.
 
 from __future__ import annotations
 
-import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -81,16 +79,18 @@ import torch
 
 from zoo.configuration import HGRN2Config
 from zoo.convert.common import (
+    FLA_ACCEPTED,
+    FLA_SAME_NAME,
     ForeignFormat,
-    generic_config_fields,
+    check_fla_config,
+    fla_mlp_width,
     load_converted,
     load_weights,
     read_config,
     refuse,
+    rename_fla_state_dict,
 )
 from zoo.modeling import HGRN2ForCausalLM
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["FORMAT", "config_from_fla", "from_fla_hgrn2", "matches", "state_dict_from_fla"]
 
@@ -127,38 +127,10 @@ _FLA_DEFAULTS: dict[str, Any] = {
     "use_l2warp": False,
     "attnres_block_size": None,
 }
-# Fields carried over under the same name.
-_SAME_NAME = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "tie_word_embeddings",
-    "initializer_range",
-    "use_cache",
-    "max_position_embeddings",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-)
-# Fields that do not change the outputs of a converted model: how fla computes (its kernels'
-# fusion), what exists only with short convolutions, and what a config file records about itself.
-_ACCEPTED = frozenset(
-    {
-        "fuse_norm",
-        "fuse_swiglu",
-        "fuse_cross_entropy",
-        "fuse_linear_cross_entropy",
-        "share_conv_kernel",
-        "model_type",
-        "architectures",
-        "transformers_version",
-        "torch_dtype",
-        "dtype",
-    }
-)
 
-# Older fla configs name norm_eps "rms_norm_eps"; it is read when norm_eps is absent.
-_KNOWN = frozenset({*_FLA_DEFAULTS, *_ACCEPTED, "rms_norm_eps"})
+# Older fla configs name norm_eps "rms_norm_eps" (read when norm_eps is absent); share_conv_kernel
+# exists only with short convolutions.
+_KNOWN = frozenset({*_FLA_DEFAULTS, *FLA_ACCEPTED, "rms_norm_eps", "share_conv_kernel"})
 
 _LAYER_KEYS: dict[str, str] = {
     "attn_norm.weight": "mixer_norm.weight",
@@ -178,22 +150,12 @@ _SHARED_KEYS: dict[str, str] = {
     "model.norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _SHARD_INDEX = "model.safetensors.index.json"
 
 
 def matches(fields: Mapping[str, Any]) -> bool:
     """Whether a config.json is fla's HGRN2 (model_type "hgrn2"; zoo's own is "zoo_hgrn2")."""
     return fields.get("model_type") == "hgrn2"
-
-
-def _mlp_width(hidden_size: int, hidden_ratio: Any, intermediate_size: Any) -> int:
-    """The width of fla's `GatedMLP`: `intermediate_size`, else 2/3 · hidden_ratio · d (ratio
-    None = 4) rounded up to a multiple of 256."""
-    if intermediate_size is not None:
-        return intermediate_size
-    width = int(hidden_size * (4 if hidden_ratio is None else hidden_ratio) * 2 / 3)
-    return 256 * ((width + 255) // 256)
 
 
 def _expand_ratio(fields: Mapping[str, Any], hidden_size: int) -> int:
@@ -227,11 +189,6 @@ def config_from_fla(fields: Mapping[str, Any]) -> HGRN2Config:
     `ValueError` naming the field for anything zoo's HGRN2 cannot express."""
     if "model_type" in fields and not matches(fields):
         raise refuse(SOURCE, "model_type", fields["model_type"], "not fla's HGRN2 ('hgrn2')")
-    for field, value in fields.items():
-        if field not in _KNOWN | generic_config_fields() and not field.startswith("_"):
-            raise refuse(
-                SOURCE, field, value, "not a field of fla's HGRN2Config this converter knows"
-            )
 
     def get(field: str) -> Any:
         return fields.get(field, _FLA_DEFAULTS[field])
@@ -252,9 +209,7 @@ def config_from_fla(fields: Mapping[str, Any]) -> HGRN2Config:
         ("hidden_act", get("hidden_act") != "swish", "zoo's SwiGLU channel mixer is SiLU-gated"),
         ("attn_mode", get("attn_mode") not in ATTN_MODES, f"fla knows only {list(ATTN_MODES)}"),
     )
-    for field, refused, why in refusals:
-        if refused:
-            raise refuse(SOURCE, field, get(field), why)
+    hidden_size = check_fla_config(fields, SOURCE, _KNOWN, refusals, get)
     norm_eps = fields.get("norm_eps", fields.get("rms_norm_eps", _FLA_DEFAULTS["norm_eps"]))
     if "norm_eps" in fields and "rms_norm_eps" in fields and fields["rms_norm_eps"] != norm_eps:
         raise refuse(
@@ -263,21 +218,13 @@ def config_from_fla(fields: Mapping[str, Any]) -> HGRN2Config:
             fields["rms_norm_eps"],
             f"older fla's name of norm_eps, which says {norm_eps}: which one holds is unclear",
         )
-    if get("use_l2warp"):
-        logger.warning(
-            "fla hgrn2 config field use_l2warp=True dropped: it only adds a penalty to the "
-            "gradient in training and does not change the converted model's outputs"
-        )
-    hidden_size = get("hidden_size")
-    if not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size <= 0:
-        raise refuse(SOURCE, "hidden_size", hidden_size, "must be a positive integer")
     ratio = _expand_ratio(fields, hidden_size)
     layers = get("num_hidden_layers")
     return HGRN2Config(
-        **{field: get(field) for field in _SAME_NAME},
+        **{field: get(field) for field in FLA_SAME_NAME},
         num_attention_heads=hidden_size // ratio,
         hgrn2_expand_ratio=ratio,
-        intermediate_size=_mlp_width(hidden_size, get("hidden_ratio"), get("intermediate_size")),
+        intermediate_size=fla_mlp_width(hidden_size, get("hidden_ratio"), get("intermediate_size")),
         rms_norm_eps=norm_eps,
         norm_type="rmsnorm",
         channel_mixers=["swiglu"] * layers if isinstance(layers, int) else None,
@@ -290,16 +237,7 @@ def config_from_fla(fields: Mapping[str, Any]) -> HGRN2Config:
 def state_dict_from_fla(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """fla's HGRN2 state dict under zoo's names (the table above; tensors unchanged). A key
     outside the table is a `ValueError` naming it."""
-    converted: dict[str, torch.Tensor] = {}
-    for key, tensor in state_dict.items():
-        if key in _SHARED_KEYS:
-            converted[_SHARED_KEYS[key]] = tensor
-            continue
-        match = _LAYER_RE.match(key)
-        if match is None or match.group(2) not in _LAYER_KEYS:
-            raise ValueError(f"fla hgrn2 state dict key {key!r} has no zoo HGRN2 counterpart")
-        converted[f"model.layers.{match.group(1)}.{_LAYER_KEYS[match.group(2)]}"] = tensor
-    return converted
+    return rename_fla_state_dict(state_dict, _SHARED_KEYS, _LAYER_KEYS, SOURCE)
 
 
 def from_fla_hgrn2(src: str | Path) -> HGRN2ForCausalLM:
