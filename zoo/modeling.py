@@ -267,10 +267,6 @@ class ZooModel(ZooPreTrainedModel):
         # A static cache's length is a 0-d tensor, so that a compiled step never reads it.
         if cache is not None and position_ids is None and not all(cache.is_linear):
             past_len = cache.get_seq_length()
-        if cache is not None and all(cache.is_linear) and isinstance(attention_mask, torch.Tensor):
-            # Recurrent layers read only the current tokens' padding; the rest of the growing
-            # 2-D mask would change a decode step's shapes at every token.
-            attention_mask = attention_mask[:, -seq_len:]
         if has_static_attention(cache) and not isinstance(attention_mask, Mapping):
             # Made before any layer writes the cache: the mask covers its slots as they are now.
             attention_mask = static_masks(

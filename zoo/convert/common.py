@@ -34,6 +34,8 @@ except ImportError:  # pragma: no cover - other transformers layouts
 __all__ = [
     "EMBED",
     "FLA_ACCEPTED",
+    "FLA_ATTN_MODES",
+    "FLA_BASE_DEFAULTS",
     "FLA_SAME_NAME",
     "HEAD",
     "ForeignFormat",
@@ -116,6 +118,34 @@ FLA_ACCEPTED = frozenset(
 _FLA_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
+# fla's config defaults its models share (fla 0.6), for fields a config.json leaves out; each
+# converter adds its model's own.
+FLA_BASE_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "num_hidden_layers": 24,
+    "attn_mode": "chunk",
+    "use_short_conv": False,
+    "conv_size": 4,
+    "hidden_ratio": 4,
+    "intermediate_size": None,
+    "hidden_act": "swish",
+    "max_position_embeddings": 2048,
+    "elementwise_affine": True,
+    "norm_eps": 1e-6,
+    "attn": None,
+    "use_cache": True,
+    "pad_token_id": None,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+    "initializer_range": 0.02,
+    "use_l2warp": False,
+    "attnres_block_size": None,
+}
+FLA_ATTN_MODES = ("chunk", "fused_chunk", "fused_recurrent")
+
+
 def check_fla_config(
     fields: Mapping[str, Any],
     source: str,
@@ -124,13 +154,26 @@ def check_fla_config(
     get: Callable[[str], Any],
 ) -> int:
     """The checks every fla converter runs on a config.json, before any weight is read: no field
-    outside `known` (and transformers' generic ones), none of `refusals` (field, refused, why),
-    a positive integer hidden_size (returned); `use_l2warp=True` is dropped with a warning, as
-    it only adds a gradient penalty in training."""
+    outside `known` (and transformers' generic ones), none of the model's `refusals` (field,
+    refused, why) nor of what no fla conversion expresses (short convolutions, another MLP
+    activation, hybrid attention layers, attention residuals, an unknown kernel mode), a
+    positive integer hidden_size (returned); `use_l2warp=True` is dropped with a warning, as it
+    only adds a gradient penalty in training."""
     for field, value in fields.items():
         if field not in known | generic_config_fields() and not field.startswith("_"):
             raise refuse(source, field, value, "not a field of fla's config this converter knows")
-    for field, refused, why in refusals:
+    shared = (
+        ("use_short_conv", bool(get("use_short_conv")), "zoo's layer has no short convolutions"),
+        ("hidden_act", get("hidden_act") != "swish", "zoo's gates and SwiGLU MLP are SiLU"),
+        ("attn", bool(get("attn")), "hybrid softmax-attention layers are not converted"),
+        ("attnres_block_size", get("attnres_block_size") is not None, "no attention residuals"),
+        (
+            "attn_mode",
+            get("attn_mode") not in FLA_ATTN_MODES,
+            f"fla knows only {list(FLA_ATTN_MODES)}",
+        ),
+    )
+    for field, refused, why in (*refusals, *shared):
         if refused:
             raise refuse(source, field, get(field), why)
     if get("use_l2warp"):

@@ -55,6 +55,7 @@ import torch
 from zoo.configuration import GLAConfig
 from zoo.convert.common import (
     FLA_ACCEPTED,
+    FLA_BASE_DEFAULTS,
     FLA_SAME_NAME,
     ForeignFormat,
     check_fla_config,
@@ -70,40 +71,19 @@ from zoo.modeling import GLAForCausalLM
 __all__ = ["FORMAT", "config_from_fla", "from_fla_gla", "matches", "state_dict_from_fla"]
 
 SOURCE = "fla gla"
-ATTN_MODES = ("chunk", "fused_chunk", "fused_recurrent")
 
 # fla 0.6's GLAConfig defaults, for fields a config.json leaves out.
 _FLA_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 32000,
-    "hidden_size": 2048,
+    **FLA_BASE_DEFAULTS,
     "expand_k": 0.5,
     "expand_v": 1.0,
-    "hidden_ratio": 4,
-    "intermediate_size": None,
-    "num_hidden_layers": 24,
     "num_heads": 4,
     "num_kv_heads": None,
     "feature_map": None,
-    "attn_mode": "chunk",
-    "use_short_conv": False,
-    "conv_size": 4,
     "use_output_gate": True,
     "clamp_min": None,
-    "hidden_act": "swish",
-    "max_position_embeddings": 2048,
-    "elementwise_affine": True,
-    "norm_eps": 1e-6,
     "use_gk": True,
     "use_gv": False,
-    "attn": None,
-    "use_cache": True,
-    "pad_token_id": None,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "tie_word_embeddings": False,
-    "initializer_range": 0.02,
-    "use_l2warp": False,
-    "attnres_block_size": None,
 }
 
 _KNOWN = frozenset({*_FLA_DEFAULTS, *FLA_ACCEPTED})
@@ -147,16 +127,11 @@ def config_from_fla(fields: Mapping[str, Any]) -> GLAConfig:
     refusals = (
         ("num_kv_heads", get("num_kv_heads") not in (None, heads), "zoo's GLA has no K/V groups"),
         ("feature_map", get("feature_map") is not None, "zoo's GLA applies no feature map"),
-        ("use_short_conv", bool(get("use_short_conv")), "zoo's GLA has no short convolutions"),
         ("use_output_gate", not get("use_output_gate"), "zoo's GLA always gates its output"),
         ("clamp_min", get("clamp_min") is not None, "zoo's GLA does not clamp the gate"),
         ("use_gk", not get("use_gk"), "zoo's GLA always has the per-key forget gate"),
         ("use_gv", bool(get("use_gv")), "zoo's GLA has no value gate"),
         ("elementwise_affine", not get("elementwise_affine"), "zoo's per-head norm has a gain"),
-        ("hidden_act", get("hidden_act") != "swish", "zoo's GLA gate and MLP are SiLU"),
-        ("attn", bool(get("attn")), "hybrid softmax-attention layers are not converted"),
-        ("attnres_block_size", get("attnres_block_size") is not None, "no attention residuals"),
-        ("attn_mode", get("attn_mode") not in ATTN_MODES, f"fla knows only {list(ATTN_MODES)}"),
     )
     hidden_size = check_fla_config(fields, SOURCE, _KNOWN, refusals, get)
     return GLAConfig(

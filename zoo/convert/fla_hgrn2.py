@@ -80,6 +80,7 @@ import torch
 from zoo.configuration import HGRN2Config
 from zoo.convert.common import (
     FLA_ACCEPTED,
+    FLA_BASE_DEFAULTS,
     FLA_SAME_NAME,
     ForeignFormat,
     check_fla_config,
@@ -98,34 +99,13 @@ SOURCE = "fla hgrn2"
 # fla/layers/hgrn2.py applies g_norm through `rms_norm_linear` without passing its eps: that
 # function's default, whatever the config's norm_eps.
 FLA_OUTPUT_NORM_EPS = 1e-5
-ATTN_MODES = ("chunk", "fused_chunk", "fused_recurrent")
 
 # fla 0.6.0's HGRN2Config defaults, for fields a config.json leaves out.
 _FLA_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 32000,
-    "hidden_size": 2048,
-    "num_hidden_layers": 24,
-    "attn_mode": "chunk",
+    **FLA_BASE_DEFAULTS,
     "num_heads": None,
     "expand_ratio": 128,
-    "use_short_conv": False,
-    "conv_size": 4,
     "use_lower_bound": True,
-    "hidden_ratio": 4,
-    "intermediate_size": None,
-    "hidden_act": "swish",
-    "max_position_embeddings": 2048,
-    "elementwise_affine": True,
-    "norm_eps": 1e-6,
-    "attn": None,
-    "use_cache": True,
-    "pad_token_id": None,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "tie_word_embeddings": False,
-    "initializer_range": 0.02,
-    "use_l2warp": False,
-    "attnres_block_size": None,
 }
 
 # Older fla configs name norm_eps "rms_norm_eps" (read when norm_eps is absent); share_conv_kernel
@@ -194,20 +174,11 @@ def config_from_fla(fields: Mapping[str, Any]) -> HGRN2Config:
         return fields.get(field, _FLA_DEFAULTS[field])
 
     refusals = (
-        ("use_short_conv", bool(get("use_short_conv")), "zoo's HGRN2 has no short convolutions"),
         (
             "use_lower_bound",
             not get("use_lower_bound"),
             "zoo's HGRN2 always learns lower bounds Γ, and its β_l > 0 for every layer l > 0",
         ),
-        ("attn", bool(get("attn")), "hybrid softmax-attention layers are not converted"),
-        (
-            "attnres_block_size",
-            get("attnres_block_size") is not None,
-            "zoo has no attention residuals",
-        ),
-        ("hidden_act", get("hidden_act") != "swish", "zoo's SwiGLU channel mixer is SiLU-gated"),
-        ("attn_mode", get("attn_mode") not in ATTN_MODES, f"fla knows only {list(ATTN_MODES)}"),
     )
     hidden_size = check_fla_config(fields, SOURCE, _KNOWN, refusals, get)
     norm_eps = fields.get("norm_eps", fields.get("rms_norm_eps", _FLA_DEFAULTS["norm_eps"]))
