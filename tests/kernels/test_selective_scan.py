@@ -249,7 +249,7 @@ def test_memory_is_linear_in_length(monkeypatch):
 def test_env_backend_override(monkeypatch, ran):
     """ZOO_KERNEL_BACKEND decides what "auto" runs: each value must reach its own code."""
     calls, spy = ran
-    spy(scan_module._SelectiveScan, "apply", "triton")
+    spy(scan_module, "_scan_forward", "triton")
     spy(scan_module, "selective_scan_chunk_torch", "torch")
     u, delta, A, Bm, Cm, D, _ = make_inputs(4)
     reference = selective_scan_naive(u, delta, A, Bm, Cm, D)[0]

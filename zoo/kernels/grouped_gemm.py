@@ -139,6 +139,11 @@ def _block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(n)))
 
 
+# The Triton forms are torch.library custom ops, so that torch.compile keeps them as opaque nodes
+# (shapes from their fake implementations) instead of breaking the graph around them.
+
+
+@torch.library.custom_op("zoo::grouped_mm", mutates_args=())
 def _mm_triton(
     x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans_b: bool
 ) -> torch.Tensor:
@@ -163,11 +168,18 @@ def _mm_triton(
     return out
 
 
+@_mm_triton.register_fake
+def _(x, w, offsets, trans_b):
+    return x.new_empty(x.shape[0], w.shape[1] if trans_b else w.shape[2])
+
+
+@torch.library.custom_op("zoo::grouped_mm_weight_grad", mutates_args=())
 def _wgrad_triton(
-    a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, num_groups: int, out: torch.Tensor
+    a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, num_groups: int
 ) -> torch.Tensor:
-    """out[g] (a view [E, dim_a, dim_b], any strides) = a_gᵀ @ b_g."""
+    """[E, dim_a, dim_b]: out[g] = a_gᵀ @ b_g."""
     dim_a, dim_b = a.shape[1], b.shape[1]
+    out = a.new_empty(num_groups, dim_a, dim_b)
     block_a, block_b = _block(dim_a, 64), _block(dim_b, 64)
     grid = (num_groups, triton.cdiv(dim_a, block_a), triton.cdiv(dim_b, block_b))
     _grouped_wgrad_kernel[grid](
@@ -180,27 +192,32 @@ def _wgrad_triton(
     return out
 
 
-class _GroupedGemm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x, w, offsets, trans_b: bool):  # type: ignore[override]
-        ctx.save_for_backward(x, w, offsets)
-        ctx.trans_b = trans_b
-        return _mm_triton(x, w, offsets, trans_b)
+@_wgrad_triton.register_fake
+def _(a, b, offsets, num_groups):
+    return a.new_empty(num_groups, a.shape[1], b.shape[1])
 
-    @staticmethod
-    def backward(ctx: Any, grad):  # type: ignore[override]
-        x, w, offsets = ctx.saved_tensors
-        grad = grad.contiguous()
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = _mm_triton(grad, w, offsets, not ctx.trans_b)
-        if ctx.needs_input_grad[1]:
-            dw = torch.empty_like(w)
-            if ctx.trans_b:  # W[g]: [N, K], dW[g] = dy_gᵀ x_g
-                _wgrad_triton(grad, x, offsets, w.shape[0], dw)
-            else:  # W[g]: [K, N], dW[g] = x_gᵀ dy_g
-                _wgrad_triton(x, grad, offsets, w.shape[0], dw)
-        return dx, dw, None, None
+
+def _mm_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, w, offsets, trans_b = inputs
+    ctx.save_for_backward(x, w, offsets)
+    ctx.trans_b = trans_b
+
+
+def _mm_backward(ctx: Any, grad: torch.Tensor) -> tuple:
+    x, w, offsets = ctx.saved_tensors
+    grad = grad.contiguous()
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = _mm_triton(grad, w, offsets, not ctx.trans_b)
+    if ctx.needs_input_grad[1]:
+        if ctx.trans_b:  # W[g]: [N, K], dW[g] = dy_gᵀ x_g
+            dw = _wgrad_triton(grad, x, offsets, w.shape[0])
+        else:  # W[g]: [K, N], dW[g] = x_gᵀ dy_g
+            dw = _wgrad_triton(x, grad, offsets, w.shape[0])
+    return dx, dw, None, None
+
+
+_mm_triton.register_autograd(_mm_backward, setup_context=_mm_setup)
 
 
 def grouped_gemm(
@@ -221,4 +238,4 @@ def grouped_gemm(
         raise ValueError(f"x has {x.shape[1]} features, W[g] expects {k_w} (trans_b={trans_b})")
     if resolve_backend(backend, "grouped GEMM", x) == "torch":
         return grouped_gemm_torch(x, w, offsets, trans_b)
-    return _GroupedGemm.apply(x, w, offsets.to(torch.int32).contiguous(), trans_b)
+    return _mm_triton(x, w, offsets.to(torch.int32).contiguous(), trans_b)

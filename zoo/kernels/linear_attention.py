@@ -506,70 +506,153 @@ def _states(x, y, b, ld, start, chunks: _Chunks, decay: int, store_end: bool, re
     return chunk_states, end
 
 
+def _decay_inputs(
+    decay_arg: torch.Tensor, decay: int, chunks: _Chunks
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(log λ (H,) fp32 for a per-head decay, in-chunk cumsum b (T, H, K) for a per-key one)."""
+    ld = decay_arg.float().contiguous() if decay == DECAY_HEAD else None
+    b = _chunk_cumsum(_folded(decay_arg), chunks) if decay == DECAY_KEY else None
+    return ld, b
+
+
 def _row_tile(decay: int, chunk: int) -> int:
     return _SUB if decay == DECAY_KEY else chunk
 
 
-class _ChunkLinearAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, q, k, v, decay_arg, h0, scale, decay, bounds, chunk, final, packed):  # type: ignore[override]
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        chunks = _Chunks(bounds, chunk, q.device, None if packed else T)
-        qf, kf, vf = _folded(q), _folded(k), _folded(v)
-        ld = decay_arg.float().contiguous() if decay == DECAY_HEAD else None
-        b = _chunk_cumsum(_folded(decay_arg), chunks) if decay == DECAY_KEY else None
-        h0c = h0.float().contiguous() if h0 is not None else None
-        states, ht = _states(kf, vf, b, ld, h0c, chunks, decay, final, reverse=False)
-        o = torch.empty(qf.shape[0], H, V, device=q.device, dtype=q.dtype)
-        rows = _row_tile(decay, chunk)
-        bk, bv = _block(K, 64), _block(V, 64)
-        grid = (chunks.num_chunks * (chunk // rows), triton.cdiv(V, bv), H)
-        _output_kernel[grid](
-            qf, kf, vf, b, ld, states, o, chunks.chunk_start, chunks.chunk_len,
-            scale, H, K, V,
-            C=chunk, R=rows, BK=bk if decay != DECAY_KEY else _block(K, 32), BV=bv,
-            DECAY=decay, PREC=_precision(q.dtype), num_warps=_WARPS,
-        )  # fmt: skip
-        ctx.save_for_backward(qf, kf, vf, b, ld, h0c, ht, decay_arg)
-        ctx.meta = (B, T, scale, decay, chunks)
-        return o.view(B, T, H, V), ht
+# The Triton forms are torch.library custom ops: torch.compile treats each as one opaque node
+# (its fake implementation gives the output shapes) instead of breaking the graph at a Python
+# autograd.Function, and the backward is a second op registered as the first one's autograd.
+# The ops take the decay mode and the sequence bounds as plain ints; `chunk_linear_attention`
+# below is the Python face.
 
-    @staticmethod
-    def backward(ctx: Any, do, dht):  # type: ignore[override]
-        qf, kf, vf, b, ld, h0, ht, decay_arg = ctx.saved_tensors
-        B, T, scale, decay, chunks = ctx.meta
-        _, H, K = qf.shape
-        V = vf.shape[-1]
-        do = _folded(do).to(qf.dtype)
-        states, _ = _states(kf, vf, b, ld, h0, chunks, decay, False, reverse=False)
-        dht = dht.float().contiguous() if dht is not None else None
-        dstates, dh0 = _states(qf, do, b, ld, dht, chunks, decay, h0 is not None, True, scale)
-        dq = torch.empty(qf.shape, device=qf.device, dtype=torch.float32)
-        dk = torch.empty_like(dq)
-        dv = torch.empty_like(vf)
-        rows = _row_tile(decay, chunks.chunk)
-        _grads_kernel[(chunks.num_chunks * (chunks.chunk // rows), H)](
-            qf, kf, vf, b, ld, states, dstates, do, dq, dk, dv,
-            chunks.chunk_start, chunks.chunk_len,
-            scale, H, K, V,
-            C=chunks.chunk, R=rows, BK=_block(K, 32), BV=_block(V, 32),
-            DECAY=decay, PREC=_precision(qf.dtype), num_warps=_WARPS,
-        )  # fmt: skip
-        d_decay = None
-        if decay != DECAY_NONE and ctx.needs_input_grad[3]:
-            d_decay = _decay_grad(qf, kf, dq, dk, ht, dht, chunks, decay).to(decay_arg.dtype)
-            if decay == DECAY_KEY:
-                d_decay = d_decay.view(decay_arg.shape)
-        unfold = (B, T, H)
-        return (
-            dq.view(*unfold, K).to(qf.dtype),
-            dk.view(*unfold, K).to(kf.dtype),
-            dv.view(*unfold, V),
-            d_decay,
-            dh0,
-            *(None,) * 6,
-        )
+
+@torch.library.custom_op("zoo::chunk_linear_attention", mutates_args=())
+def _chunk_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay_arg: torch.Tensor,
+    h0: torch.Tensor | None,
+    scale: float,
+    decay: int,
+    bounds: list[int],
+    chunk: int,
+    final: bool,
+    packed: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o (B, T, H, V), final states (S, H, K, V) fp32, or an empty tensor without `final`)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    chunks = _Chunks(bounds, chunk, q.device, None if packed else T)
+    qf, kf, vf = _folded(q), _folded(k), _folded(v)
+    ld, b = _decay_inputs(decay_arg, decay, chunks)
+    h0c = h0.float().contiguous() if h0 is not None else None
+    states, ht = _states(kf, vf, b, ld, h0c, chunks, decay, final, reverse=False)
+    o = torch.empty(qf.shape[0], H, V, device=q.device, dtype=q.dtype)
+    rows = _row_tile(decay, chunk)
+    bk, bv = _block(K, 64), _block(V, 64)
+    grid = (chunks.num_chunks * (chunk // rows), triton.cdiv(V, bv), H)
+    _output_kernel[grid](
+        qf, kf, vf, b, ld, states, o, chunks.chunk_start, chunks.chunk_len,
+        scale, H, K, V,
+        C=chunk, R=rows, BK=bk if decay != DECAY_KEY else _block(K, 32), BV=bv,
+        DECAY=decay, PREC=_precision(q.dtype), num_warps=_WARPS,
+    )  # fmt: skip
+    return o.view(B, T, H, V), ht if ht is not None else q.new_empty(0, dtype=torch.float32)
+
+
+@_chunk_forward.register_fake
+def _(q, k, v, decay_arg, h0, scale, decay, bounds, chunk, final, packed):
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    shape = (len(bounds) - 1, H, K, V) if final else (0,)
+    return q.new_empty(*q.shape[:3], V), q.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("zoo::chunk_linear_attention_backward", mutates_args=())
+def _chunk_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay_arg: torch.Tensor,
+    h0: torch.Tensor | None,
+    ht: torch.Tensor,
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+    scale: float,
+    decay: int,
+    bounds: list[int],
+    chunk: int,
+    packed: bool,
+    decay_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, d_decay, dh0): the last two empty where not wanted."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    chunks = _Chunks(bounds, chunk, q.device, None if packed else T)
+    qf, kf, vf = _folded(q), _folded(k), _folded(v)
+    ld, b = _decay_inputs(decay_arg, decay, chunks)
+    h0c = h0.float().contiguous() if h0 is not None else None
+    do = _folded(do).to(q.dtype)
+    states, _ = _states(kf, vf, b, ld, h0c, chunks, decay, False, reverse=False)
+    dht = dht.float().contiguous() if dht is not None else None
+    dstates, dh0 = _states(qf, do, b, ld, dht, chunks, decay, h0 is not None, True, scale)
+    dq = torch.empty(qf.shape, device=q.device, dtype=torch.float32)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(vf)
+    rows = _row_tile(decay, chunks.chunk)
+    _grads_kernel[(chunks.num_chunks * (chunks.chunk // rows), H)](
+        qf, kf, vf, b, ld, states, dstates, do, dq, dk, dv,
+        chunks.chunk_start, chunks.chunk_len,
+        scale, H, K, V,
+        C=chunks.chunk, R=rows, BK=_block(K, 32), BV=_block(V, 32),
+        DECAY=decay, PREC=_precision(q.dtype), num_warps=_WARPS,
+    )  # fmt: skip
+    d_decay = q.new_empty(0)
+    if decay != DECAY_NONE and decay_grad:
+        d_decay = _decay_grad(qf, kf, dq, dk, ht if dht is not None else None, dht, chunks, decay)
+        d_decay = d_decay.view(decay_arg.shape).to(decay_arg.dtype)
+    return (
+        dq.view(B, T, H, K).to(q.dtype),
+        dk.view(B, T, H, K).to(k.dtype),
+        dv.view(B, T, H, V),
+        d_decay,
+        dh0 if dh0 is not None else q.new_empty(0, dtype=torch.float32),
+    )
+
+
+@_chunk_backward.register_fake
+def _(q, k, v, decay_arg, h0, ht, do, dht, scale, decay, bounds, chunk, packed, decay_grad):
+    wanted = decay != DECAY_NONE and decay_grad
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        torch.empty_like(decay_arg) if wanted else q.new_empty(0),
+        torch.empty_like(h0, dtype=torch.float32) if h0 is not None else q.new_empty(0),
+    )
+
+
+def _chunk_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, decay_arg, h0, scale, decay, bounds, chunk, final, packed = inputs
+    ctx.save_for_backward(q, k, v, decay_arg, h0, output[1])
+    ctx.meta = (scale, decay, bounds, chunk, final, packed)
+
+
+def _chunk_autograd(ctx: Any, do: torch.Tensor, dht: torch.Tensor) -> tuple:
+    q, k, v, decay_arg, h0, ht = ctx.saved_tensors
+    scale, decay, bounds, chunk, final, packed = ctx.meta
+    dq, dk, dv, d_decay, dh0 = _chunk_backward(
+        q, k, v, decay_arg, h0, ht, do, dht if final else None,
+        scale, decay, bounds, chunk, packed, ctx.needs_input_grad[3],
+    )  # fmt: skip
+    wanted = decay != DECAY_NONE and ctx.needs_input_grad[3]
+    return (
+        dq, dk, dv, d_decay if wanted else None, dh0 if h0 is not None else None,
+        *(None,) * 6,
+    )  # fmt: skip
+
+
+_chunk_forward.register_autograd(_chunk_autograd, setup_context=_chunk_setup)
 
 
 def _decay_grad(q, k, dq, dk, ht, dht, chunks: _Chunks, decay: int) -> torch.Tensor:
@@ -641,9 +724,10 @@ def chunk_linear_attention(
     # One dtype for the tensor-core products (HGRN2 hands k over in fp32 whatever q is).
     k, v = k.to(q.dtype), v.to(q.dtype)
     packed = cu_seqlens is not None
-    return _ChunkLinearAttention.apply(
+    o, ht = _chunk_forward(
         q, k, v, decay_arg, initial_state, scale, decay, bounds, chunk, output_final_state, packed
     )
+    return o, (ht if output_final_state else None)
 
 
 def linear_attention_step(
@@ -658,6 +742,19 @@ def linear_attention_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused decode step (no autograd). q, k, g: (B, H, K); v: (B, H, V); state
     (B, H, K, V) fp32 or None. Returns o (B, H, V) in q's dtype and a new fp32 state."""
+    return _step(q, k, v, state, log_decay, g, scale)
+
+
+@torch.library.custom_op("zoo::linear_attention_step", mutates_args=())
+def _step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor | None,
+    log_decay: torch.Tensor | None,
+    g: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, K = q.shape
     V = v.shape[-1]
     decay = DECAY_KEY if g is not None else DECAY_HEAD if log_decay is not None else DECAY_NONE
@@ -673,6 +770,13 @@ def linear_attention_step(
         BK=_block(K, 64), BV=bv, DECAY=decay, HAS_STATE=state is not None,
     )  # fmt: skip
     return o, new_state
+
+
+@_step.register_fake
+def _(q, k, v, state, log_decay, g, scale):
+    B, H, K = q.shape
+    V = v.shape[-1]
+    return q.new_empty(B, H, V), q.new_empty(B, H, K, V, dtype=torch.float32)
 
 
 def dispatch(

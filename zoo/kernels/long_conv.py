@@ -50,7 +50,7 @@ conv has no contraction over channels, so every kernel is elementwise multiply-a
 * ``_short_conv_kernel`` / ``_short_conv_grad_kernel``: the K-tap short conv reading its state
   in place; the backward writes du, the state's gradient and per-block weight partials.
 
-Both convs are ``torch.autograd.Function``s (``long_conv_triton``, ``short_conv_triton``);
+Both convs are differentiable custom ops (``long_conv_triton``, ``short_conv_triton``);
 final states are concatenations in torch, so their gradients flow through autograd.
 
 Dispatch (``long_conv``): "auto" picks the Triton path for CUDA tensors and the torch forms
@@ -544,54 +544,105 @@ def _taps(k: torch.Tensor, bias: torch.Tensor | None, N: int) -> torch.Tensor:
     return taps
 
 
-class _LongConvDirect(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, full, k, bias, T, history_grad):  # type: ignore[override]
-        """full = history+u (B, N, D) contiguous; returns y (B, T, D) in full's dtype."""
-        B, N, D = full.shape
-        S = N - T
-        taps = _taps(k, bias, N)  # (N, D) fp32
-        y = torch.empty(B, T, D, device=full.device, dtype=full.dtype)
-        bt, bd = _tile(T, _ROWS), _tile(D, _CHANNELS)
-        _long_conv_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bd), B)](
-            full, taps, y, S, T, D, 0, BT=bt, BD=bd, REVERSE=False, num_warps=_WARPS
-        )
-        ctx.save_for_backward(full, taps)
-        ctx.meta = (T, history_grad, k.shape, k.dtype, None if bias is None else bias.dtype)
-        return y
+# The Triton forms are torch.library custom ops: torch.compile keeps each as one opaque node
+# (shapes from its fake implementation) instead of breaking the graph at an autograd.Function.
 
-    @staticmethod
-    def backward(ctx: Any, dy):  # type: ignore[override]
-        full, taps = ctx.saved_tensors
-        T, history_grad, k_shape, k_dtype, bias_dtype = ctx.meta
-        B, N, D = full.shape
-        S = N - T
-        dy = dy.contiguous()
-        bd = _tile(D, _CHANNELS)
-        d_full = dk = dbias = None
-        if ctx.needs_input_grad[0]:
-            # Without a history to differentiate, only u's rows S … N−1 are computed.
-            row0 = 0 if history_grad else S
-            d_full = torch.empty_like(full)  # (B, N, D)
-            d_full[:, :row0].zero_()
-            bt = _tile(N - row0, _ROWS)
-            _long_conv_kernel[(triton.cdiv(N - row0, bt), triton.cdiv(D, bd), B)](
-                dy, taps, d_full, S, T, D, row0, BT=bt, BD=bd, REVERSE=True, num_warps=_WARPS
-            )
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # One share per batch row, summed here: the batch adds programs, not a serial loop.
-            shares = torch.empty(B, N, D, device=full.device, dtype=torch.float32)
-            bj = _tile(N, _ROWS)
-            _long_conv_taps_grad_kernel[(triton.cdiv(N, bj), triton.cdiv(D, bd), B)](
-                full, dy, shares, S, T, D, BJ=bj, BD=bd, num_warps=_WARPS
-            )
-            dtaps = shares.sum(0)  # (N, D)
-            if ctx.needs_input_grad[1]:
-                dk = torch.zeros(k_shape, device=full.device, dtype=k_dtype)  # taps ≥ N unused
-                dk[:, :N] = dtaps.t()
-            if ctx.needs_input_grad[2]:
-                dbias = dtaps[0].to(bias_dtype)  # the skip weight rides on tap 0
-        return d_full, dk, dbias, None, None
+
+@torch.library.custom_op("zoo::long_conv", mutates_args=())
+def _long_conv_forward(
+    full: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, T: int, history_grad: bool
+) -> torch.Tensor:
+    """full = history+u (B, N, D) contiguous; returns y (B, T, D) in full's dtype.
+    ``history_grad``: whether the backward computes the history rows' gradient too."""
+    B, N, D = full.shape
+    taps = _taps(k, bias, N)  # (N, D) fp32
+    y = torch.empty(B, T, D, device=full.device, dtype=full.dtype)
+    bt, bd = _tile(T, _ROWS), _tile(D, _CHANNELS)
+    _long_conv_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bd), B)](
+        full, taps, y, N - T, T, D, 0, BT=bt, BD=bd, REVERSE=False, num_warps=_WARPS
+    )
+    return y
+
+
+@_long_conv_forward.register_fake
+def _(full, k, bias, T, history_grad):
+    return full.new_empty(full.shape[0], T, full.shape[2])
+
+
+@torch.library.custom_op("zoo::long_conv_backward", mutates_args=())
+def _long_conv_backward(
+    full: torch.Tensor,
+    k: torch.Tensor,
+    bias: torch.Tensor | None,
+    dy: torch.Tensor,
+    T: int,
+    input_grad: bool,
+    history_grad: bool,
+    taps_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d full, dk, d bias), empty where not asked for (or where there is no bias)."""
+    B, N, D = full.shape
+    S = N - T
+    taps = _taps(k, bias, N)
+    dy = dy.contiguous()
+    bd = _tile(D, _CHANNELS)
+    d_full, dk, dbias = full.new_empty(0), k.new_empty(0), full.new_empty(0)
+    if input_grad:
+        # Without a history to differentiate, only u's rows S … N−1 are computed.
+        row0 = 0 if history_grad else S
+        d_full = torch.empty_like(full)  # (B, N, D)
+        d_full[:, :row0].zero_()
+        bt = _tile(N - row0, _ROWS)
+        _long_conv_kernel[(triton.cdiv(N - row0, bt), triton.cdiv(D, bd), B)](
+            dy, taps, d_full, S, T, D, row0, BT=bt, BD=bd, REVERSE=True, num_warps=_WARPS
+        )
+    if taps_grad:
+        # One share per batch row, summed here: the batch adds programs, not a serial loop.
+        shares = torch.empty(B, N, D, device=full.device, dtype=torch.float32)
+        bj = _tile(N, _ROWS)
+        _long_conv_taps_grad_kernel[(triton.cdiv(N, bj), triton.cdiv(D, bd), B)](
+            full, dy, shares, S, T, D, BJ=bj, BD=bd, num_warps=_WARPS
+        )
+        dtaps = shares.sum(0)  # (N, D)
+        dk = torch.zeros_like(k)  # taps ≥ N unused
+        dk[:, :N] = dtaps.t()
+        if bias is not None:
+            dbias = dtaps[0].to(bias.dtype)  # the skip weight rides on tap 0
+    return d_full, dk, dbias
+
+
+@_long_conv_backward.register_fake
+def _(full, k, bias, dy, T, input_grad, history_grad, taps_grad):
+    return (
+        torch.empty_like(full) if input_grad else full.new_empty(0),
+        torch.empty_like(k) if taps_grad else k.new_empty(0),
+        torch.empty_like(bias) if taps_grad and bias is not None else full.new_empty(0),
+    )
+
+
+def _long_conv_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    full, k, bias, T, history_grad = inputs
+    ctx.save_for_backward(full, k, bias)
+    ctx.meta = (T, history_grad)
+
+
+def _long_conv_autograd(ctx: Any, dy: torch.Tensor) -> tuple:
+    full, k, bias = ctx.saved_tensors
+    T, history_grad = ctx.meta
+    d_full, dk, dbias = _long_conv_backward(
+        full, k, bias, dy, T, ctx.needs_input_grad[0], history_grad,
+        ctx.needs_input_grad[1] or ctx.needs_input_grad[2],
+    )  # fmt: skip
+    return (
+        d_full if ctx.needs_input_grad[0] else None,
+        dk if ctx.needs_input_grad[1] else None,
+        dbias if ctx.needs_input_grad[2] else None,
+        None,
+        None,
+    )
+
+
+_long_conv_forward.register_autograd(_long_conv_autograd, setup_context=_long_conv_setup)
 
 
 def long_conv_triton(
@@ -610,7 +661,7 @@ def long_conv_triton(
         raise ImportError("the Triton long-convolution kernels need triton (pip install triton)")
     full = _with_history(u, initial_state)  # (B, N, D)
     history_grad = needs_grad(initial_state)
-    y = _LongConvDirect.apply(full.contiguous(), k, bias, u.shape[1], history_grad)
+    y = _long_conv_forward(full.contiguous(), k, bias, u.shape[1], history_grad)
     return y, (full if output_final_state else None)
 
 
@@ -627,6 +678,15 @@ def long_conv_step_triton(
     """
     if triton is None:
         raise ImportError("the Triton long-convolution kernels need triton (pip install triton)")
+    y = _long_conv_step(u, k, bias, history)
+    full = _with_history(u.unsqueeze(1), history) if output_final_state else None
+    return y, full
+
+
+@torch.library.custom_op("zoo::long_conv_step", mutates_args=())
+def _long_conv_step(
+    u: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, history: torch.Tensor | None
+) -> torch.Tensor:
     B, D = u.shape
     S = 0 if history is None else history.shape[1]
     if S and history.stride(-1) != 1:
@@ -640,54 +700,92 @@ def long_conv_step_triton(
         BS=_STEP_ROWS, BD=bd, HAS_HISTORY=S > 0, HAS_BIAS=bias is not None,
         num_warps=_STEP_WARPS,
     )  # fmt: skip
-    full = _with_history(u.unsqueeze(1), history) if output_final_state else None
-    return y, full
+    return y
 
 
-class _ShortConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, u, weight, bias, state):  # type: ignore[override]
-        """u (B, T, C) and state (B, K−1, C) or None contiguous, weight (C, K) contiguous."""
-        B, T, C = u.shape
-        K = weight.shape[1]
-        y = torch.empty_like(u)
-        bt, bc = _tile(T, _ROWS), _tile(C, _CHANNELS)
-        if y.numel():
-            _short_conv_kernel[(triton.cdiv(T, bt), triton.cdiv(C, bc), B)](
-                u, state, weight, bias, y, T, C, K,
-                BT=bt, BC=bc, HAS_HISTORY=state is not None, HAS_BIAS=bias is not None,
-                num_warps=_WARPS,
-            )  # fmt: skip
-        ctx.save_for_backward(u, weight, state)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
+@_long_conv_step.register_fake
+def _(u, k, bias, history):
+    return torch.empty_like(u)
 
-    @staticmethod
-    def backward(ctx: Any, dy):  # type: ignore[override]
-        u, weight, state = ctx.saved_tensors
-        B, T, C = u.shape
-        K = weight.shape[1]
-        dy = dy.contiguous()
-        weight_grad, history_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-        rows = T + K - 1  # positions −(K−1) … T−1 of history+u
-        bt, bc = _tile(rows, _ROWS), _tile(C, _CHANNELS)
-        blocks = triton.cdiv(rows, bt)
-        du = torch.empty_like(u)
-        d_state = torch.empty_like(state) if history_grad else None
-        shares = None
-        if weight_grad:
-            shares = torch.zeros(B, blocks, K, C, device=u.device, dtype=torch.float32)
-        if B * C * rows:
-            _short_conv_grad_kernel[(blocks, triton.cdiv(C, bc), B)](
-                u, state, weight, dy, du, d_state, shares, T, C, K,
-                BT=bt, BC=bc, HAS_HISTORY=state is not None, HISTORY_GRAD=history_grad,
-                WEIGHT_GRAD=weight_grad, num_warps=_WARPS,
-            )  # fmt: skip
-        dw = shares.sum((0, 1)).t().to(weight.dtype) if weight_grad else None  # (C, K)
-        dbias = None
-        if ctx.needs_input_grad[2]:
-            dbias = dy.float().sum((0, 1)).to(ctx.bias_dtype)
-        return du, dw, dbias, d_state
+
+@torch.library.custom_op("zoo::short_conv", mutates_args=())
+def _short_conv_forward(
+    u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor | None
+) -> torch.Tensor:
+    """u (B, T, C) and state (B, K−1, C) or None contiguous, weight (C, K) contiguous."""
+    B, T, C = u.shape
+    K = weight.shape[1]
+    y = torch.empty_like(u)
+    bt, bc = _tile(T, _ROWS), _tile(C, _CHANNELS)
+    if y.numel():
+        _short_conv_kernel[(triton.cdiv(T, bt), triton.cdiv(C, bc), B)](
+            u, state, weight, bias, y, T, C, K,
+            BT=bt, BC=bc, HAS_HISTORY=state is not None, HAS_BIAS=bias is not None,
+            num_warps=_WARPS,
+        )  # fmt: skip
+    return y
+
+
+@_short_conv_forward.register_fake
+def _(u, weight, bias, state):
+    return torch.empty_like(u)
+
+
+@torch.library.custom_op("zoo::short_conv_backward", mutates_args=())
+def _short_conv_backward(
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    state: torch.Tensor | None,
+    dy: torch.Tensor,
+    weight_grad: bool,
+    history_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(du, dweight, dstate); the last two empty where not asked for."""
+    B, T, C = u.shape
+    K = weight.shape[1]
+    dy = dy.contiguous()
+    rows = T + K - 1  # positions −(K−1) … T−1 of history+u
+    bt, bc = _tile(rows, _ROWS), _tile(C, _CHANNELS)
+    blocks = triton.cdiv(rows, bt)
+    du = torch.empty_like(u)
+    d_state = torch.empty_like(state) if history_grad else None
+    shares = None
+    if weight_grad:
+        shares = torch.zeros(B, blocks, K, C, device=u.device, dtype=torch.float32)
+    if B * C * rows:
+        _short_conv_grad_kernel[(blocks, triton.cdiv(C, bc), B)](
+            u, state, weight, dy, du, d_state, shares, T, C, K,
+            BT=bt, BC=bc, HAS_HISTORY=state is not None, HISTORY_GRAD=history_grad,
+            WEIGHT_GRAD=weight_grad, num_warps=_WARPS,
+        )  # fmt: skip
+    dw = shares.sum((0, 1)).t().to(weight.dtype) if weight_grad else weight.new_empty(0)  # (C, K)
+    return du, dw, d_state if history_grad else u.new_empty(0)
+
+
+@_short_conv_backward.register_fake
+def _(u, weight, state, dy, weight_grad, history_grad):
+    return (
+        torch.empty_like(u),
+        torch.empty_like(weight) if weight_grad else weight.new_empty(0),
+        torch.empty_like(state) if history_grad else u.new_empty(0),
+    )
+
+
+def _short_conv_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    u, weight, bias, state = inputs
+    ctx.save_for_backward(u, weight, state)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _short_conv_autograd(ctx: Any, dy: torch.Tensor) -> tuple:
+    u, weight, state = ctx.saved_tensors
+    weight_grad, history_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    du, dw, d_state = _short_conv_backward(u, weight, state, dy, weight_grad, history_grad)
+    dbias = dy.float().sum((0, 1)).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+    return du, dw if weight_grad else None, dbias, d_state if history_grad else None
+
+
+_short_conv_forward.register_autograd(_short_conv_autograd, setup_context=_short_conv_setup)
 
 
 def short_conv_triton(
@@ -704,7 +802,7 @@ def short_conv_triton(
     B, T, C = u.shape
     K = weight.shape[1]
     state = None if initial_state is None else initial_state.to(u.dtype)
-    y = _ShortConv.apply(
+    y = _short_conv_forward(
         u.contiguous(),
         weight.contiguous(),
         None if bias is None else bias.contiguous(),

@@ -541,76 +541,168 @@ def _state_block(n_state: int) -> int:
     return triton.next_power_of_2(n_state)
 
 
-class _SelectiveScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, u, delta, A, B, C, D, z, h0, bounds, final):  # type: ignore[override]
-        shape = u.shape
-        d_inner, n_state = A.shape
-        u_, delta_, B_, C_ = (x.reshape(-1, x.shape[-1]).contiguous() for x in (u, delta, B, C))
-        z_ = z.reshape(-1, d_inner).contiguous() if z is not None else None
-        A_ = A.float().contiguous()
-        D_ = D.float().contiguous() if D is not None else None
-        h0_ = h0.float().contiguous() if h0 is not None else None
-        cu, block_offset, num_blocks = _scan_blocks(bounds, u.device)
-        num_seqs = len(bounds) - 1
-        y = torch.empty_like(u_)
-        checkpoints = u.new_empty(num_blocks, d_inner, n_state, dtype=torch.float32)
-        ht = u.new_empty(num_seqs, d_inner, n_state, dtype=torch.float32) if final else None
-        grid = (triton.cdiv(d_inner, _SCAN_BD), num_seqs)
-        _scan_fwd_kernel[grid](
-            u_, delta_, A_, B_, C_, D_, z_, h0_, y, checkpoints, ht, cu, block_offset,
-            d_inner, n_state,
-            BT=_SCAN_BT, BD=_SCAN_BD, BN=_state_block(n_state),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=h0 is not None, STORE_HT=final,
-            num_warps=_SCAN_WARPS,
-        )  # fmt: skip
-        ctx.save_for_backward(u_, delta_, A_, B_, C_, D_, z_, checkpoints, cu, block_offset)
-        dtypes = [t.dtype if t is not None else None for t in (A, B, C, D)]
-        ctx.meta = (shape, B.shape, num_seqs, h0 is not None, dtypes)
-        return y.view(shape), ht
-
-    @staticmethod
-    def backward(ctx: Any, dy, dht):  # type: ignore[override]
-        u_, delta_, A_, B_, C_, D_, z_, checkpoints, cu, block_offset = ctx.saved_tensors
-        shape, bc_shape, num_seqs, has_h0, dtypes = ctx.meta
-        d_inner, n_state = A_.shape
-        tokens = u_.shape[0]
-        dy_ = dy.reshape(-1, d_inner).contiguous()
-        grid = (triton.cdiv(d_inner, _SCAN_BD), num_seqs)
-        bn = _state_block(n_state)
-        scratch = u_.new_empty(grid[0] * num_seqs * _SCAN_BT * _SCAN_BD * bn, dtype=torch.float32)
-        du = torch.empty_like(u_)
-        ddelta = torch.empty_like(delta_)
-        dA = u_.new_empty(num_seqs, d_inner, n_state, dtype=torch.float32)
-        # Per channel block partial sums of dB and dC (summed below).
-        dB = u_.new_empty(grid[0], tokens, n_state, dtype=torch.float32)
-        dC = torch.empty_like(dB)
-        dh0 = u_.new_empty(num_seqs, d_inner, n_state, dtype=torch.float32) if has_h0 else None
-        dD = u_.new_empty(num_seqs, d_inner, dtype=torch.float32) if D_ is not None else None
-        dz = torch.empty_like(z_) if z_ is not None else None
-        _scan_bwd_kernel[grid](
-            u_, delta_, A_, B_, C_, D_, z_, dy_, checkpoints,
-            dht.float().contiguous() if dht is not None else None, scratch,
-            du, ddelta, dA, dB, dC, dD, dz, dh0, cu, block_offset, d_inner, n_state, tokens,
-            BT=_SCAN_BT, BD=_SCAN_BD, BN=bn,
-            HAS_D=D_ is not None, HAS_Z=z_ is not None, HAS_DHT=dht is not None,
-            STORE_DH0=has_h0, num_warps=_SCAN_WARPS,
-        )  # fmt: skip
-        return (
-            du.view(shape),
-            ddelta.view(shape),
-            dA.sum(0).to(dtypes[0]),
-            dB.sum(0).view(bc_shape).to(dtypes[1]),
-            dC.sum(0).view(bc_shape).to(dtypes[2]),
-            dD.sum(0).to(dtypes[3]) if dD is not None else None,
-            dz.view(shape) if dz is not None else None,
-            dh0,
-            None,
-            None,
-        )
+# The Triton forms are torch.library custom ops: torch.compile keeps each as one opaque node
+# (shapes from its fake implementation) instead of breaking the graph at an autograd.Function.
+# The forward also returns its state checkpoints, which the backward op reads.
 
 
-def _selective_scan_step_triton(u, delta, A, B, C, D, state):
+@torch.library.custom_op("zoo::selective_scan", mutates_args=())
+def _scan_forward(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    h0: torch.Tensor | None,
+    bounds: list[int],
+    final: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y like u, final states (S, D_in, N) fp32 or empty, state checkpoints for backward)."""
+    d_inner, n_state = A.shape
+    u_, delta_, B_, C_ = (x.reshape(-1, x.shape[-1]).contiguous() for x in (u, delta, B, C))
+    z_ = z.reshape(-1, d_inner).contiguous() if z is not None else None
+    D_ = D.float().contiguous() if D is not None else None
+    h0_ = h0.float().contiguous() if h0 is not None else None
+    cu, block_offset, num_blocks = _scan_blocks(bounds, u.device)
+    num_seqs = len(bounds) - 1
+    y = torch.empty_like(u_)
+    checkpoints = u.new_empty(num_blocks, d_inner, n_state, dtype=torch.float32)
+    ht = u.new_empty(num_seqs if final else 0, d_inner, n_state, dtype=torch.float32)
+    grid = (triton.cdiv(d_inner, _SCAN_BD), num_seqs)
+    _scan_fwd_kernel[grid](
+        u_, delta_, A.float().contiguous(), B_, C_, D_, z_, h0_, y, checkpoints,
+        ht if final else None, cu, block_offset,
+        d_inner, n_state,
+        BT=_SCAN_BT, BD=_SCAN_BD, BN=_state_block(n_state),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_H0=h0 is not None, STORE_HT=final,
+        num_warps=_SCAN_WARPS,
+    )  # fmt: skip
+    return y.view(u.shape), ht, checkpoints
+
+
+@_scan_forward.register_fake
+def _(u, delta, A, B, C, D, z, h0, bounds, final):
+    d_inner, n_state = A.shape
+    num_blocks = sum(-(-(end - start) // _SCAN_BT) for start, end in itertools.pairwise(bounds))
+    num_seqs = len(bounds) - 1 if final else 0
+    return (
+        torch.empty_like(u),
+        u.new_empty(num_seqs, d_inner, n_state, dtype=torch.float32),
+        u.new_empty(num_blocks, d_inner, n_state, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("zoo::selective_scan_backward", mutates_args=())
+def _scan_backward(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    checkpoints: torch.Tensor,
+    dy: torch.Tensor,
+    dht: torch.Tensor | None,
+    bounds: list[int],
+    has_h0: bool,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor, torch.Tensor,
+]:  # fmt: skip
+    """(du, dδ, dA, dB, dC, dD, dz, dh0), each in its input's dtype; empty where absent."""
+    d_inner, n_state = A.shape
+    u_, delta_, B_, C_ = (x.reshape(-1, x.shape[-1]).contiguous() for x in (u, delta, B, C))
+    z_ = z.reshape(-1, d_inner).contiguous() if z is not None else None
+    D_ = D.float().contiguous() if D is not None else None
+    cu, block_offset, _ = _scan_blocks(bounds, u.device)
+    num_seqs = len(bounds) - 1
+    tokens = u_.shape[0]
+    dy_ = dy.reshape(-1, d_inner).contiguous()
+    grid = (triton.cdiv(d_inner, _SCAN_BD), num_seqs)
+    bn = _state_block(n_state)
+    scratch = u_.new_empty(grid[0] * num_seqs * _SCAN_BT * _SCAN_BD * bn, dtype=torch.float32)
+    du = torch.empty_like(u_)
+    ddelta = torch.empty_like(delta_)
+    dA = u_.new_empty(num_seqs, d_inner, n_state, dtype=torch.float32)
+    # Per channel block partial sums of dB and dC (summed below).
+    dB = u_.new_empty(grid[0], tokens, n_state, dtype=torch.float32)
+    dC = torch.empty_like(dB)
+    dh0 = u_.new_empty(num_seqs if has_h0 else 0, d_inner, n_state, dtype=torch.float32)
+    dD = u_.new_empty(num_seqs, d_inner, dtype=torch.float32) if D is not None else None
+    dz = torch.empty_like(z_) if z_ is not None else None
+    _scan_bwd_kernel[grid](
+        u_, delta_, A.float().contiguous(), B_, C_, D_, z_, dy_, checkpoints,
+        dht.float().contiguous() if dht is not None else None, scratch,
+        du, ddelta, dA, dB, dC, dD, dz, dh0 if has_h0 else None, cu, block_offset,
+        d_inner, n_state, tokens,
+        BT=_SCAN_BT, BD=_SCAN_BD, BN=bn,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DHT=dht is not None,
+        STORE_DH0=has_h0, num_warps=_SCAN_WARPS,
+    )  # fmt: skip
+    return (
+        du.view(u.shape),
+        ddelta.view(u.shape),
+        dA.sum(0).to(A.dtype),
+        dB.sum(0).view(B.shape).to(B.dtype),
+        dC.sum(0).view(C.shape).to(C.dtype),
+        dD.sum(0).to(D.dtype) if D is not None else u.new_empty(0),
+        dz.view(u.shape) if dz is not None else u.new_empty(0),
+        dh0,
+    )
+
+
+@_scan_backward.register_fake
+def _(u, delta, A, B, C, D, z, checkpoints, dy, dht, bounds, has_h0):
+    num_seqs = len(bounds) - 1 if has_h0 else 0
+    return (
+        torch.empty_like(u),
+        torch.empty_like(delta),
+        torch.empty_like(A),
+        torch.empty_like(B),
+        torch.empty_like(C),
+        torch.empty_like(D) if D is not None else u.new_empty(0),
+        torch.empty_like(u) if z is not None else u.new_empty(0),
+        u.new_empty(num_seqs, *A.shape, dtype=torch.float32),
+    )
+
+
+def _scan_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    u, delta, A, B, C, D, z, h0, bounds, final = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, output[2])
+    ctx.meta = (bounds, final, h0 is not None)
+
+
+def _scan_autograd(ctx: Any, dy: torch.Tensor, dht: torch.Tensor, _: torch.Tensor) -> tuple:
+    u, delta, A, B, C, D, z, checkpoints = ctx.saved_tensors
+    bounds, final, has_h0 = ctx.meta
+    du, ddelta, dA, dB, dC, dD, dz, dh0 = _scan_backward(
+        u, delta, A, B, C, D, z, checkpoints, dy, dht if final else None, bounds, has_h0
+    )
+    return (
+        du, ddelta, dA, dB, dC,
+        dD if D is not None else None,
+        dz if z is not None else None,
+        dh0 if has_h0 else None,
+        None, None,
+    )  # fmt: skip
+
+
+_scan_forward.register_autograd(_scan_autograd, setup_context=_scan_setup)
+
+
+@torch.library.custom_op("zoo::selective_scan_step", mutates_args=())
+def _selective_scan_step_triton(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    state: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused decode step: u, delta (B, D_in); B, C (B, N); state (B, D_in, N) fp32 or None."""
     batch, d_inner = u.shape
     n_state = A.shape[1]
@@ -625,6 +717,11 @@ def _selective_scan_step_triton(u, delta, A, B, C, D, state):
         HAS_D=D is not None, HAS_STATE=state is not None,
     )  # fmt: skip
     return y, new_state
+
+
+@_selective_scan_step_triton.register_fake
+def _(u, delta, A, B, C, D, state):
+    return torch.empty_like(u), u.new_empty(*u.shape, A.shape[1], dtype=torch.float32)
 
 
 def _check_inputs(
@@ -730,9 +827,10 @@ def selective_scan(
             return gate(y.unsqueeze(1)), (state if output_final_state else None)
         if bounds is None:
             bounds = [b * u.shape[1] for b in range(u.shape[0] + 1)]
-        return _SelectiveScan.apply(
+        y, final_state, _ = _scan_forward(
             u, delta, A, B, C, D, z, initial_state, bounds, output_final_state
         )
+        return y, (final_state if output_final_state else None)
 
     def scan(u_, delta_, B_, C_, init, final):
         if u_.shape[1] == 1:
