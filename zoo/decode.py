@@ -8,7 +8,9 @@ is transformers' own generation loop with three things set up for it:
 - **Fixed-shape state.** `cache_implementation="static"` makes transformers build a
   `StaticCache` from `ZooConfig.layer_types`: the recurrent mixers keep their fixed-size states
   (`LinearAttentionLayer`, updated in place), softmax attention keeps keys and values in a fixed
-  number of slots (`StaticLayer`), and the model masks the unfilled ones (`zoo.cache.static_masks`).
+  number of slots (`StaticLayer`), and the model masks the unfilled ones (`zoo.cache.static_masks`);
+  Hyena keeps its input history in such slots too and convolves all of them with lag-gathered
+  taps (`zoo.layers.hyena`).
   No shape changes from one token to the next and no step reads a tensor's value on the host,
   so the step is traced once (`tests/test_decode.py` checks it has no graph break).
 - **A compiled step.** transformers compiles the model's call for the decode steps (the prefill
@@ -28,9 +30,6 @@ is transformers' own generation loop with three things set up for it:
 
 Nothing is frozen into the compiled graph: the weights stay inputs of the step, so training a
 model between two `generate` calls needs no recompilation and can never leave stale weights.
-
-Not on this path: Hyena, whose long convolution needs its whole history (a growing cache), raises
-a clear error for a static cache; its decode runs on the dynamic cache.
 """
 
 from __future__ import annotations
@@ -42,8 +41,6 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import CompileConfig
-
-from zoo import registry
 
 
 def compile_config(device: torch.device | str) -> CompileConfig:
@@ -82,14 +79,6 @@ def decode_layout(model: nn.Module) -> Iterator[int]:
                 weight.data = weight.data.contiguous()
 
 
-def static_unsupported(config: Any) -> list[str]:
-    """The mixers of `config` that cannot decode over a static cache (their state grows)."""
-    return sorted(
-        {name for name in config.mixers if registry.sequence_mixer(name).cache == "full_attention"}
-        - {"attention"}
-    )
-
-
 def fast_path(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[dict[str, Any], AbstractContextManager[Any]]:
@@ -103,12 +92,6 @@ def fast_path(
     cache = kwargs.get("cache_implementation", getattr(base, "cache_implementation", None))
     if cache != "static":
         return kwargs, nullcontext()
-    unsupported = static_unsupported(model.config)
-    if unsupported:
-        raise ValueError(
-            f"cache_implementation='static' needs fixed-size decode state, but {unsupported} keep "
-            "their whole history (a growing cache); generate without cache_implementation"
-        )
     if kwargs.get("disable_compile", base.disable_compile):
         return kwargs, nullcontext()
     if kwargs.get("compile_config") is None and base.compile_config is None:

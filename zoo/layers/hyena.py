@@ -61,7 +61,12 @@ cache entry is a growing `DynamicLayer`:
     values (B, 1, S, (N+1)·d): in_proj's outputs, whose last K−1 rows are the short conv's window
 
 so the state grows by 2·N·d elements per token (`state_size`), and each new token costs one dot
-product of every history with its flipped filter, O(S·d).
+product of every history with its flipped filter, O(S·d). Over a transformers `StaticLayer`
+(`generate(cache_implementation="static")`) the same two streams sit in L = max_cache_len fixed
+slots and a decode step has fixed shapes, for a compiled step: the filled length is the layer's
+counter tensor, not a host int; the short conv's window is gathered from the slots before it,
+and each long conv is one product of all L slots with its taps gathered by lag t − s (zero at
+slots not yet written), O(L·d) per token at any length.
 
 Padding never leaks: the projections and every long-conv input are zeroed at padded positions.
 The filters are relative (a convolution), so a left-padded row equals the row alone.
@@ -92,7 +97,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from zoo.configuration import ZooConfig
 from zoo.flops import linear_flops
@@ -195,6 +200,16 @@ class HyenaFilter(nn.Module):
             self._memo = (key, *self._compute(length, device))
         _, filters, skips = self._memo
         return filters[..., :seq_len], skips
+
+    def taps(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for a static decode step: under torch.compile the filters kept by the eager
+        prefill before it (which checked them against the parameters) are read as they are, so
+        the compiled step holds no host-side check; a longer prefix may come back."""
+        if torch.compiler.is_compiling() and self._memo is not None:
+            _, filters, skips = self._memo
+            if filters.shape[-1] >= seq_len:
+                return filters, skips
+        return self(seq_len, device)
 
     def _compute(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         z, t = _positional_features(self.max_len, self.emb_dim)
@@ -326,16 +341,77 @@ class HyenaOperator(nn.Module):
         history = None
         if cache is not None:
             layer = cache.layers[self.layer_idx]
+            if isinstance(layer, StaticLayer) and not layer.is_sliding:
+                return self._static_forward(hidden_states, context, cache, layer)
             if not isinstance(layer, DynamicLayer) or layer.is_sliding:
                 raise TypeError(
                     f"cache layer {self.layer_idx} is {type(layer).__name__}, but Hyena keeps its "
-                    "whole input history in a growing DynamicLayer ('full_attention' layer type)"
+                    "whole input history in a growing DynamicLayer or in a StaticLayer's slots "
+                    "('full_attention' layer type)"
                 )
             if layer.get_seq_length() > 0:
                 history = (layer.keys, layer.values)
         y, conv_inputs, proj = self._mix(hidden_states, context, history, naive=False)
         if cache is not None:
             cache.update(conv_inputs.unsqueeze(1), proj.unsqueeze(1), self.layer_idx)
+        return y
+
+    def _static_forward(
+        self, hidden_states: torch.Tensor, context: MixerContext, cache: Cache, layer: StaticLayer
+    ) -> torch.Tensor:
+        """Over a StaticLayer: a prefill (several tokens, run eagerly by generate) reads the
+        filled length on the host and runs the dynamic form on the filled slots; a decode step
+        runs `_static_step`, whose shapes never change."""
+        slots = layer.max_cache_len
+        if slots > self.filter_fn.max_len:
+            raise ValueError(
+                f"the static cache has max_cache_len={slots} slots but the Hyena filters are "
+                f"defined for max_position_embeddings={self.filter_fn.max_len}"
+            )
+        if hidden_states.shape[1] == 1 and layer.is_initialized:
+            return self._static_step(hidden_states, context, cache, layer)
+        past = int(layer.get_seq_length())
+        if past + hidden_states.shape[1] > slots:
+            raise ValueError(
+                f"{hidden_states.shape[1]} new tokens after {past} do not fit the static cache's "
+                f"max_cache_len={slots}"
+            )
+        history = (layer.keys[:, :, :past], layer.values[:, :, :past]) if past else None
+        self.filter_fn(slots, hidden_states.device)  # the steps' taps, kept without autograd
+        y, conv_inputs, proj = self._mix(hidden_states, context, history, naive=False)
+        cache.update(conv_inputs.unsqueeze(1), proj.unsqueeze(1), self.layer_idx)
+        return y
+
+    def _static_step(
+        self, hidden_states: torch.Tensor, context: MixerContext, cache: Cache, layer: StaticLayer
+    ) -> torch.Tensor:
+        """One token over L fixed slots, of which the first t (a device tensor) are filled."""
+        d = hidden_states.shape[-1]
+        slots = layer.max_cache_len
+        t = layer.cumulative_length
+        proj = self._mask(self.in_proj(hidden_states), context)  # (B, 1, (N+1)·d)
+        kernel = self.short_filter.kernel_size
+        rows = t - (kernel - 1) + torch.arange(kernel - 1, device=t.device)  # (K−1,) slots
+        window = layer.values[:, 0].index_select(1, rows.clamp(min=0))  # (B, K−1, (N+1)·d)
+        window = window * (rows >= 0)[None, :, None].to(window.dtype)
+        mixed = self.short_filter(proj, window, False, self.backend)  # (B, 1, (N+1)·d)
+        *gates, v = mixed.split(d, dim=-1)
+
+        filters, skips = self.filter_fn.taps(slots, hidden_states.device)  # (N−1, d, ≥ L)
+        slot = torch.arange(slots, device=t.device)  # (L,)
+        lag = (t - slot).clamp(min=0)  # t − s, the tap slot s meets
+        filled = (slot < t).to(filters.dtype)  # (L,)
+        conv_inputs = []
+        for o in range(self.order - 1):
+            v = self._mask(v * gates[self.order - 1 - o], context)  # (B, 1, d)
+            conv_inputs.append(v)
+            past_inputs = layer.keys[:, 0, :, o * d : (o + 1) * d]  # (B, L, d)
+            taps = filters[o].index_select(1, lag) * filled  # (d, L)
+            current = v[:, 0].float() * (filters[o][:, 0] + skips[o])  # (B, d)
+            mixed_past = torch.einsum("bld,dl->bd", past_inputs.float(), taps)
+            v = (current + mixed_past).to(v.dtype).unsqueeze(1)  # (B, 1, d)
+        y = self.out_proj(v * gates[0])
+        cache.update(torch.cat(conv_inputs, dim=-1).unsqueeze(1), proj.unsqueeze(1), self.layer_idx)
         return y
 
     def reference_forward(self, hidden_states: torch.Tensor, context: MixerContext) -> torch.Tensor:
