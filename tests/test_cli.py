@@ -15,7 +15,7 @@ runner = CliRunner()
 
 
 # zoo family -> the transformers model_type it converts to.
-CONVERTIBLE = {"llama": "llama", "mamba": "mamba"}
+CONVERTIBLE = {"llama": "llama", "mamba": "mamba", "mamba2": "mamba2"}
 
 
 def _saved(model, folder):

@@ -12,7 +12,7 @@ import zoo
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"mixers": ["attention", "mamba2", "attention", "attention"]}, r"mixers\[1\]='mamba2'"),
+        ({"mixers": ["attention", "mamba3", "attention", "attention"]}, r"mixers\[1\]='mamba3'"),
         ({"mixers": ["attention"] * 3}, "mixers has 3 entries but num_hidden_layers=4"),
         ({"channel_mixers": ["swiglu"] * 5}, "channel_mixers has 5 entries"),
         ({"channel_mixers": ["swiglu", "relu", "swiglu", "swiglu"]}, r"channel_mixers\[1\]='relu'"),

@@ -21,11 +21,13 @@ from zoo.version import __version__
 if TYPE_CHECKING:
     from zoo.configuration import (
         CosFormer2Config,
+        GatedDeltaNetConfig,
         GLAConfig,
         HGRN2Config,
         HybridConfig,
         HyenaConfig,
         LlamaConfig,
+        Mamba2Config,
         MambaConfig,
         TNLConfig,
         ZooConfig,
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
     from zoo.modeling import (
         CosFormer2ForCausalLM,
         CosFormer2Model,
+        GatedDeltaNetForCausalLM,
+        GatedDeltaNetModel,
         GLAForCausalLM,
         GLAModel,
         HGRN2ForCausalLM,
@@ -43,6 +47,8 @@ if TYPE_CHECKING:
         HyenaModel,
         LlamaForCausalLM,
         LlamaModel,
+        Mamba2ForCausalLM,
+        Mamba2Model,
         MambaForCausalLM,
         MambaModel,
         TNLForCausalLM,
@@ -54,7 +60,19 @@ if TYPE_CHECKING:
     from zoo.registry import Setting, register_channel_mixer, register_mixer
     from zoo.saffu.model import SAFFUConfig, SAFFUForCausalLM
 
-_CONFIGS = ("CosFormer2", "GLA", "HGRN2", "Hybrid", "Hyena", "Llama", "Mamba", "TNL", "Zoo")
+_CONFIGS = (
+    "CosFormer2",
+    "GatedDeltaNet",
+    "GLA",
+    "HGRN2",
+    "Hybrid",
+    "Hyena",
+    "Llama",
+    "Mamba",
+    "Mamba2",
+    "TNL",
+    "Zoo",
+)
 # name -> the module it lives in.
 _EXPORTS: dict[str, str] = {
     **{f"{stem}Config": "zoo.configuration" for stem in _CONFIGS},
@@ -73,6 +91,9 @@ __all__ = [
     "GLAConfig",
     "GLAForCausalLM",
     "GLAModel",
+    "GatedDeltaNetConfig",
+    "GatedDeltaNetForCausalLM",
+    "GatedDeltaNetModel",
     "HGRN2Config",
     "HGRN2ForCausalLM",
     "HGRN2Model",
@@ -85,6 +106,9 @@ __all__ = [
     "LlamaConfig",
     "LlamaForCausalLM",
     "LlamaModel",
+    "Mamba2Config",
+    "Mamba2ForCausalLM",
+    "Mamba2Model",
     "MambaConfig",
     "MambaForCausalLM",
     "MambaModel",

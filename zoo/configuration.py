@@ -651,6 +651,17 @@ class GLAConfig(ZooConfig):
     default_channel_mixer = "swiglu"
 
 
+class GatedDeltaNetConfig(ZooConfig):
+    """Gated DeltaNet (Yang, Kautz & Hatamizadeh, arXiv 2412.06464) as fla's
+    `GatedDeltaNetForCausalLM` builds it: Gated DeltaNet blocks (`zoo.layers.gated_deltanet`,
+    fla's defaults: key heads of 256, value heads twice that, short convs of 4) with RMSNorm and
+    a SwiGLU MLP of width 8d/3 rounded up to 256 (fla's `GatedMLP` rule)."""
+
+    model_type = "zoo_gated_deltanet"
+    default_mixer = "gated_deltanet"
+    default_channel_mixer = "swiglu"
+
+
 class CosFormer2Config(ZooConfig):
     """cosFormer2 (arXiv 2406.16690 §2.2): linear attention without decay, LRPE re-weighting.
 
@@ -685,6 +696,31 @@ class MambaConfig(ZooConfig):
     default_mixer = "mamba"
     default_channel_mixer = "none"
     named_sizes = _MAMBA_SIZES
+
+    rms_norm_eps: float = 1e-5
+
+
+# Released Mamba2 sizes (state-spaces/mamba README: mamba2-130m … mamba2-2.7b, trained on the
+# Pile with the GPT-NeoX vocabulary): d_state 128, head dim 64, expand 2, one group, no channel
+# mixer. Heads and intermediate size are unused by a pure Mamba2.
+_MAMBA2_SIZES: dict[str, NamedSize] = {
+    "130m": NamedSize(24, 768, 12, 2048),
+    "370m": NamedSize(48, 1024, 16, 2816),
+    "780m": NamedSize(48, 1536, 24, 4096),
+    "1.3b": NamedSize(48, 2048, 32, 5632),
+    "2.7b": NamedSize(64, 2560, 40, 6912),
+}
+
+
+class Mamba2Config(ZooConfig):
+    """Mamba2 (Dao & Gu, arXiv 2405.21060): SSD blocks (`zoo.layers.mamba2`: scalar per-head
+    decay, N = 128 states per head of 64 channels, a gated RMSNorm), no channel mixer, RMSNorm,
+    transformers' `Mamba2ForCausalLM` layout."""
+
+    model_type = "zoo_mamba2"
+    default_mixer = "mamba2"
+    default_channel_mixer = "none"
+    named_sizes = _MAMBA2_SIZES
 
     rms_norm_eps: float = 1e-5
 

@@ -49,11 +49,13 @@ from zoo.cache import has_static_attention, new_cache, static_masks
 from zoo.checkpoint import CheckpointError, check_checkpoint_dir, check_weights_fit
 from zoo.configuration import (
     CosFormer2Config,
+    GatedDeltaNetConfig,
     GLAConfig,
     HGRN2Config,
     HybridConfig,
     HyenaConfig,
     LlamaConfig,
+    Mamba2Config,
     MambaConfig,
     TNLConfig,
     ZooConfig,
@@ -492,6 +494,8 @@ LlamaModel, LlamaForCausalLM = causal_lm_classes(LlamaConfig)
 TNLModel, TNLForCausalLM = causal_lm_classes(TNLConfig)
 HGRN2Model, HGRN2ForCausalLM = causal_lm_classes(HGRN2Config)
 GLAModel, GLAForCausalLM = causal_lm_classes(GLAConfig)
+Mamba2Model, Mamba2ForCausalLM = causal_lm_classes(Mamba2Config)
+GatedDeltaNetModel, GatedDeltaNetForCausalLM = causal_lm_classes(GatedDeltaNetConfig)
 CosFormer2Model, CosFormer2ForCausalLM = causal_lm_classes(CosFormer2Config)
 MambaModel, MambaForCausalLM = causal_lm_classes(MambaConfig)
 HyenaModel, HyenaForCausalLM = causal_lm_classes(HyenaConfig)

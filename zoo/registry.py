@@ -766,6 +766,132 @@ register_mixer(
     validate=_check_mamba,
     tiny={"mamba_d_state": 4, "mamba_chunk_size": 8},
 )
+
+
+def _check_mamba2(config: Any) -> None:
+    d_inner = config.mamba2_expand * config.hidden_size
+    if d_inner % config.mamba2_head_dim:
+        raise ValueError(
+            f"mamba2_head_dim={config.mamba2_head_dim} does not divide the inner width "
+            f"mamba2_expand * hidden_size = {d_inner}"
+        )
+    heads = d_inner // config.mamba2_head_dim
+    if heads % config.mamba2_n_groups:
+        raise ValueError(
+            f"mamba2_n_groups={config.mamba2_n_groups} does not divide the {heads} heads "
+            f"(mamba2_expand * hidden_size / mamba2_head_dim)"
+        )
+    if not 0 < config.mamba2_dt_min <= config.mamba2_dt_max:
+        raise ValueError(
+            f"mamba2_dt_min={config.mamba2_dt_min} and mamba2_dt_max={config.mamba2_dt_max} "
+            "must satisfy 0 < mamba2_dt_min <= mamba2_dt_max"
+        )
+
+
+def _dt_limit(value: Any) -> str | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(_is_number(v) for v in value)
+        or not 0 <= value[0] < value[1]
+    ):
+        return "is not None or a pair [low, high] with 0 <= low < high"
+    return None
+
+
+register_mixer(
+    "mamba2",
+    "zoo.layers.mamba2:Mamba2Mixer",
+    cache="linear_attention",  # conv state + SSD state
+    display_name="Mamba2",
+    doc="Mamba2's SSD layer: scalar per-head decay, multi-head N × P states, gated RMSNorm "
+    "(arXiv 2405.21060).",
+    settings={
+        "mamba2_expand": Setting(2, "Inner width D_in = expand · hidden_size.", positive_int),
+        "mamba2_head_dim": Setting(64, "Head size P; heads = D_in / P.", positive_int),
+        "mamba2_d_state": Setting(128, "State size N per head.", positive_int),
+        "mamba2_n_groups": Setting(
+            1, "Groups G of heads sharing B and C (and the gated norm's groups).", positive_int
+        ),
+        "mamba2_d_conv": Setting(4, "Kernel width of the causal depthwise conv.", positive_int),
+        "mamba2_conv_bias": Setting(True, "Bias on the depthwise conv.", boolean),
+        "mamba2_proj_bias": Setting(False, "Bias on in_proj and out_proj.", boolean),
+        "mamba2_dt_min": Setting(1e-3, "Lower end of the initial Δ's range.", finite_number),
+        "mamba2_dt_max": Setting(0.1, "Upper end of the initial Δ's range.", finite_number),
+        "mamba2_dt_init_floor": Setting(1e-4, "Floor of the initial Δ.", non_negative_number),
+        "mamba2_dt_limit": Setting(
+            None,
+            "Clamp of Δ after the softplus, [low, high] (transformers' time_step_limit); None = "
+            "no clamp.",
+            _dt_limit,
+        ),
+        "mamba2_chunk_size": Setting(64, "Chunk length of the chunked SSD.", positive_int),
+        "mamba2_norm_eps": Setting(
+            None,
+            "Epsilon of the gated RMSNorm before out_proj; None = rms_norm_eps.",
+            optional(positive_number),
+        ),
+    },
+    per_layer=("mamba2_d_state", "mamba2_expand"),
+    validate=_check_mamba2,
+    tiny={"mamba2_head_dim": 8, "mamba2_d_state": 4, "mamba2_n_groups": 2, "mamba2_chunk_size": 8},
+)
+
+
+def _check_gdn(config: Any) -> None:
+    heads, v_heads = config.gdn_num_heads, config.gdn_num_v_heads
+    if v_heads % heads:
+        raise ValueError(
+            f"gdn_num_heads={heads} does not divide gdn_num_v_heads={v_heads} (each key head "
+            "serves a whole group of value heads)"
+        )
+    v_dim = config.gdn_head_dim * config.gdn_expand_v
+    if v_dim != round(v_dim):
+        raise ValueError(
+            f"gdn_expand_v={config.gdn_expand_v} times gdn_head_dim={config.gdn_head_dim} is "
+            f"{v_dim}, not a whole value head size"
+        )
+
+
+register_mixer(
+    "gated_deltanet",
+    "zoo.layers.gated_deltanet:GatedDeltaNet",
+    cache="linear_attention",  # conv state + delta-rule state
+    display_name="Gated DeltaNet",
+    doc="Delta rule with a per-head data-dependent decay, short convs, L2-normalised q/k and "
+    "an output gate (arXiv 2412.06464; Qwen3-Next's linear layers).",
+    settings={
+        "gdn_num_heads": Setting(
+            None,
+            "Query/key heads; None = num_attention_heads.",
+            positive_int,
+            derive=lambda c: c.num_attention_heads,
+        ),
+        "gdn_num_v_heads": Setting(
+            None,
+            "Value heads, a multiple of the key heads (fla's num_v_heads); None = the key heads.",
+            positive_int,
+            derive=lambda c: c.gdn_num_heads or c.num_attention_heads,
+        ),
+        "gdn_head_dim": Setting(256, "Key head size d_k (fla's head_dim).", positive_int),
+        "gdn_expand_v": Setting(
+            2.0, "Value head size / key head size (fla's expand_v).", positive_number
+        ),
+        "gdn_conv_size": Setting(4, "Kernel width of the short convs on q, k, v.", positive_int),
+        "gdn_conv_bias": Setting(False, "Biases on the short convs.", boolean),
+        "gdn_chunk_size": Setting(64, "Chunk length of the chunked delta rule.", positive_int),
+        "gdn_norm_eps": Setting(
+            None,
+            "Epsilon of the per-head norm before the output gate; None = rms_norm_eps.",
+            optional(positive_number),
+        ),
+    },
+    per_layer=("gdn_num_v_heads",),
+    validate=_check_gdn,
+    tiny={"gdn_head_dim": 8, "gdn_num_heads": 2, "gdn_chunk_size": 8},
+)
 register_mixer(
     "hyena",
     "zoo.layers.hyena:HyenaOperator",
@@ -975,6 +1101,14 @@ register_family(
 register_family(
     "mamba", "zoo.configuration:MambaConfig", display_name="Mamba", card_vocab=50_280,
     demo=_demo_mamba,
+)  # fmt: skip
+register_family(
+    "mamba2", "zoo.configuration:Mamba2Config", display_name="Mamba2", card_vocab=50_280,
+    demo=_demo_mamba,
+)  # fmt: skip
+register_family(
+    "gated_deltanet", "zoo.configuration:GatedDeltaNetConfig", display_name="Gated DeltaNet",
+    card_vocab=32_000,
 )  # fmt: skip
 register_family("hyena", "zoo.configuration:HyenaConfig", display_name="Hyena", card_vocab=50_264)
 register_family(

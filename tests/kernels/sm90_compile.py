@@ -4,8 +4,8 @@ The interpreter checks what the kernels compute; this checks that Triton's compi
 (types, shapes, constexpr branches) at the tile shapes the launches use, down to PTX. With
 ``--spills`` it also runs the ptxas that ships with triton and prints registers and spills per
 kernel, which is how the tile shapes and warp counts in zoo/kernels/linear_attention.py were chosen.
-Kernels: the linear-attention family (every decay mode), the grouped GEMM, the long and short
-convolutions and the selective scan.
+Kernels: the linear-attention family (every decay mode; Mamba2's SSD runs on it), the gated
+delta rule, the grouped GEMM, the long and short convolutions and the selective scan.
 
     env -u TRITON_INTERPRET .venv/bin/python tests/kernels/sm90_compile.py [--fp32] [--spills]
 """
@@ -22,10 +22,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from zoo.kernels import gated_delta as gd
 from zoo.kernels import grouped_gemm as gg
 from zoo.kernels import linear_attention as la
 from zoo.kernels import long_conv as lc
 from zoo.kernels import selective_scan as ss
+from zoo.kernels.layout import dot_block
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Pointers to activations take the input dtype; states, decays and fp32 gradients are fp32.
@@ -35,16 +37,26 @@ ACTIVATIONS |= {"B_ptr", "C_ptr", "z_ptr", "du_ptr", "dz_ptr"}
 GEMM_OPERANDS = {"x_ptr", "w_ptr", "out_ptr", "a_ptr", "b_ptr"}
 INDICES = {"cu_ptr", "chunk_offset_ptr", "chunk_start_ptr", "chunk_len_ptr", "offsets_ptr"}
 INDICES |= {"tile_ends_ptr"}
+# The gated delta rule keeps everything it prepares (W, Ũ, U, T⁻¹) in fp32 and b in fp64.
+GATED_DELTA = {
+    gd._prepare_kernel, gd._fwd_states_kernel, gd._output_kernel, gd._bwd_states_kernel,
+    gd._bwd_grads_kernel, gd._step_kernel,
+}  # fmt: skip
+GATED_DELTA_OPERANDS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dv_ptr"}
 
 
 def signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
-    operands = (
-        GEMM_OPERANDS if fn in (gg._grouped_mm_kernel, gg._grouped_wgrad_kernel) else ACTIVATIONS
-    )
+    operands = ACTIVATIONS
+    if fn in (gg._grouped_mm_kernel, gg._grouped_wgrad_kernel):
+        operands = GEMM_OPERANDS
+    elif fn in GATED_DELTA:
+        operands = GATED_DELTA_OPERANDS
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif fn in GATED_DELTA and name == "b_ptr":
+            sig[name] = "*fp64"
         elif name in operands:
             sig[name] = f"*{dtype}"
         elif name in INDICES:
@@ -60,7 +72,7 @@ def launches(dtype: str):
     """(kernel, constexprs, warps) for every mode at head dim 128, as `chunk_linear_attention` and
     `linear_attention_step` launch them (None pointers are constexpr, as at a real launch)."""
     prec = "ieee" if dtype == "fp32" else "tf32"
-    c, b64, b32 = 64, la._block(128, 64), la._block(128, 32)
+    c, b64, b32 = 64, dot_block(128, 64), dot_block(128, 32)
     for decay in (la.DECAY_NONE, la.DECAY_HEAD, la.DECAY_KEY):
         unused = {}
         if decay != la.DECAY_KEY:
@@ -99,6 +111,14 @@ def launches(dtype: str):
     yield ss._scan_bwd_kernel, dict(**scan, HAS_DHT=True, STORE_DH0=True), ss._SCAN_WARPS
     step = dict(BD=ss._SCAN_BD, BN=16, HAS_D=True, HAS_STATE=True)
     yield ss._scan_step_kernel, step, 4
+    # The gated delta rule at K = V = 128 (zoo/kernels/gated_delta.py), every option on.
+    bk = dict(C=c, BK=dot_block(128, 256), PREC=prec)
+    yield gd._prepare_kernel, dict(**bk, BV=b64), gd._WARPS
+    yield gd._fwd_states_kernel, dict(**bk, BV=b64, HAS_H0=True, STORE_HT=True), gd._WARPS
+    yield gd._output_kernel, dict(**bk, BV=b64), gd._WARPS
+    yield gd._bwd_states_kernel, dict(**bk, BV=b64, HAS_DHT=True, STORE_DH0=True), gd._WARPS
+    yield gd._bwd_grads_kernel, dict(**bk, BV=b32), gd._WARPS
+    yield gd._step_kernel, dict(BK=dot_block(128, 256), BV=b64, HAS_STATE=True), 4
 
 
 def ptxas_report(ptx: str) -> str:

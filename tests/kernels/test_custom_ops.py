@@ -8,15 +8,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from zoo.kernels import gated_delta as gated_delta_module
 from zoo.kernels import grouped_gemm as grouped_gemm_module
 from zoo.kernels import linear_attention as la
 from zoo.kernels import long_conv as conv_module
 from zoo.kernels import selective_scan as scan_module
+from zoo.kernels.gated_delta import gated_delta
 from zoo.kernels.gla import gla
 from zoo.kernels.grouped_gemm import grouped_gemm
 from zoo.kernels.lightning import lightning
 from zoo.kernels.long_conv import long_conv, short_conv
 from zoo.kernels.selective_scan import selective_scan
+from zoo.kernels.ssd import ssd
 
 pytest.importorskip("triton")
 
@@ -72,6 +75,17 @@ def test_convolution_ops_pass_opcheck():
     _opcheck(conv_module._short_conv_forward, (x, weight, None, None))
 
 
+def test_gated_delta_ops_pass_opcheck():
+    torch.manual_seed(0)
+    q, k, v, h0 = _leaf(1, 20, 2, 8), _leaf(1, 20, 2, 8), _leaf(1, 20, 2, 6), _leaf(2, 2, 8, 6)
+    g, beta = (-torch.rand(1, 20, 2)).requires_grad_(), torch.rand(1, 20, 2).requires_grad_()
+    op = gated_delta_module._chunk_forward
+    _opcheck(op, (q, k, v, g, beta, h0, 0.5, [0, 7, 20], 16, True, True))
+    _opcheck(op, (q, k, v, g, beta, None, 0.5, [0, 20], 16, False, False))
+    step = (q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], torch.randn(1, 2, 8, 6))
+    _opcheck(gated_delta_module._step, (*(t.detach() for t in step), 0.5))
+
+
 def test_grouped_gemm_ops_pass_opcheck():
     torch.manual_seed(0)
     x, offsets = _leaf(10, 8), torch.tensor([3, 3, 10], dtype=torch.int32)
@@ -111,6 +125,24 @@ def test_compiled_linear_attention_ops_equal_eager():
     )
     _compiled_equals_eager(
         lambda q, k, v: lightning(q, k, v, log_decay, chunk_size=16, backend="triton"), [q, k, v]
+    )
+
+
+def test_compiled_gated_delta_and_ssd_equal_eager():
+    torch.manual_seed(0)
+    q, v, h0 = _leaf(2, 20, 2, 8), _leaf(2, 20, 2, 6), _leaf(2, 2, 8, 6)
+    k = torch.nn.functional.normalize(torch.randn(2, 20, 2, 8), dim=-1).requires_grad_()
+    g, beta = (-torch.rand(2, 20, 2)).requires_grad_(), torch.rand(2, 20, 2).requires_grad_()
+    _compiled_equals_eager(
+        lambda *t: gated_delta(*t[:5], initial_state=t[5], output_final_state=True,
+                               chunk_size=16, backend="triton"),
+        [q, k, v, g, beta, h0],
+    )  # fmt: skip
+    x, dt, A = _leaf(2, 20, 4, 6), torch.rand(2, 20, 4).requires_grad_(), -torch.rand(4)
+    B, C, D = _leaf(2, 20, 2, 5), _leaf(2, 20, 2, 5), _leaf(4)
+    _compiled_equals_eager(
+        lambda x, dt, B, C, D: ssd(x, dt, A, B, C, D, chunk_size=16, backend="triton"),
+        [x, dt, B, C, D],
     )
 
 

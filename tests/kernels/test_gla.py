@@ -1,13 +1,10 @@
 """Gated linear attention (HGRN2's op): chunked torch form, decode step and public API vs the
 oracle, and the old `zoo.kernels.hgrn2` names."""
 
-import weakref
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from tests.kernels.memory import LiveBytes
 from zoo.kernels import gla as gla_module
 from zoo.kernels.gla import gla, gla_chunk_torch, gla_naive, gla_step
 
@@ -207,43 +204,10 @@ def test_env_backend_override(monkeypatch, ran):
 # --- O(T) memory --------------------------------------------------------------------------------
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Peak bytes of live tensor storages created inside the mode (freed when the storage dies).
-
-    torch keeps one Python object per storage while the storage lives, so a finalizer on it
-    fires exactly when the memory is released.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self.largest = 0
-        self._seen: set[int] = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self._seen.discard(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            self.largest = max(self.largest, t.numel())
-            storage = t.untyped_storage()
-            if id(storage) in self._seen:
-                continue
-            self._seen.add(id(storage))
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, id(storage), storage.nbytes())
-        return out
-
-
 def _forward_backward_memory(T: int) -> tuple[int, int]:
     q, k, v, log_f, _ = make_inputs(T, batch=1, seed=4)
     leaves = [t.requires_grad_() for t in (q, k, v, log_f)]
-    mode = _LiveBytes()
+    mode = LiveBytes()
     with mode:
         o, _ = gla_chunk_torch(*leaves, chunk_size=16)
         o.square().sum().backward()

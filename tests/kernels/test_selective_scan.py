@@ -4,8 +4,8 @@ import itertools
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.kernels.memory import LiveBytes
 from zoo.kernels import selective_scan as scan_module
 from zoo.kernels.selective_scan import (
     selective_scan,
@@ -198,25 +198,10 @@ def test_single_token_matches_chunked_path():
     assert_close(s, s_ref)
 
 
-class _LargestOutput(TorchDispatchMode):
-    """Records the element count of the largest tensor any op creates."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def _memory_at(T):
     """(largest intermediate in a no-grad forward, bytes saved for backward) at length T."""
     u, delta, A, Bm, Cm, D, s0 = make_inputs(T, seed=T)
-    with torch.no_grad(), _LargestOutput() as mode:
+    with torch.no_grad(), LiveBytes() as mode:
         selective_scan_chunk_torch(u, delta, A, Bm, Cm, D, s0, True, chunk_size=8)
     saved: dict[int, int] = {}
 

@@ -29,13 +29,16 @@ B, T = 2, 32
 
 # Every sequence mixer of the striped hybrid with its tiny settings, and MoE channel mixers.
 _MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
-STRIPED = "attention:moe mamba:swiglu lightning:moe hgrn2:swiglu gated_conv:moe gla:swiglu"
+STRIPED = (
+    "attention:moe mamba:swiglu lightning:moe hgrn2:swiglu gated_conv:moe gla:swiglu mamba2:moe"
+)
 CONV_ATTENTION = "gated_conv:moe attention:swiglu hyena:moe attention:moe"
 
 
 def _hybrid(pattern: str, **overrides) -> zoo.HybridConfig:
     fields = dict(registry.TINY_BACKBONE)
-    for name in ("attention", "mamba", "lightning", "hgrn2", "gated_conv", "hyena", "gla"):
+    mixers = ("attention", "mamba", "lightning", "hgrn2", "gated_conv", "hyena", "gla", "mamba2")
+    for name in mixers:
         fields.update(registry.sequence_mixer(name).tiny)
     fields.pop("num_hidden_layers")
     return zoo.HybridConfig.from_pattern(pattern, **{**fields, **_MOE, **overrides})

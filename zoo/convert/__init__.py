@@ -1,5 +1,5 @@
-"""Convert transformers' `LlamaForCausalLM`, `MixtralForCausalLM` and `MambaForCausalLM` to
-zoo's and back.
+"""Convert transformers' `LlamaForCausalLM`, `MixtralForCausalLM`, `MambaForCausalLM` and
+`Mamba2ForCausalLM` to zoo's and back.
 
 zoo's LLaMA is the same network as transformers' (pre-norm RMSNorm blocks, RoPE in the
 rotate-half layout, grouped-query softmax attention, SwiGLU, optional tied embeddings), so the
@@ -115,9 +115,43 @@ Refused from config.json alone, one line naming the field: `ssm_cfg.layer` other
 transformers' `load_state_dict` (torch's loader with `weights_only=True`, on the CPU): a
 pickle holding anything but tensors is refused, naming the file, without running its code.
 
+Mamba2 (transformers `Mamba2ForCausalLM` <-> zoo `Mamba2ForCausalLM`): zoo's Mamba2 mixer keeps
+transformers' parameter names and shapes (`zoo.layers.mamba2`) and both backbones are `x +
+mixer(RMSNorm(x))` blocks with a final RMSNorm, so the weights convert by renaming keys only: no
+tensor is permuted, split, cast or copied, and converting back gives the same tensors. Config
+fields::
+
+    vocab_size, hidden_size, num_hidden_layers,            same name
+    tie_word_embeddings, initializer_range, use_cache,
+    dtype, bos_token_id, eos_token_id, pad_token_id
+    state_size -> mamba2_d_state      head_dim -> mamba2_head_dim
+    expand -> mamba2_expand           n_groups -> mamba2_n_groups
+    conv_kernel -> mamba2_d_conv      use_conv_bias -> mamba2_conv_bias
+    use_bias -> mamba2_proj_bias      chunk_size -> mamba2_chunk_size
+    time_step_min/max/floor -> mamba2_dt_min/max/init_floor
+    time_step_limit -> mamba2_dt_limit (None for transformers' default (0, inf))
+    layer_norm_epsilon -> rms_norm_eps (the block norms and the gated norm share it)
+    num_heads                          must equal expand · hidden_size / head_dim
+
+State dict keys (layer i)::
+
+    backbone.embeddings (or .embedding) <-> model.embed_tokens
+    backbone.layers.i.norm              <-> model.layers.i.mixer_norm
+    backbone.layers.i.mixer.*           <-> model.layers.i.mixer.*   (in_proj, conv1d, dt_bias,
+                                                                      A_log, D, norm, out_proj)
+    backbone.norm_f                     <-> model.norm
+    lm_head                             <-> lm_head
+
+Refused with a `ValueError` naming the field: a `model_type` other than "mamba2", a
+`hidden_act` other than SiLU, `num_heads` that disagrees with the widths, unknown state dict
+keys; from zoo, any layer that is not a "mamba2" mixer without a channel mixer, or a gain-free
+norm. `time_step_rank` is unused by transformers' Mamba2 (no Δ projection) and dropped;
+`rescale_prenorm_residual` shapes a fresh init only (a warning when on); `residual_in_fp32` is
+accepted as for Mamba (the same in fp32, rounding in bf16/fp16).
+
 `convert_checkpoint(src, dst)` converts a saved folder (safetensors), dispatching on the
-`model_type` of `src/config.json` ("llama", "mixtral", "zoo_llama", "mamba" or "zoo_mamba"), and
-carries the tokenizer along.
+`model_type` of `src/config.json` ("llama", "mixtral", "zoo_llama", "mamba", "zoo_mamba",
+"mamba2" or "zoo_mamba2"), and carries the tokenizer along.
 """
 
 from __future__ import annotations
@@ -125,6 +159,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -135,7 +170,7 @@ import torch
 import transformers
 from transformers import AutoTokenizer
 
-from zoo.configuration import LlamaConfig, MambaConfig, ZooConfig
+from zoo.configuration import LlamaConfig, Mamba2Config, MambaConfig, ZooConfig
 from zoo.convert.common import (
     ForeignFormat,
     load_converted,
@@ -146,7 +181,7 @@ from zoo.convert.common import (
 from zoo.layers.attention import attention_head_dim
 from zoo.layers.mamba import dt_rank
 from zoo.layers.rotary import SCALED_ROPE_TYPES
-from zoo.modeling import LlamaForCausalLM, MambaForCausalLM, ZooForCausalLM
+from zoo.modeling import LlamaForCausalLM, Mamba2ForCausalLM, MambaForCausalLM, ZooForCausalLM
 
 try:  # builds the target without drawing random weights that the state dict overwrites anyway
     from transformers.initialization import no_init_weights
@@ -163,6 +198,7 @@ __all__ = [
     "foreign_formats",
     "from_hf_llama",
     "from_hf_mamba",
+    "from_hf_mamba2",
     "from_hf_mixtral",
     "from_raw_mamba",
     "is_raw_mamba_config",
@@ -171,6 +207,10 @@ __all__ = [
     "llama_state_dict_from_hf",
     "llama_state_dict_to_hf",
     "load_tensor_file",
+    "mamba2_config_from_hf",
+    "mamba2_config_to_hf",
+    "mamba2_state_dict_from_hf",
+    "mamba2_state_dict_to_hf",
     "mamba_config_from_hf",
     "mamba_config_to_hf",
     "mamba_hf_config_from_raw",
@@ -184,6 +224,7 @@ __all__ = [
     "resolve_source",
     "to_hf_llama",
     "to_hf_mamba",
+    "to_hf_mamba2",
     "to_hf_mixtral",
 ]
 
@@ -191,9 +232,13 @@ HF_TO_ZOO = "llama->zoo_llama"
 ZOO_TO_HF = "zoo_llama->llama"
 MAMBA_HF_TO_ZOO = "mamba->zoo_mamba"
 MAMBA_ZOO_TO_HF = "zoo_mamba->mamba"
+MAMBA2_HF_TO_ZOO = "mamba2->zoo_mamba2"
+MAMBA2_ZOO_TO_HF = "zoo_mamba2->mamba2"
 MIXTRAL_HF_TO_ZOO = "mixtral->zoo_llama"
 MIXTRAL_ZOO_TO_HF = "zoo_llama->mixtral"
-SUPPORTED_MODEL_TYPES = ("llama", "zoo_llama", "mamba", "zoo_mamba", "mixtral")
+SUPPORTED_MODEL_TYPES = (
+    "llama", "zoo_llama", "mamba", "zoo_mamba", "mamba2", "zoo_mamba2", "mixtral",
+)  # fmt: skip
 
 # Per-layer key suffixes, transformers -> zoo (all `.weight`).
 _LAYER_KEYS: dict[str, str] = {
@@ -681,53 +726,44 @@ def mamba_config_to_hf(config: ZooConfig) -> transformers.MambaConfig:
 
 def _rename_mamba(
     state_dict: Mapping[str, torch.Tensor],
-    shared: Mapping[str, str],
-    layer_re: re.Pattern[str],
-    layer_prefix: str,
-    norm_key: str,
-    source: str,
+    to_hf: bool,
+    mixer_keys: frozenset[str] = _MAMBA_MIXER_KEYS,
+    model: str = "MambaForCausalLM",
 ) -> dict[str, torch.Tensor]:
+    """Rename the keys of a Mamba-style state dict (transformers' `backbone.*` <-> zoo's
+    `model.*`; Mamba and Mamba2 share the layout) without touching a tensor; a key outside the
+    layout or a mixer key outside `mixer_keys` is a `ValueError` naming it."""
+    if to_hf:
+        shared, layer_re, layer_prefix = _MAMBA_SHARED_KEYS_TO_HF, _ZOO_MAMBA_LAYER_RE, "backbone"
+        norm_key, source = "norm.weight", "zoo"
+    else:
+        shared, layer_re, layer_prefix = _MAMBA_SHARED_KEYS, _HF_MAMBA_LAYER_RE, "model"
+        norm_key, source = "mixer_norm.weight", "transformers"
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         if key in shared:
             out[shared[key]] = tensor
             continue
         match = layer_re.match(key)
-        if match is None or (
-            match.group(3) is not None and match.group(3) not in _MAMBA_MIXER_KEYS
-        ):
+        if match is None or (match.group(3) is not None and match.group(3) not in mixer_keys):
             raise ValueError(
-                f"state dict key {key!r} is not part of a {source} MambaForCausalLM; known keys: "
+                f"state dict key {key!r} is not part of a {source} {model}; known keys: "
                 f"{sorted(shared)} and {layer_re.pattern} with mixer.<one of "
-                f"{sorted(_MAMBA_MIXER_KEYS)}>"
+                f"{sorted(mixer_keys)}>"
             )
         leaf = norm_key if match.group(3) is None else f"mixer.{match.group(3)}"
-        out[f"{layer_prefix}.{match.group(1)}.{leaf}"] = tensor
+        out[f"{layer_prefix}.layers.{match.group(1)}.{leaf}"] = tensor
     return out
 
 
 def mamba_state_dict_from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a transformers MambaForCausalLM state dict to zoo's keys (same tensors)."""
-    return _rename_mamba(
-        state_dict,
-        _MAMBA_SHARED_KEYS,
-        _HF_MAMBA_LAYER_RE,
-        "model.layers",
-        "mixer_norm.weight",
-        "transformers",
-    )
+    return _rename_mamba(state_dict, to_hf=False)
 
 
 def mamba_state_dict_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a zoo MambaForCausalLM state dict to transformers' keys (same tensors)."""
-    return _rename_mamba(
-        state_dict,
-        _MAMBA_SHARED_KEYS_TO_HF,
-        _ZOO_MAMBA_LAYER_RE,
-        "backbone.layers",
-        "norm.weight",
-        "zoo",
-    )
+    return _rename_mamba(state_dict, to_hf=True)
 
 
 def from_hf_mamba(hf_model: transformers.MambaForCausalLM) -> MambaForCausalLM:
@@ -742,6 +778,107 @@ def to_hf_mamba(model: ZooForCausalLM) -> transformers.MambaForCausalLM:
     config = mamba_config_to_hf(model.config)
     state_dict = mamba_state_dict_to_hf(model.state_dict())
     return _converted(transformers.MambaForCausalLM, config, model, state_dict)
+
+
+# --------------------------------------------------------------------------------------- Mamba2
+
+_MAMBA2_FIELDS = (
+    *_BACKBONE_FIELDS,
+    ("mamba2_d_state", "state_size"),
+    ("mamba2_head_dim", "head_dim"),
+    ("mamba2_n_groups", "n_groups"),
+    ("mamba2_d_conv", "conv_kernel"),
+    ("mamba2_conv_bias", "use_conv_bias"),
+    ("mamba2_proj_bias", "use_bias"),
+    ("mamba2_chunk_size", "chunk_size"),
+    ("mamba2_dt_min", "time_step_min"),
+    ("mamba2_dt_max", "time_step_max"),
+    ("mamba2_dt_init_floor", "time_step_floor"),
+    ("rms_norm_eps", "layer_norm_epsilon"),
+)
+# Mixer parameters, the same names in transformers' Mamba2Mixer and zoo's (biases when enabled).
+_MAMBA2_MIXER_KEYS = frozenset(
+    {
+        "in_proj.weight",
+        "in_proj.bias",
+        "conv1d.weight",
+        "conv1d.bias",
+        "dt_bias",
+        "A_log",
+        "D",
+        "norm.weight",
+        "out_proj.weight",
+        "out_proj.bias",
+    }
+)
+_MAMBA2 = "Mamba2ForCausalLM"
+
+
+def mamba2_config_from_hf(hf_config: transformers.Mamba2Config) -> Mamba2Config:
+    """zoo's `Mamba2Config` for a transformers `Mamba2Config`; `ValueError` for what zoo lacks."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type != "mamba2":
+        raise ValueError(
+            f"model_type={model_type!r}: mamba2_config_from_hf converts transformers Mamba2 "
+            "configs (model_type='mamba2') only"
+        )
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"hidden_act={act!r} cannot be converted: zoo's Mamba2 uses SiLU")
+    expand = hf_config.expand  # an int: transformers' config validates it
+    heads = expand * hf_config.hidden_size / hf_config.head_dim
+    if hf_config.num_heads != heads:
+        raise ValueError(
+            f"num_heads={hf_config.num_heads} cannot be converted: zoo's Mamba2 has expand · "
+            f"hidden_size / head_dim = {heads:g} heads"
+        )
+    if getattr(hf_config, "rescale_prenorm_residual", False):
+        logger.warning("rescale_prenorm_residual=True only shapes a fresh init; dropped")
+    low, high = (float(v) for v in getattr(hf_config, "time_step_limit", (0.0, math.inf)))
+    return Mamba2Config(
+        **_from_hf(hf_config, _MAMBA2_FIELDS),
+        num_attention_heads=1,  # no attention in a pure Mamba2; 1 divides any width
+        mamba2_expand=expand,
+        mamba2_dt_limit=None if (low, high) == (0.0, math.inf) else [low, high],
+    )
+
+
+def mamba2_config_to_hf(config: ZooConfig) -> transformers.Mamba2Config:
+    """transformers' `Mamba2Config` for a zoo config whose every layer is a Mamba2 block."""
+    _require_uniform(config, "mamba2", "none", "Mamba2")
+    limit = config.mamba2_dt_limit
+    return transformers.Mamba2Config(
+        **_to_hf(config, _MAMBA2_FIELDS),
+        expand=config.mamba2_expand,
+        num_heads=config.mamba2_expand * config.hidden_size // config.mamba2_head_dim,
+        time_step_limit=(0.0, math.inf) if limit is None else tuple(limit),
+        hidden_act="silu",
+        residual_in_fp32=True,
+    )
+
+
+def mamba2_state_dict_from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a transformers Mamba2ForCausalLM state dict to zoo's keys (same tensors)."""
+    return _rename_mamba(state_dict, to_hf=False, mixer_keys=_MAMBA2_MIXER_KEYS, model=_MAMBA2)
+
+
+def mamba2_state_dict_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a zoo Mamba2 state dict to transformers' keys (same tensors)."""
+    return _rename_mamba(state_dict, to_hf=True, mixer_keys=_MAMBA2_MIXER_KEYS, model=_MAMBA2)
+
+
+def from_hf_mamba2(hf_model: transformers.Mamba2ForCausalLM) -> Mamba2ForCausalLM:
+    """zoo's `Mamba2ForCausalLM` with the weights of a transformers `Mamba2ForCausalLM`."""
+    config = mamba2_config_from_hf(hf_model.config)
+    state_dict = mamba2_state_dict_from_hf(hf_model.state_dict())
+    return _converted(Mamba2ForCausalLM, config, hf_model, state_dict)
+
+
+def to_hf_mamba2(model: ZooForCausalLM) -> transformers.Mamba2ForCausalLM:
+    """transformers' `Mamba2ForCausalLM` with the weights of a zoo Mamba2."""
+    config = mamba2_config_to_hf(model.config)
+    state_dict = mamba2_state_dict_to_hf(model.state_dict())
+    return _converted(transformers.Mamba2ForCausalLM, config, model, state_dict)
 
 
 # ------------------------------------------------------------------------- raw mamba_ssm Mamba
@@ -869,7 +1006,7 @@ RAW_MAMBA = ForeignFormat(
 )
 
 # The released formats of other projects, each in its own module (imported when first asked).
-_FOREIGN_MODULES = ("transnormer", "fla_hgrn2", "fla_gla", "safari_hyena")
+_FOREIGN_MODULES = ("transnormer", "fla_hgrn2", "fla_gla", "fla_gated_deltanet", "safari_hyena")
 
 
 def foreign_formats() -> tuple[ForeignFormat, ...]:
@@ -926,11 +1063,16 @@ def _plan(src: Path, fields: Mapping[str, Any]) -> tuple[str, ZooConfig, Foreign
         return ZOO_TO_HF, _zoo_source(src), None
     if model_type == "zoo_mamba":
         return MAMBA_ZOO_TO_HF, _zoo_source(src), None
+    if model_type == "mamba2":
+        config = mamba2_config_from_hf(transformers.Mamba2Config.from_pretrained(src))
+        return MAMBA2_HF_TO_ZOO, config, None
+    if model_type == "zoo_mamba2":
+        return MAMBA2_ZOO_TO_HF, _zoo_source(src), None
     foreign = ", ".join(repr(fmt.name) for fmt in foreign_formats())
     raise ValueError(
         f"model_type={model_type!r} in {src / 'config.json'} has no converter; supported: "
-        "'llama', 'mixtral' and 'mamba' (transformers -> zoo), 'zoo_llama' and 'zoo_mamba' "
-        f"(zoo -> transformers), and the released formats {foreign}"
+        "'llama', 'mixtral', 'mamba' and 'mamba2' (transformers -> zoo), 'zoo_llama', "
+        f"'zoo_mamba' and 'zoo_mamba2' (zoo -> transformers), and the released formats {foreign}"
     )
 
 
@@ -1025,9 +1167,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> str:
     huggingface_hub: config.json first, the weights only once it is accepted) into the folder
     `dst`; returns the direction converted.
 
-    `src/config.json` picks the direction: "llama" / "mixtral" / "mamba" (a transformers model)
-    writes a zoo checkpoint; "zoo_llama" writes a transformers Llama, or a Mixtral when its
-    channel mixers are MoE layers, and "zoo_mamba" a transformers Mamba; all with
+    `src/config.json` picks the direction: "llama" / "mixtral" / "mamba" / "mamba2" (a
+    transformers model) writes a zoo checkpoint; "zoo_llama" writes a transformers Llama, or a
+    Mixtral when its channel mixers are MoE layers, "zoo_mamba" a transformers Mamba and
+    "zoo_mamba2" a transformers Mamba2; all with
     `save_pretrained` (safetensors), in the checkpoint's dtype, weights read from safetensors
     only. The released formats of other projects (`foreign_formats()`: mamba_ssm's raw Mamba,
     TransNormerLLM, fla's HGRN2, safari's Hyena) convert to the zoo family that expresses them,
@@ -1054,6 +1197,11 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> str:
         target = from_hf_mamba(transformers.MambaForCausalLM.from_pretrained(folder, **load))
     elif direction == MIXTRAL_ZOO_TO_HF:
         target = to_hf_mixtral(LlamaForCausalLM.from_pretrained(folder, **load))
+    elif direction == MAMBA2_HF_TO_ZOO:
+        source = transformers.Mamba2ForCausalLM.from_pretrained(folder, **load)
+        target = from_hf_mamba2(source)
+    elif direction == MAMBA2_ZOO_TO_HF:
+        target = to_hf_mamba2(Mamba2ForCausalLM.from_pretrained(folder, **load))
     elif direction == ZOO_TO_HF:
         target = to_hf_llama(LlamaForCausalLM.from_pretrained(folder, **load))
     else:  # MAMBA_ZOO_TO_HF

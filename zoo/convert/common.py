@@ -152,18 +152,24 @@ def check_fla_config(
     known: frozenset[str],
     refusals: tuple[tuple[str, bool, str], ...],
     get: Callable[[str], Any],
+    short_convs: bool = False,
 ) -> int:
     """The checks every fla converter runs on a config.json, before any weight is read: no field
     outside `known` (and transformers' generic ones), none of the model's `refusals` (field,
     refused, why) nor of what no fla conversion expresses (short convolutions, another MLP
     activation, hybrid attention layers, attention residuals, an unknown kernel mode), a
     positive integer hidden_size (returned); `use_l2warp=True` is dropped with a warning, as it
-    only adds a gradient penalty in training."""
+    only adds a gradient penalty in training. A model whose zoo layer has fla's short
+    convolutions (`short_convs`, Gated DeltaNet) checks `use_short_conv` among its refusals."""
     for field, value in fields.items():
         if field not in known | generic_config_fields() and not field.startswith("_"):
             raise refuse(source, field, value, "not a field of fla's config this converter knows")
     shared = (
-        ("use_short_conv", bool(get("use_short_conv")), "zoo's layer has no short convolutions"),
+        (
+            "use_short_conv",
+            not short_convs and bool(get("use_short_conv")),
+            "zoo's layer has no short convolutions",
+        ),
         ("hidden_act", get("hidden_act") != "swish", "zoo's gates and SwiGLU MLP are SiLU"),
         ("attn", bool(get("attn")), "hybrid softmax-attention layers are not converted"),
         ("attnres_block_size", get("attnres_block_size") is not None, "no attention residuals"),

@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA torch and in ou
     triton = None
 
 from zoo.kernels.backend import resolve_backend
+from zoo.kernels.layout import dot_block
 
 
 def grouped_gemm_torch(
@@ -134,11 +135,6 @@ if triton is not None:
         )  # fmt: skip
 
 
-def _block(n: int, cap: int) -> int:
-    """Smallest power of two >= n, between tl.dot's minimum 16 and `cap`."""
-    return max(16, min(cap, triton.next_power_of_2(n)))
-
-
 # The Triton forms are torch.library custom ops, so that torch.compile keeps them as opaque nodes
 # (shapes from their fake implementations) instead of breaking the graph around them.
 
@@ -153,7 +149,7 @@ def _mm_triton(
     # W[g] read as [k_in, n_out]: trans_b swaps the two inner strides.
     stride_wk, stride_wn = (w.stride(2), w.stride(1)) if trans_b else (w.stride(1), w.stride(2))
     out = torch.empty(m, n_out, device=x.device, dtype=x.dtype)
-    block_m, block_n, block_k = _block(64, 64), _block(n_out, 64), _block(k_in, 32)
+    block_m, block_n, block_k = dot_block(64, 64), dot_block(n_out, 64), dot_block(k_in, 32)
     sizes = torch.diff(offsets, prepend=offsets.new_zeros(1))
     tile_ends = torch.cumsum(torch.div(sizes + block_m - 1, block_m, rounding_mode="floor"), 0)
     tile_ends = tile_ends.to(torch.int32)
@@ -180,7 +176,7 @@ def _wgrad_triton(
     """[E, dim_a, dim_b]: out[g] = a_gᵀ @ b_g."""
     dim_a, dim_b = a.shape[1], b.shape[1]
     out = a.new_empty(num_groups, dim_a, dim_b)
-    block_a, block_b = _block(dim_a, 64), _block(dim_b, 64)
+    block_a, block_b = dot_block(dim_a, 64), dot_block(dim_b, 64)
     grid = (num_groups, triton.cdiv(dim_a, block_a), triton.cdiv(dim_b, block_b))
     _grouped_wgrad_kernel[grid](
         a, b, out, offsets,

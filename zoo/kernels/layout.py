@@ -162,3 +162,47 @@ def run_segments(
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd will track a call on `tensors` (a decode step, typically, will not)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# -- what the Triton ops share: tile sizes, dot precision and the folded token axis -------------
+
+
+def dot_block(n: int, cap: int) -> int:
+    """Smallest power of two >= n, between tl.dot's minimum 16 and `cap`."""
+    return max(16, min(cap, 1 << max(n - 1, 0).bit_length()))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: fp32 callers get exact fp32 products (what the torch
+    reference computes); half inputs go through tensor cores anyway, where fp32 operands are
+    best served by tf32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class ChunkTable:
+    """Sequence bounds of the folded token axis and its chunk table, built once per call."""
+
+    def __init__(
+        self, bounds: list[int], chunk: int, device: torch.device, row_length: int | None
+    ) -> None:
+        starts, lens, offsets = [], [], [0]
+        for start, end in itertools.pairwise(bounds):
+            for t in range(start, end, chunk):
+                starts.append(t)
+                lens.append(min(chunk, end - t))
+            offsets.append(len(starts))
+        self.chunk = chunk
+        self.num_seqs = len(bounds) - 1
+        self.num_chunks = len(starts)
+        self.bounds = bounds
+        self.row_length = row_length  # T when the sequences are a batch's B equal rows
+        as_int = dict(device=device, dtype=torch.int32)
+        self.cu = torch.tensor(bounds, **as_int)
+        self.chunk_offset = torch.tensor(offsets, **as_int)
+        self.chunk_start = torch.tensor(starts, **as_int)
+        self.chunk_len = torch.tensor(lens, **as_int)
+
+
+def fold_batch(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, D) → contiguous (B·T, H, D): batches become sequences of one token axis."""
+    return x.reshape(-1, *x.shape[2:]).contiguous()

@@ -1,4 +1,5 @@
-"""Chunked linear attention in Triton: one kernel family for TNL, cosFormer2 and GLA (HGRN2).
+"""Chunked linear attention in Triton: one kernel family for TNL, cosFormer2, GLA (HGRN2) and
+Mamba2's SSD (`zoo.kernels.ssd`, its scalar decay spread over the key channels).
 
 The three linear mixers share one recurrence over a K×V state per head, kept in fp32,
 
@@ -46,7 +47,14 @@ from typing import Any
 import torch
 
 from zoo.kernels.backend import resolve_backend
-from zoo.kernels.layout import needs_grad, run_segments
+from zoo.kernels.layout import (
+    ChunkTable,
+    dot_block,
+    dot_precision,
+    fold_batch,
+    needs_grad,
+    run_segments,
+)
 
 try:
     import triton
@@ -436,56 +444,16 @@ if triton is not None:
         tl.store(o_ptr + bh * V + vs, (o * scale).to(o_ptr.dtype.element_ty), mask=vs < V)
 
 
-def _block(n: int, cap: int) -> int:
-    """Smallest power of two >= n, between tl.dot's minimum 16 and `cap`."""
-    return max(16, min(cap, triton.next_power_of_2(n)))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 callers get exact fp32 products (what the torch reference computes); half inputs
-    # go through tensor cores anyway, where fp32 operands are best served by tf32.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-class _Chunks:
-    """Sequence bounds of the folded token axis and its chunk table, built once per call."""
-
-    def __init__(
-        self, bounds: list[int], chunk: int, device: torch.device, row_length: int | None
-    ) -> None:
-        starts, lens, offsets = [], [], [0]
-        for start, end in itertools.pairwise(bounds):
-            for t in range(start, end, chunk):
-                starts.append(t)
-                lens.append(min(chunk, end - t))
-            offsets.append(len(starts))
-        self.chunk = chunk
-        self.num_seqs = len(bounds) - 1
-        self.num_chunks = len(starts)
-        self.bounds = bounds
-        self.row_length = row_length  # T when the sequences are a batch's B equal rows
-        as_int = dict(device=device, dtype=torch.int32)
-        self.cu = torch.tensor(bounds, **as_int)
-        self.chunk_offset = torch.tensor(offsets, **as_int)
-        self.chunk_start = torch.tensor(starts, **as_int)
-        self.chunk_len = torch.tensor(lens, **as_int)
-
-
-def _folded(x: torch.Tensor) -> torch.Tensor:
-    """(B, T, H, D) → contiguous (B·T, H, D): batches become sequences of one token axis."""
-    return x.reshape(-1, *x.shape[2:]).contiguous()
-
-
-def _chunk_cumsum(g: torch.Tensor, chunks: _Chunks) -> torch.Tensor:
+def _chunk_cumsum(g: torch.Tensor, chunks: ChunkTable) -> torch.Tensor:
     _, H, K = g.shape
     b = torch.empty(g.shape, device=g.device, dtype=torch.float32)
     _chunk_cumsum_kernel[(chunks.num_chunks, H)](
-        g, b, chunks.chunk_start, chunks.chunk_len, H, K, C=chunks.chunk, BK=_block(K, 64)
+        g, b, chunks.chunk_start, chunks.chunk_len, H, K, C=chunks.chunk, BK=dot_block(K, 64)
     )
     return b
 
 
-def _states(x, y, b, ld, start, chunks: _Chunks, decay: int, store_end: bool, reverse: bool,
+def _states(x, y, b, ld, start, chunks: ChunkTable, decay: int, store_end: bool, reverse: bool,
             scale: float = 1.0):  # fmt: skip
     """Run `_states_kernel`: (per-chunk states (N, H, K, V), end state (S, H, K, V) or None)."""
     _, H, K = x.shape
@@ -494,24 +462,24 @@ def _states(x, y, b, ld, start, chunks: _Chunks, decay: int, store_end: bool, re
     end = None
     if store_end:
         end = torch.empty(chunks.num_seqs, H, K, V, device=x.device, dtype=torch.float32)
-    bk, bv = _block(K, 64), _block(V, 64)
+    bk, bv = dot_block(K, 64), dot_block(V, 64)
     grid = (triton.cdiv(K, bk), triton.cdiv(V, bv), chunks.num_seqs * H)
     _states_kernel[grid](
         x, y, b, ld, start, chunk_states, end, chunks.cu, chunks.chunk_offset,
         scale, H, K, V,
         C=chunks.chunk, BK=bk, BV=bv, DECAY=decay, REVERSE=reverse,
-        HAS_START=start is not None, STORE_END=store_end, PREC=_precision(x.dtype),
+        HAS_START=start is not None, STORE_END=store_end, PREC=dot_precision(x.dtype),
         num_warps=_WARPS,
     )  # fmt: skip
     return chunk_states, end
 
 
 def _decay_inputs(
-    decay_arg: torch.Tensor, decay: int, chunks: _Chunks
+    decay_arg: torch.Tensor, decay: int, chunks: ChunkTable
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(log λ (H,) fp32 for a per-head decay, in-chunk cumsum b (T, H, K) for a per-key one)."""
     ld = decay_arg.float().contiguous() if decay == DECAY_HEAD else None
-    b = _chunk_cumsum(_folded(decay_arg), chunks) if decay == DECAY_KEY else None
+    b = _chunk_cumsum(fold_batch(decay_arg), chunks) if decay == DECAY_KEY else None
     return ld, b
 
 
@@ -543,20 +511,20 @@ def _chunk_forward(
     """(o (B, T, H, V), final states (S, H, K, V) fp32, or an empty tensor without `final`)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    chunks = _Chunks(bounds, chunk, q.device, None if packed else T)
-    qf, kf, vf = _folded(q), _folded(k), _folded(v)
+    chunks = ChunkTable(bounds, chunk, q.device, None if packed else T)
+    qf, kf, vf = fold_batch(q), fold_batch(k), fold_batch(v)
     ld, b = _decay_inputs(decay_arg, decay, chunks)
     h0c = h0.float().contiguous() if h0 is not None else None
     states, ht = _states(kf, vf, b, ld, h0c, chunks, decay, final, reverse=False)
     o = torch.empty(qf.shape[0], H, V, device=q.device, dtype=q.dtype)
     rows = _row_tile(decay, chunk)
-    bk, bv = _block(K, 64), _block(V, 64)
+    bk, bv = dot_block(K, 64), dot_block(V, 64)
     grid = (chunks.num_chunks * (chunk // rows), triton.cdiv(V, bv), H)
     _output_kernel[grid](
         qf, kf, vf, b, ld, states, o, chunks.chunk_start, chunks.chunk_len,
         scale, H, K, V,
-        C=chunk, R=rows, BK=bk if decay != DECAY_KEY else _block(K, 32), BV=bv,
-        DECAY=decay, PREC=_precision(q.dtype), num_warps=_WARPS,
+        C=chunk, R=rows, BK=bk if decay != DECAY_KEY else dot_block(K, 32), BV=bv,
+        DECAY=decay, PREC=dot_precision(q.dtype), num_warps=_WARPS,
     )  # fmt: skip
     return o.view(B, T, H, V), ht if ht is not None else q.new_empty(0, dtype=torch.float32)
 
@@ -588,11 +556,11 @@ def _chunk_backward(
     """(dq, dk, dv, d_decay, dh0): the last two empty where not wanted."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    chunks = _Chunks(bounds, chunk, q.device, None if packed else T)
-    qf, kf, vf = _folded(q), _folded(k), _folded(v)
+    chunks = ChunkTable(bounds, chunk, q.device, None if packed else T)
+    qf, kf, vf = fold_batch(q), fold_batch(k), fold_batch(v)
     ld, b = _decay_inputs(decay_arg, decay, chunks)
     h0c = h0.float().contiguous() if h0 is not None else None
-    do = _folded(do).to(q.dtype)
+    do = fold_batch(do).to(q.dtype)
     states, _ = _states(kf, vf, b, ld, h0c, chunks, decay, False, reverse=False)
     dht = dht.float().contiguous() if dht is not None else None
     dstates, dh0 = _states(qf, do, b, ld, dht, chunks, decay, h0 is not None, True, scale)
@@ -604,8 +572,8 @@ def _chunk_backward(
         qf, kf, vf, b, ld, states, dstates, do, dq, dk, dv,
         chunks.chunk_start, chunks.chunk_len,
         scale, H, K, V,
-        C=chunks.chunk, R=rows, BK=_block(K, 32), BV=_block(V, 32),
-        DECAY=decay, PREC=_precision(q.dtype), num_warps=_WARPS,
+        C=chunks.chunk, R=rows, BK=dot_block(K, 32), BV=dot_block(V, 32),
+        DECAY=decay, PREC=dot_precision(q.dtype), num_warps=_WARPS,
     )  # fmt: skip
     d_decay = q.new_empty(0)
     if decay != DECAY_NONE and decay_grad:
@@ -655,7 +623,7 @@ def _chunk_autograd(ctx: Any, do: torch.Tensor, dht: torch.Tensor) -> tuple:
 _chunk_forward.register_autograd(_chunk_autograd, setup_context=_chunk_setup)
 
 
-def _decay_grad(q, k, dq, dk, ht, dht, chunks: _Chunks, decay: int) -> torch.Tensor:
+def _decay_grad(q, k, dq, dk, ht, dht, chunks: ChunkTable, decay: int) -> torch.Tensor:
     """dg from dL/dB_t = q ⊙ dq − k ⊙ dk (see the module docstring), per folded token (T, H, K),
     or summed into dlog λ (H,) for a per-head decay."""
     d_cum = q.float() * dq - k.float() * dk  # (T, H, K)
@@ -714,7 +682,7 @@ def chunk_linear_attention(
         raise ValueError("pass log_decay (per head) or g (per key channel), not both")
     B, T = q.shape[:2]
     bounds = list(cu_seqlens) if cu_seqlens is not None else [b * T for b in range(B + 1)]
-    chunk = _block(chunk_size, 64)
+    chunk = dot_block(chunk_size, 64)
     if g is not None:
         decay, decay_arg = DECAY_KEY, g
     elif log_decay is not None:
@@ -760,14 +728,14 @@ def _step(
     decay = DECAY_KEY if g is not None else DECAY_HEAD if log_decay is not None else DECAY_NONE
     new_state = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
     o = torch.empty(B, H, V, device=q.device, dtype=q.dtype)
-    bv = _block(V, 64)
+    bv = dot_block(V, 64)
     _step_kernel[(B * H, triton.cdiv(V, bv))](
         q.contiguous(), k.contiguous(), v.contiguous(),
         g.contiguous() if g is not None else None,
         log_decay.float().contiguous() if log_decay is not None else None,
         state.float().contiguous() if state is not None else None, new_state, o,
         scale, H, K, V,
-        BK=_block(K, 64), BV=bv, DECAY=decay, HAS_STATE=state is not None,
+        BK=dot_block(K, 64), BV=bv, DECAY=decay, HAS_STATE=state is not None,
     )  # fmt: skip
     return o, new_state
 
@@ -795,8 +763,8 @@ def dispatch(
     torch_step: Callable[..., tuple[torch.Tensor, torch.Tensor]],
     torch_chunk: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The one dispatch of the linear-attention ops (lightning, cosFormer2 and GLA), after their
-    inputs are checked: the Triton kernels here, or the op's torch forms.
+    """The one dispatch of the linear-attention ops (lightning, cosFormer2, GLA and SSD), after
+    their inputs are checked: the Triton kernels here, or the op's torch forms.
 
     ``backend``: "auto" (Triton for CUDA tensors, the torch form otherwise; the environment
     variable ``ZOO_KERNEL_BACKEND`` overrides it), "torch", or "triton" (CUDA, or the CPU

@@ -112,6 +112,30 @@ def previous_states(
     return torch.stack(prefixes)[cp.rank]
 
 
+def previous_states_matrix(
+    final_state: torch.Tensor, transition: torch.Tensor, cp: ContextParallel
+) -> torch.Tensor:
+    """`previous_states` for a recurrence whose spans carry a start state h through a matrix:
+    a span takes h to M_r h + S_r (the delta rule's M_r = Π_t e^{g_t}(I − β_t k_t k_tᵀ)).
+
+    ``final_state`` S_r (..., K, V) from a zero start and ``transition`` M_r (..., K, K), the
+    same shapes on every rank. Returns this rank's start state h_r (zeros on rank 0), fp32:
+    h_{j+1} = M_j h_j + S_j. One all-gather forward, one reduce-scatter backward, on every rank;
+    differentiable in both inputs of every rank."""
+    state, matrix = final_state.float(), transition.float()
+    n = state.numel()
+    packed = torch.cat([state.reshape(-1), matrix.reshape(-1)]).unsqueeze(0)
+    rows = gather_sequence(packed, cp, dim=0)  # (P, n + m)
+    states = rows[:, :n].reshape(cp.size, *state.shape)
+    matrices = rows[:, n:].reshape(cp.size, *matrix.shape)
+    # As in previous_states: rank 0 too takes its start from the gathered rows, so that its
+    # backward reaches the collective like every other rank's.
+    prefixes = [torch.zeros_like(state)]
+    for j in range(max(cp.rank, 1)):
+        prefixes.append(matrices[j] @ prefixes[-1] + states[j])
+    return torch.stack(prefixes)[cp.rank]
+
+
 @dataclass(frozen=True)
 class SpanDocuments:
     """This rank's part of a packed row, from the whole row's document bounds."""
