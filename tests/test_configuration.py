@@ -206,3 +206,33 @@ def test_hyena_named_size_matches_safari(size):
     assert config.max_position_embeddings == 2048
     total = _count(config, exclude_embeddings=False)
     assert abs(total - HYENA_TOTAL[size]) / HYENA_TOTAL[size] < 0.02, total
+
+
+# Released Mamba2 checkpoints (state-spaces/mamba README: mamba2-130m ... mamba2-2.7b), named by
+# their total parameters with the GPT-NeoX vocabulary padded to 50280, rounded down (the 48 x
+# 2048 model counts 1.34B).
+MAMBA2_TOTAL = {"130m": 130e6, "370m": 370e6, "780m": 780e6, "1.3b": 1.3e9, "2.7b": 2.7e9}
+
+
+@pytest.mark.parametrize("size", sorted(MAMBA2_TOTAL))
+def test_mamba2_named_size_matches_the_released_models(size):
+    config = zoo.Mamba2Config.from_size(size, vocab_size=50_280)
+    assert (config.mamba2_d_state, config.mamba2_head_dim, config.mamba2_expand) == (128, 64, 2)
+    total = _count(config, exclude_embeddings=False)
+    assert (
+        0 <= (total - MAMBA2_TOTAL[size]) / MAMBA2_TOTAL[size] < 0.04
+        or abs(total - MAMBA2_TOTAL[size]) / MAMBA2_TOTAL[size] < 0.01
+    ), total
+
+
+def test_production_hybrid_presets_keep_their_layouts():
+    jamba = zoo.HybridConfig.from_size("jamba-like-mamba2-moe-440m-a210m")
+    assert jamba.mixers.count("mamba2") == 7 * jamba.mixers.count("attention") == 14
+    assert [i for i, m in enumerate(jamba.mixers) if m == "attention"] == [4, 12]
+    assert jamba.channel_mixers == ["swiglu", "moe"] * 8  # MoE every other layer
+    qwen = zoo.HybridConfig.from_size("qwen3-next-like-gdn-moe-580m-a240m")
+    assert qwen.mixers == ["gated_deltanet"] * 3 + ["attention"] + ["gated_deltanet"] * 3 + [
+        "attention"
+    ] + ["gated_deltanet"] * 3 + ["attention"]
+    assert set(qwen.channel_mixers) == {"moe"} and qwen.num_shared_experts == 1
+    assert qwen.gdn_num_v_heads == 2 * qwen.gdn_num_heads

@@ -781,15 +781,40 @@ class HyenaConfig(ZooConfig):
 # MAD's best striped designs (arXiv 2403.17844 §6): one attention layer in four (the optimal
 # hybridisation ratio of its IsoFLOP sweep) striped with Hyena, Mamba or TNL, every channel mixer
 # a top-2-of-8 MoE layer with experts as wide as a dense SwiGLU (Mixtral-style).
+# (width, heads, dense / expert width, experts, top-k) of every hybrid size below.
+_WIDTH_768_MOE = (768, 6, 2048, 8, 2)
 _HYBRID_SIZES: dict[str, NamedSize] = {
     "striped-hyena-moe-520m-a180m": NamedSize(
-        12, 768, 6, 2048, 8, 2, pattern="(hyena:moe*3 attention:moe)*3"
+        12, *_WIDTH_768_MOE, pattern="(hyena:moe*3 attention:moe)*3"
     ),
     "striped-mamba-moe-530m-a190m": NamedSize(
-        12, 768, 6, 2048, 8, 2, pattern="(mamba:moe*3 attention:moe)*3"
+        12, *_WIDTH_768_MOE, pattern="(mamba:moe*3 attention:moe)*3"
     ),
     "striped-tnl-moe-520m-a180m": NamedSize(
-        12, 768, 6, 2048, 8, 2, pattern="(lightning:moe*3 attention:moe)*3"
+        12, *_WIDTH_768_MOE, pattern="(lightning:moe*3 attention:moe)*3"
+    ),
+    # Today's production hybrids as patterns, at the width of the sizes above. Jamba's block
+    # (arXiv 2403.19887: 8 layers, attention at offset 4, MoE every other layer from offset 1;
+    # Jamba has Mamba-1 layers and 16 experts, Jamba-like designs since Mamba2), twice:
+    "jamba-like-mamba2-moe-440m-a210m": NamedSize(
+        16,
+        *_WIDTH_768_MOE,
+        pattern="(mamba2:swiglu mamba2:moe mamba2:swiglu mamba2:moe attention:swiglu mamba2:moe "
+        "mamba2:swiglu mamba2:moe)*2",
+    ),
+    # Qwen3-Next's layout (three Gated DeltaNet layers, then one attention layer; MoE with a
+    # shared expert everywhere; twice as many value heads as query/key heads of 128, here 64):
+    "qwen3-next-like-gdn-moe-580m-a240m": NamedSize(
+        12,
+        *_WIDTH_768_MOE,
+        pattern="(gated_deltanet:moe*3 attention:moe)*3",
+        settings=dict(
+            num_shared_experts=1,
+            gdn_num_heads=6,
+            gdn_num_v_heads=12,
+            gdn_head_dim=64,
+            gdn_expand_v=1.0,
+        ),
     ),
 }
 
