@@ -810,7 +810,13 @@ register_mixer(
     "(arXiv 2405.21060).",
     settings={
         "mamba2_expand": Setting(2, "Inner width D_in = expand · hidden_size.", positive_int),
-        "mamba2_head_dim": Setting(64, "Head size P; heads = D_in / P.", positive_int),
+        "mamba2_head_dim": Setting(
+            None,
+            "Head size P; heads = D_in / P. None = 64 (the released models'), or D_in when that "
+            "is narrower (one head).",
+            positive_int,
+            derive=lambda c: min(64, c.mamba2_expand * c.hidden_size),
+        ),
         "mamba2_d_state": Setting(128, "State size N per head.", positive_int),
         "mamba2_n_groups": Setting(
             1, "Groups G of heads sharing B and C (and the gated norm's groups).", positive_int

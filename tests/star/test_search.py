@@ -203,7 +203,7 @@ def test_cli_search_trains_candidates_then_reports_and_exports(tmp_path, monkeyp
 def test_cli_export_rejects_a_bad_genome(tmp_path):
     search_file = _tiny_search_file(tmp_path)
     result = CliRunner().invoke(
-        app, ["star", "export", "91111-11111-11111-11111", "--search", str(search_file)]
+        app, ["star", "export", "b1111-11111-11111-11111", "--search", str(search_file)]
     )
     assert result.exit_code == 2
     assert "error:" in result.output and "outside" in result.output

@@ -13,14 +13,16 @@ architecture as a hierarchy of integers. Ours keeps its two levels:
   which names what kind of linear input-varying system it is.
 
 Written out, a genome is its backbone tuples joined by "-", then "|" and the operator genes two
-digits per class: `"11111-11111-51211-11111|00 00 00 00 00 00 00|10 00 00 00"` (spaces optional).
+digits per class: `"11111-11111-51211-11111|00 00 00 00 00 00 00|10 00 00 00"` (spaces optional;
+a gene past 9, the tenth token class, is a base-36 letter: `"a1111"`).
 
 Our choices where the paper is silent or the zoo differs (shared/papers/star.md):
 
 - The zoo's blocks are (sequence mixer, channel mixer) pairs, so LIV positions alternate: even
   positions take token-mixing classes, odd positions memoryless channel-mixing classes (STAR lets
   any class sit anywhere; "none" at an odd position stacks two token mixers directly).
-- The class pool maps STAR's classes to the zoo's operators. SA-1/3/4 become one class "SA"
+- The class pool maps STAR's classes to the zoo's operators (and GLA, Mamba2 and Gated DeltaNet,
+  appended as recurrent classes of their own). SA-1/3/4 become one class "SA"
   whose repeat factor (1, 2, 4) is an operator gene; Rec-1/2 are Mamba with state expansion 16
   or 4 (one class, an expansion gene) and HGRN2; GConv-1 is the gated short conv, GConv-2 Hyena;
   linear attention with and without decay (TNL, cosFormer2) are classes of their own (STAR's
@@ -50,6 +52,8 @@ import numpy as np
 from zoo import registry
 from zoo.configuration import HybridConfig, format_layer_pattern
 
+# One character per backbone gene: base 36, so that classes past the ninth keep one digit.
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 # Positions of the backbone tuple.
 CLASS, FZ_GROUP, FZ_STRATEGY, FG_GROUP, FG_STRATEGY = range(5)
 NO_SHARING, SHARE = 1, 2
@@ -102,6 +106,17 @@ TOKEN_CLASSES: tuple[LIVClass, ...] = (
     LIVClass(
         "GConv-Hyena", "hyena", (8, 3, 1, 1, 1), expansion=(("hyena_order", 2), ("hyena_order", 3))
     ),
+    # The mixers of today's hybrids (added after the first searches: appended, so that a genome
+    # of the older pool still reads; see `Genome.parse`). GLA's decay is per key channel, Mamba2's
+    # and Gated DeltaNet's per head (semi-separable); the delta rule's write is a low-rank update.
+    LIVClass("Rec-GLA", "gla", (11, 4, 1, 1, 2)),
+    LIVClass(
+        "Rec-Mamba2",
+        "mamba2",
+        (12, 4, 1, 1, 1),
+        expansion=(("mamba2_d_state", 16), ("mamba2_d_state", 64)),
+    ),
+    LIVClass("Rec-GDN", "gated_deltanet", (13, 4, 1, 1, 2)),
 )
 _WIDTHS = (("intermediate_size", 2.0), ("intermediate_size", 8 / 3), ("intermediate_size", 4.0))
 CHANNEL_CLASSES: tuple[LIVClass, ...] = (
@@ -245,7 +260,7 @@ class Genome:
     # -- text ---------------------------------------------------------------------------------
 
     def __str__(self) -> str:
-        backbone = "-".join("".join(map(str, t)) for t in self.backbone)
+        backbone = "-".join("".join(_DIGITS[g] for g in t) for t in self.backbone)
         token = " ".join(f"{e}{r}" for e, r in self.operators[: self.token_classes])
         channel = " ".join(f"{e}{r}" for e, r in self.operators[self.token_classes :])
         return f"{backbone}|{token}|{channel}"
@@ -254,13 +269,20 @@ class Genome:
     def parse(cls, text: str, space: Backbone) -> Genome:
         """The genome written by `str(genome)`; the operator part may be left out (all zeros)."""
         parts = text.strip().split("|")
-        if not re.fullmatch(r"\d{5}(-\d{5})*", parts[0].strip()):
+        if not re.fullmatch(r"[0-9a-z]{5}(-[0-9a-z]{5})*", parts[0].strip()):
             raise GenomeError(
                 f"genome {text!r}: the backbone must be 5-digit tuples joined by '-' "
-                "(class, featurizer group, featurizer strategy, feature group, feature strategy)"
+                "(class, featurizer group, featurizer strategy, feature group, feature strategy; "
+                "a class past 9 is a letter, 10 = 'a')"
             )
-        backbone = [int(c) for c in parts[0].replace("-", "")]
-        digits = "".join(re.sub(r"\s", "", p) for p in parts[1:])
+        backbone = [int(c, 36) for c in parts[0].replace("-", "")]
+        sections = [re.sub(r"\s", "", p) for p in parts[1:]]
+        if len(sections) == 2:
+            # backbone|token|channel: a section shorter than this pool's is a genome of an older,
+            # smaller pool (classes are only appended); the classes it lacks get zero genes.
+            counts = (len(space.token_classes), len(space.channel_classes))
+            sections = [sec.ljust(2 * n, "0") for sec, n in zip(sections, counts, strict=True)]
+        digits = "".join(sections)
         if not re.fullmatch(r"\d*", digits):
             raise GenomeError(f"genome {text!r}: operator genes must be digits")
         operators = [int(c) for c in digits] or [0] * (2 * len(space.pool))
