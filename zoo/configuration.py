@@ -653,9 +653,9 @@ class GLAConfig(ZooConfig):
 
 class GatedDeltaNetConfig(ZooConfig):
     """Gated DeltaNet (Yang, Kautz & Hatamizadeh, arXiv 2412.06464) as fla's
-    `GatedDeltaNetForCausalLM` builds it: Gated DeltaNet blocks (`zoo.layers.gated_deltanet`,
-    fla's defaults: key heads of 256, value heads twice that, short convs of 4) with RMSNorm and
-    a SwiGLU MLP of width 8d/3 rounded up to 256 (fla's `GatedMLP` rule)."""
+    `GatedDeltaNetForCausalLM` builds it: Gated DeltaNet blocks (`zoo.layers.gated_deltanet`:
+    key heads of the model's head size, value heads twice that as in fla, short convs of 4) with
+    RMSNorm and a SwiGLU MLP of width 8d/3 rounded up to 256 (fla's `GatedMLP` rule)."""
 
     model_type = "zoo_gated_deltanet"
     default_mixer = "gated_deltanet"

@@ -812,10 +812,10 @@ register_mixer(
         "mamba2_expand": Setting(2, "Inner width D_in = expand · hidden_size.", positive_int),
         "mamba2_head_dim": Setting(
             None,
-            "Head size P; heads = D_in / P. None = 64 (the released models'), or D_in when that "
-            "is narrower (one head).",
+            "Head size P; heads = D_in / P. None = 64 (the released models'), or the largest "
+            "power of two dividing D_in where 64 does not.",
             positive_int,
-            derive=lambda c: min(64, c.mamba2_expand * c.hidden_size),
+            derive=lambda c: math.gcd(64, c.mamba2_expand * c.hidden_size),
         ),
         "mamba2_d_state": Setting(128, "State size N per head.", positive_int),
         "mamba2_n_groups": Setting(
@@ -881,7 +881,13 @@ register_mixer(
             positive_int,
             derive=lambda c: c.gdn_num_heads or c.num_attention_heads,
         ),
-        "gdn_head_dim": Setting(256, "Key head size d_k (fla's head_dim).", positive_int),
+        "gdn_head_dim": Setting(
+            None,
+            "Key head size d_k (fla's head_dim); None = hidden_size / the key heads, the model's "
+            "head size (Qwen3-Next: 128).",
+            positive_int,
+            derive=lambda c: max(1, c.hidden_size // (c.gdn_num_heads or c.num_attention_heads)),
+        ),
         "gdn_expand_v": Setting(
             2.0, "Value head size / key head size (fla's expand_v).", positive_number
         ),

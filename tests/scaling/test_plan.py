@@ -54,6 +54,17 @@ def test_isoflop_recipes_validate_and_spend_their_budget(tmp_path):
         assert small.tokens > large.tokens
 
 
+def test_the_new_mixers_families_plan_like_the_others(tmp_path):
+    families = ["gla", "mamba2", "gated_deltanet"]
+    runs = plan_isoflop(_base(), families, [2e10], SIZES, tmp_path, tmp_path / "r")
+    assert sorted({run.family for run in runs}) == sorted(families)
+    for run in runs:
+        assert load_recipe(run.recipe_path).model.preset == run.family
+        # Their layers count their FLOPs (zoo.flops): at least 6ND; more for Mamba2 at these
+        # widths, whose 128-state recurrence costs FLOPs that hold no parameters.
+        assert 0.8 < run.six_nd_ratio < 2.0, (run.family, run.six_nd_ratio)
+
+
 def test_planned_flops_equal_the_training_loops_count(tmp_path):
     (run,) = plan_isoflop(_base(), ["tnl"], [1e10], SIZES[:1], tmp_path, tmp_path / "r")
     result = train(load_recipe(run.recipe_path), resume="never", save_final=False, echo=print)
