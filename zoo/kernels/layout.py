@@ -41,6 +41,33 @@ def constant_cache(maxsize: int) -> Callable[[F], F]:
     return wrap
 
 
+def check_tensors(*named: tuple[str, torch.Tensor | None]) -> None:
+    """Every tensor of `named` ((name, tensor), None skipped) is floating and on the first's
+    device; errors name the tensor."""
+    first_name, first = named[0]
+    for name, t in named:
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def check_chunk_size(chunk_size: Any) -> None:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def check_decay_and_step(A: torch.Tensor, step: torch.Tensor, step_name: str, what: str) -> None:
+    """An SSM's A ≤ 0 (A = −exp(A_log): a positive entry grows the state without bound) and its
+    step ≥ 0 (`what` says where the step comes from), one reduction each."""
+    if bool((A > 0).any()):
+        raise ValueError(f"A must be <= 0 (A = -exp(A_log)) but its max is {A.max().item()}")
+    if bool(step.min() < 0):
+        raise ValueError(f"{step_name} must be >= 0 ({what}) but its min is {step.min().item()}")
+
+
 def check_qkv(
     op: str,
     q: torch.Tensor,
@@ -70,8 +97,7 @@ def check_qkv(
         raise ValueError(f"{names} must share a device, got {devices}")
     if T == 0:
         raise ValueError(f"q has T=0 tokens; {op} needs at least one")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
 
 
 def chunk_spans(num_tokens: int, chunk_size: int, group_tokens: int) -> list[tuple[int, int, int]]:

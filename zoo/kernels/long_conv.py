@@ -76,7 +76,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA torch and in ou
     triton = None
 
 from zoo.kernels.backend import resolve_backend
-from zoo.kernels.layout import needs_grad
+from zoo.kernels.layout import check_tensors, needs_grad
 
 HAS_TRITON = triton is not None
 
@@ -831,13 +831,7 @@ def _check_inputs(
     B, T, D = u.shape
     if T == 0:
         raise ValueError("u has T=0 tokens; long_conv needs at least one")
-    for name, t in (("u", u), ("k", k), ("bias", bias), ("initial_state", initial_state)):
-        if t is None:
-            continue
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
-        if t.device != u.device:
-            raise ValueError(f"{name} is on {t.device} but u is on {u.device}")
+    check_tensors(("u", u), ("k", k), ("bias", bias), ("initial_state", initial_state))
     S = 0
     if initial_state is not None:
         if initial_state.dim() != 3 or initial_state.shape[0] != B or initial_state.shape[2] != D:

@@ -55,7 +55,15 @@ except ImportError:  # pragma: no cover - triton ships with CUDA torch and in ou
     triton = None
 
 from zoo.kernels.backend import resolve_backend
-from zoo.kernels.layout import check_cu_seqlens, needs_grad, run_segments, values_checkable
+from zoo.kernels.layout import (
+    check_chunk_size,
+    check_cu_seqlens,
+    check_decay_and_step,
+    check_tensors,
+    needs_grad,
+    run_segments,
+    values_checkable,
+)
 
 __all__ = [
     "selective_scan",
@@ -754,27 +762,12 @@ def _check_inputs(
             )
     if D is not None and D.shape != (d_inner,):
         raise ValueError(f"D has shape {tuple(D.shape)} but must be (D_in,) = ({d_inner},)")
-    named = [("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)]
-    if D is not None:
-        named.append(("D", D))
-    for name, t in named:
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
-        if t.device != u.device:
-            raise ValueError(f"{name} is on {t.device} but u is on {u.device}")
+    check_tensors(("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D))
     if T == 0:
         raise ValueError("u has T=0 tokens; selective_scan needs at least one")
     if values_checkable(u):
-        if bool((A > 0).any()):
-            # A = -exp(A_log): a positive entry would make the state grow without bound.
-            raise ValueError(f"A must be <= 0 (A = -exp(A_log)) but its max is {A.max().item()}")
-        if bool(delta.min() < 0):  # one reduction: no (B, T, D_in) mask is made
-            raise ValueError(
-                f"delta must be >= 0 (a step size, e.g. a softplus output) but its min is "
-                f"{delta.min().item()}"
-            )
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        check_decay_and_step(A, delta, "delta", "a step size, e.g. a softplus output")
+    check_chunk_size(chunk_size)
     bounds = check_cu_seqlens(cu_seqlens, u)
     n_states = batch if bounds is None else len(bounds) - 1
     if initial_state is not None and initial_state.shape != (n_states, d_inner, n_state):

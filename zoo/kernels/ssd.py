@@ -42,7 +42,14 @@ import itertools
 import torch
 
 from zoo.kernels.backend import resolve_backend
-from zoo.kernels.layout import check_cu_seqlens, chunk_spans, values_checkable
+from zoo.kernels.layout import (
+    check_chunk_size,
+    check_cu_seqlens,
+    check_decay_and_step,
+    check_tensors,
+    chunk_spans,
+    values_checkable,
+)
 from zoo.kernels.linear_attention import dispatch
 
 __all__ = ["ssd", "ssd_chunk_torch", "ssd_naive", "ssd_step"]
@@ -256,26 +263,12 @@ def _check_inputs(
         raise ValueError(f"B and C have G={G} groups, which does not divide the H={H} heads of x")
     if D is not None and D.shape != (H,):
         raise ValueError(f"D has shape {tuple(D.shape)} but must be (H,) = ({H},) from x")
-    named = [("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)]
-    if D is not None:
-        named.append(("D", D))
-    for name, t in named:
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_tensors(("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D))
     if T == 0:
         raise ValueError("x has T=0 tokens; ssd needs at least one")
     if values_checkable(x):
-        if bool((A > 0).any()):
-            # A = -exp(A_log): a positive entry would make the state grow without bound.
-            raise ValueError(f"A must be <= 0 (A = -exp(A_log)) but its max is {A.max().item()}")
-        if bool(dt.min() < 0):
-            raise ValueError(
-                f"dt must be >= 0 (after dt_bias and softplus) but its min is {dt.min().item()}"
-            )
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        check_decay_and_step(A, dt, "dt", "after dt_bias and softplus")
+    check_chunk_size(chunk_size)
     if cu_seqlens is not None and batch != 1:
         raise ValueError(f"cu_seqlens needs packed sequences with B=1 but x has B={batch}")
     bounds = check_cu_seqlens(cu_seqlens, x)
