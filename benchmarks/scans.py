@@ -1,4 +1,5 @@
-"""Linear-mixer ops (TNL, cosFormer2, HGRN2) against SDPA causal attention and fla: ms, TFLOP/s.
+"""Linear-mixer ops (TNL, cosFormer2, HGRN2, Mamba2, Gated DeltaNet) against SDPA causal
+attention and fla: ms, TFLOP/s.
 
 Per shape (B, T, H, D) and implementation: one forward (under no_grad) and one forward + backward
 (o.backward(do) into q, k, v and the gate where it is an input), in milliseconds, the median of
@@ -13,6 +14,13 @@ Ops, in fla's layout (q, k (B, T, H, K); v (B, T, H, V)), scale 1, chunk size C 
   dim), V = D; fla's `fla.ops.linear_attn.chunk_linear_attn(normalize=False)`.
 - HGRN2: its op `zoo.kernels.gla.gla`, log_f = logsigmoid(randn) (B, T, H, D), K = V = D;
   fla's `fla.ops.gla.chunk_gla(g=log_f)`.
+- Mamba2: its SSD op `zoo.kernels.ssd.ssd`, x (B, T, H, P = D), dt = softplus(randn − 2),
+  A (H,) from −0.5 to −4, B and C one group of N = D (K = D); fla's
+  `fla.ops.simple_gla.chunk_simple_gla` with q = C, k = dt·B, g = dt·A per head (the same math).
+- Gated DeltaNet: `zoo.kernels.gated_delta.gated_delta`, k L2-normalised, g = logsigmoid(randn),
+  β = sigmoid(randn) per head and token, K = V = D, scale K^−½; fla's
+  `fla.ops.gated_delta_rule.chunk_gated_delta_rule` (its FLOPs are counted like the others':
+  the delta rule's triangular solve comes on top).
 - softmax attention: `torch.nn.functional.scaled_dot_product_attention(is_causal=True)` on
   (B, H, T, D), with whatever backend torch picks (flash attention for bf16 on a recent GPU).
 Ours run with backend="torch" and, on CUDA, backend="triton". A variant that raises (a kernel
@@ -61,8 +69,10 @@ from common import (
     with_notes,
 )
 
+from zoo.kernels.gated_delta import gated_delta
 from zoo.kernels.gla import gla as zoo_gla
 from zoo.kernels.lightning import lightning, tnl_log_decay
+from zoo.kernels.ssd import ssd
 
 SHAPES = {
     "cuda": [(8, 2048, 16, 128), (2, 8192, 16, 128), (1, 32768, 16, 128)],
@@ -70,7 +80,10 @@ SHAPES = {
 }
 QUICK_SHAPES = {"cuda": [(1, 2048, 16, 128)], "cpu": [(1, 128, 2, 16)]}
 CHUNK = 64
-OPS = {"attention": "softmax attention", "tnl": "TNL", "cosformer2": "cosFormer2", "hgrn2": "HGRN2"}
+OPS = {
+    "attention": "softmax attention", "tnl": "TNL", "cosformer2": "cosFormer2", "hgrn2": "HGRN2",
+    "mamba2": "Mamba2 (SSD)", "gdn": "Gated DeltaNet",
+}  # fmt: skip
 
 Inputs = dict[str, torch.Tensor | None]
 Op = Callable[[Inputs], torch.Tensor]
@@ -95,6 +108,20 @@ def make_inputs(
         "k": randn(B, T, H, K).requires_grad_(),
         "v": randn(B, T, H, D).requires_grad_(),  # (B, T, H, V)
     }
+    if op == "mamba2":  # x = v (B, T, H, P = D), dt (B, T, H), A (H,), B and C one group (N = D)
+        x = {
+            "x": x["v"],
+            "dt": F.softplus(randn(B, T, H) - 2).requires_grad_(),
+            "A": -torch.linspace(0.5, 4.0, H, device=device),
+            "B": randn(B, T, 1, D).requires_grad_(),
+            "C": randn(B, T, 1, D).requires_grad_(),
+        }
+        return x, randn(B, T, H, D)
+    if op == "gdn":  # k normalised, as the layer gives it; g and beta per head and token
+        x["k"] = F.normalize(x["k"].detach().float(), dim=-1).to(dtype).requires_grad_()
+        x["g"] = F.logsigmoid(randn(B, T, H)).requires_grad_()
+        x["beta"] = torch.sigmoid(randn(B, T, H)).requires_grad_()
+        return x, randn(B, T, H, D)
     if op == "tnl":
         x["log_decay"] = tnl_log_decay(H, 0, 2).to(device)  # (H,)
     elif op == "cosformer2":
@@ -105,6 +132,14 @@ def make_inputs(
 
 
 def _zoo(op: str, backend: str) -> tuple[str, Op]:
+    if op == "mamba2":
+        return f"zoo.kernels.ssd.ssd(backend={backend!r})", lambda x: ssd(
+            x["x"], x["dt"], x["A"], x["B"], x["C"], chunk_size=CHUNK, backend=backend
+        )[0]
+    if op == "gdn":
+        return f"zoo.kernels.gated_delta.gated_delta(backend={backend!r})", lambda x: gated_delta(
+            x["q"], x["k"], x["v"], x["g"], x["beta"], chunk_size=CHUNK, backend=backend
+        )[0]
     if op == "hgrn2":
         return f"zoo.kernels.gla.gla(backend={backend!r})", lambda x: zoo_gla(
             x["q"], x["k"], x["v"], x["log_f"], chunk_size=CHUNK, backend=backend
@@ -116,6 +151,28 @@ def _zoo(op: str, backend: str) -> tuple[str, Op]:
 
 def _fla(op: str) -> tuple[str, Op] | str:
     """(name, op) of fla's chunked kernel for one of our ops, or why there is none."""
+    if op == "mamba2":  # SSD is simple GLA: q = C, k = dt·B, v = x, g = dt·A per head
+        simple_gla = fla_op("simple_gla", "chunk_simple_gla")
+        if not callable(simple_gla):
+            return simple_gla
+
+        def ssd_simple_gla(x: Inputs) -> torch.Tensor:
+            H = x["x"].shape[2]
+            q = x["C"].expand(-1, -1, H, -1)
+            k = x["B"].expand(-1, -1, H, -1) * x["dt"].unsqueeze(-1).to(x["B"].dtype)
+            g = (x["dt"].float() * x["A"]).to(x["x"].dtype)
+            return simple_gla(q, k, x["x"], g=g, scale=1.0)[0]
+
+        return "fla.ops.simple_gla.chunk_simple_gla (SSD as simple GLA)", ssd_simple_gla
+    if op == "gdn":
+        rule = fla_op("gated_delta_rule", "chunk_gated_delta_rule")
+        if not callable(rule):
+            return rule
+
+        def gdn(x: Inputs) -> torch.Tensor:
+            return rule(x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"])[0]
+
+        return "fla.ops.gated_delta_rule.chunk_gated_delta_rule", gdn
     if op == "tnl":
         lightning_attn = fla_op("lightning_attn", "chunk_lightning_attn")
         if callable(lightning_attn):
@@ -202,7 +259,7 @@ def bench(
                     keep({**row, "skipped": entry})
                     continue
                 call, fn = entry
-                K = x["q"].shape[-1]
+                K = x["q"].shape[-1] if "q" in x else x["B"].shape[-1]
                 row.update(call=call, K=K, V=D, flops_fwd=flops)
                 label = f"{shape} {op} {impl}"
                 row.update(measure_fwd_bwd(fn, x, grad, device, repeats, time_limit_s, label))

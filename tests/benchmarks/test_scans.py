@@ -16,6 +16,8 @@ def test_scans_quick_times_every_op_forward_and_backward(run_benchmark):
         ("tnl", "zoo torch"),
         ("cosformer2", "zoo torch"),
         ("hgrn2", "zoo torch"),
+        ("mamba2", "zoo torch"),
+        ("gdn", "zoo torch"),
     }
     for row in rows.values():
         assert row["flops_fwd"] > 0
