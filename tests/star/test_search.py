@@ -203,7 +203,10 @@ def test_cli_search_trains_candidates_then_reports_and_exports(tmp_path, monkeyp
 def test_cli_export_rejects_a_bad_genome(tmp_path):
     search_file = _tiny_search_file(tmp_path)
     result = CliRunner().invoke(
-        app, ["star", "export", "b1111-11111-11111-11111", "--search", str(search_file)]
-    )
+        app,
+        ["star", "export", "b1111-11111-11111-11111", "--search", str(search_file),
+         "--out", str(tmp_path / "exported")],
+    )  # fmt: skip
     assert result.exit_code == 2
     assert "error:" in result.output and "outside" in result.output
+    assert not (tmp_path / "exported").exists()
