@@ -52,7 +52,7 @@ GPU_PYTHON ?= python3
 # The files holding gpu-marked tests (collecting only these keeps dev-only imports out).
 GPU_TESTS ?= tests/test_gpu.py tests/layers/test_moe.py tests/kernels tests/test_training.py
 # The benchmark scripts (benchmarks/<name>.py), run by `make bench` on CPU and `make bench-gpu`.
-BENCHMARKS ?= cpu_models moe_layer train_step grouped_gemm scans decode ssm_conv parallel
+BENCHMARKS ?= cpu_models moe_layer train_step grouped_gemm scans decode ssm_conv mixers parallel
 # Pure-Python pins and pydantic-core (one wheel per CPython version in .whl/, pip picks its own).
 GPU_WHEELS ?= transformers huggingface-hub pydantic pydantic-core annotated-types \
 	typing-inspection typing-extensions typer

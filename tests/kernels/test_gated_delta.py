@@ -437,7 +437,7 @@ def check_triton_against_naive(tensors, cu_seqlens=None, chunk_size=16):
 
 @needs_triton
 @pytest.mark.parametrize("with_init", [False, True])
-@pytest.mark.parametrize(("T", "chunk_size"), [(1, 16), (17, 16), (64, 16), (100, 64)])
+@pytest.mark.parametrize(("T", "chunk_size"), [(1, 16), (17, 16), (64, 16), (100, 64), (200, 64)])
 def test_triton_matches_naive(T, chunk_size, with_init):
     q, k, v, g, beta, s0 = make_inputs(T)
     check_triton_against_naive([q, k, v, g, beta, s0 if with_init else None], None, chunk_size)

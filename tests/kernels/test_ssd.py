@@ -313,7 +313,9 @@ def triton_backend(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-@pytest.mark.parametrize(("T", "with_init"), [(1, True), (17, False), (17, True), (64, True)])
+@pytest.mark.parametrize(
+    ("T", "with_init"), [(1, True), (17, False), (17, True), (64, True), (200, True)]
+)
 def test_triton_matches_naive(triton_backend, T, with_init):
     inputs = make_inputs(T)
     ours = outputs_and_grads(ssd, inputs, with_init, chunk_size=16, backend="triton")
