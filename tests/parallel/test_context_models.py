@@ -30,14 +30,18 @@ B, T = 2, 32
 # Every sequence mixer of the striped hybrid with its tiny settings, and MoE channel mixers.
 _MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
 STRIPED = (
-    "attention:moe mamba:swiglu lightning:moe hgrn2:swiglu gated_conv:moe gla:swiglu mamba2:moe"
+    "attention:moe mamba:swiglu lightning:moe hgrn2:swiglu gated_conv:moe gla:swiglu mamba2:moe "
+    "gated_deltanet:swiglu"
 )
 CONV_ATTENTION = "gated_conv:moe attention:swiglu hyena:moe attention:moe"
 
 
 def _hybrid(pattern: str, **overrides) -> zoo.HybridConfig:
     fields = dict(registry.TINY_BACKBONE)
-    mixers = ("attention", "mamba", "lightning", "hgrn2", "gated_conv", "hyena", "gla", "mamba2")
+    mixers = (
+        "attention", "mamba", "lightning", "hgrn2", "gated_conv", "hyena", "gla", "mamba2",
+        "gated_deltanet",
+    )  # fmt: skip
     for name in mixers:
         fields.update(registry.sequence_mixer(name).tiny)
     fields.pop("num_hidden_layers")
