@@ -41,3 +41,15 @@ def test_report_regenerates_from_the_summary(folder, tmp_path):
     pairs = zip(NUMBER.findall(got), NUMBER.findall(want), strict=True)
     off = [(a, b) for a, b in pairs if not _close(a, b)]
     assert not off, f"numbers that moved: {off[:10]}"
+
+
+def test_a_star_report_keeps_only_the_current_front_in_best(tmp_path):
+    copy = tmp_path / "star"
+    source = ROOT / "experiments" / "star_pool2"
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("runs"))
+    current = sorted(p.name for p in (copy / "best").iterdir())
+    stale = copy / "best" / "3-0123456789abcdef"  # a member of an earlier, shorter search's front
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    regenerate_report(copy)
+    assert sorted(p.name for p in (copy / "best").iterdir()) == current

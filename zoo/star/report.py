@@ -15,6 +15,8 @@ decode cache), `generations.png` (loss of the population per generation), `front
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -277,6 +279,12 @@ def write_report(folder: str | Path) -> list[Path]:
         "|---|---|---|---|" + "---|" * len(baselines) + "---|",
     ]
     best_dir = out / "best"
+    keep = {f"{rank}-{member['digest']}" for rank, member in enumerate(front)}
+    for stale in best_dir.glob("*-*/config.json") if best_dir.is_dir() else ():
+        # A front member of an earlier report of this search (an extended search moves the
+        # front): its folder goes, so that best/ holds exactly this front.
+        if re.fullmatch(r"\d+-[0-9a-f]{16}", stale.parent.name) and stale.parent.name not in keep:
+            shutil.rmtree(stale.parent)
     summary = []
     for rank, member in enumerate(front):
         genome = Genome.parse(member["genome"], space)
