@@ -40,7 +40,7 @@ def assert_close(actual, expected, tol=1e-5):
 
 @pytest.mark.parametrize("with_init", [False, True])
 @pytest.mark.parametrize("chunk_size", [4, 20, 64])
-@pytest.mark.parametrize("T", [1, 7, 20, 63, 130])
+@pytest.mark.parametrize("T", [1, 7, 17, 20, 63, 64, 130, 200])
 def test_chunk_matches_naive(T, chunk_size, with_init):
     q, k, v, log_f, s0 = make_inputs(T)
     init = s0 if with_init else None
@@ -74,7 +74,7 @@ def test_strong_decay_stays_finite_and_exact(min_log_f):
 
 
 @pytest.mark.parametrize("with_init", [False, True])
-@pytest.mark.parametrize("T", [37, 64])
+@pytest.mark.parametrize("T", [1, 17, 37, 64, 200])
 def test_chunk_gradients_match_naive(T, with_init):
     q, k, v, log_f, s0 = make_inputs(T)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, log_f, s0)]
@@ -87,8 +87,10 @@ def test_chunk_gradients_match_naive(T, with_init):
         loss = (o * proj_o).sum() + (s * proj_s).sum()
         return torch.autograd.grad(loss, leaves[:4] + ([init] if with_init else []))
 
-    for g, g_ref in zip(grads(gla_chunk_torch, chunk_size=20), grads(gla_naive), strict=True):
-        assert g_ref.abs().max() > 0
+    pairs = zip(grads(gla_chunk_torch, chunk_size=20), grads(gla_naive), strict=True)
+    for i, (g, g_ref) in enumerate(pairs):
+        # The decay's gradient is zero only where it decays nothing: one token from zeros.
+        assert g_ref.abs().max() > 0 or (i == 3 and T == 1 and not with_init)
         assert_close(g, g_ref, tol=1e-4)
 
 

@@ -115,6 +115,15 @@ def test_outputs_states_and_gradients_match_oracle(op, T, chunk_size, with_init)
     check_against_oracle(op, [q, k, v, decay, s0 if with_init else None], chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize("with_init", [False, True])
+@pytest.mark.parametrize("T", [17, 200])
+def test_gla_at_the_issues_lengths(T, with_init):
+    # GLA (HGRN2's op) at the lengths every new mixer's op is held to, T in {1, 17, 64, 200}
+    # (1 and 64 above).
+    q, k, v, decay, s0 = make_inputs("hgrn2", 2, T, K=8, V=12)
+    check_against_oracle("hgrn2", [q, k, v, decay, s0 if with_init else None], chunk_size=64)
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_head_dims_spanning_several_tiles(op):
     # K = 80 and V = 72 take two 64-wide (or three 32-wide) tiles, the last one ragged.
