@@ -27,6 +27,14 @@ def new_cache(config: ZooConfig) -> DynamicCache:
     return DynamicCache(config=config)
 
 
+def conv_window(cache: Cache, layer_idx: int) -> torch.Tensor | None:
+    """The K − 1 inputs a causal conv reads before this call, (B, K − 1, C), from the layer's
+    conv state (B, C, K) in transformers' layout; None before the first update. Mamba, Mamba2
+    and Gated DeltaNet read it so, then store the call's inputs with `update_conv_state`."""
+    conv_state = cache.get_conv_state(layer_idx)  # (B, C, K) or None
+    return None if conv_state is None else conv_state[:, :, 1:].transpose(1, 2)
+
+
 def recurrent_state(cache: Cache, layer_idx: int) -> torch.Tensor | None:
     """The recurrent state stored for `layer_idx`, or None before the first update.
 

@@ -33,14 +33,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers.cache_utils import Cache
 
-from zoo.cache import recurrent_state
+from zoo.cache import conv_window, recurrent_state
 from zoo.configuration import ZooConfig
 from zoo.flops import linear_flops
 from zoo.kernels.gated_delta import gated_delta, gated_delta_naive
 from zoo.kernels.long_conv import short_conv, short_conv_naive
 from zoo.layers.context import MixerContext
+from zoo.layers.mamba import init_conv_like_pytorch, init_dt_bias
 from zoo.layers.norm import RMSNorm
 from zoo.parallel.context import ContextParallel, halo
 from zoo.parallel.scan import previous_states_matrix, recurrent_group
@@ -99,16 +101,14 @@ class GatedDeltaNet(nn.Module):
     @torch.no_grad()
     def init_zoo_weights(self) -> None:
         """fla's init: A ~ U(0, 16) (A_log = log A), Δ bias = softplus⁻¹ of a log-uniform draw
-        from [1e-3, 0.1] floored at 1e-4; the convs keep PyTorch's Conv1d default."""
-        device = self.A_log.device
-        self.A_log.copy_(torch.empty(self.num_v_heads, device=device).uniform_(0, 16).log())
-        low, high = torch.log(torch.tensor(1e-3)), torch.log(torch.tensor(0.1))
-        dt = torch.exp(torch.rand(self.num_v_heads, device=device) * (high - low) + low)
-        dt = dt.clamp(min=1e-4)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+        from [1e-3, 0.1] floored at 1e-4, the convs PyTorch's Conv1d default; through
+        `transformers.initialization`, which leaves weights loaded from a checkpoint alone (the
+        norm's gain is the backbone's default init, 1)."""
+        A = torch.empty(self.num_v_heads, device=self.A_log.device).uniform_(0, 16)
+        init.copy_(self.A_log, A.log())
+        init_dt_bias(self.dt_bias, 1e-3, 0.1, 1e-4)
         for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
-            conv.reset_parameters()
-        self.o_norm.weight.fill_(1.0)
+            init_conv_like_pytorch(conv)
 
     def _conv_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
@@ -184,9 +184,7 @@ class GatedDeltaNet(nn.Module):
             return self._output(self._context_parallel(q, k, v, g, beta, cp), hidden_states)
         left = state = None
         if cache is not None:
-            conv_state = cache.get_conv_state(self.layer_idx)  # (B, C, K) or None
-            if conv_state is not None:
-                left = conv_state[:, :, 1:].transpose(1, 2)  # (B, K − 1, C)
+            left = conv_window(cache, self.layer_idx)  # (B, K − 1, C) or None
             state = recurrent_state(cache, self.layer_idx)
         mixed, _ = short_conv(qkv, weight, bias, left, backend=self.backend)
         if cache is not None:

@@ -47,7 +47,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 
-from zoo.cache import recurrent_state
+from zoo.cache import conv_window, recurrent_state
 from zoo.configuration import ZooConfig
 from zoo.flops import linear_flops
 from zoo.kernels.backend import resolve_backend
@@ -66,6 +66,26 @@ def inner_size(config: ZooConfig) -> int:
 def dt_rank(config: ZooConfig) -> int:
     """R, the rank of the Δ projection: mamba_dt_rank, or ceil(hidden_size / 16)."""
     return config.mamba_dt_rank or math.ceil(config.hidden_size / 16)
+
+
+@torch.no_grad()
+def init_dt_bias(bias: torch.Tensor, dt_min: float, dt_max: float, floor: float) -> None:
+    """mamba_ssm's Δ bias: softplus⁻¹ of a log-uniform draw from [dt_min, dt_max], floored at
+    `floor`, one per entry of `bias` (Mamba's channels, Mamba2's and Gated DeltaNet's heads)."""
+    log_min, log_max = math.log(dt_min), math.log(dt_max)
+    dt = torch.rand(bias.shape, device=bias.device) * (log_max - log_min)
+    dt = torch.exp(dt + log_min).clamp(min=floor)  # log-uniform
+    init.copy_(bias, dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+
+
+@torch.no_grad()
+def init_conv_like_pytorch(conv: nn.Conv1d) -> None:
+    """PyTorch's own Conv1d init (kaiming-uniform weight, U(±1/√fan_in) bias; fan_in = K for a
+    depthwise conv), through `transformers.initialization`, which leaves loaded weights alone."""
+    init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
+    if conv.bias is not None:
+        bound = 1.0 / math.sqrt(conv.weight[0].numel())
+        init.uniform_(conv.bias, -bound, bound)
 
 
 class MambaMixer(nn.Module):
@@ -119,15 +139,8 @@ class MambaMixer(nn.Module):
         init.ones_(self.D)
         bound = self.dt_rank**-0.5
         init.uniform_(self.dt_proj.weight, -bound, bound)
-        log_min, log_max = math.log(self.dt_min), math.log(self.dt_max)
-        dt = torch.rand(self.d_inner, device=self.dt_proj.bias.device) * (log_max - log_min)
-        dt = torch.exp(dt + log_min).clamp(min=self.dt_init_floor)  # (D_in,) log-uniform
-        init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
-        # PyTorch's Conv1d default (mamba_ssm keeps it): kaiming-uniform weight, U(±1/√K) bias.
-        init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
-        if self.conv1d.bias is not None:
-            bound = 1.0 / math.sqrt(self.d_conv)
-            init.uniform_(self.conv1d.bias, -bound, bound)
+        init_dt_bias(self.dt_proj.bias, self.dt_min, self.dt_max, self.dt_init_floor)
+        init_conv_like_pytorch(self.conv1d)  # mamba_ssm keeps PyTorch's Conv1d default
 
     def _gated_input(
         self, hidden_states: torch.Tensor, context: MixerContext
@@ -194,9 +207,7 @@ class MambaMixer(nn.Module):
             return self.out_proj(y)
         left = ssm_state = None
         if cache is not None:
-            conv_state = cache.get_conv_state(self.layer_idx)  # (B, D_in, K) or None
-            if conv_state is not None:
-                left = conv_state[:, :, 1:].transpose(1, 2)  # (B, K-1, D_in)
+            left = conv_window(cache, self.layer_idx)  # (B, K-1, D_in) or None
             ssm_state = recurrent_state(cache, self.layer_idx)
         u = self._causal_conv(x, left)
         if cache is not None:

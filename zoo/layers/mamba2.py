@@ -11,7 +11,7 @@ transformers' `Mamba2Mixer` as the reference code:
 with D_in = `mamba2_expand` · d split into H = D_in / P heads of `mamba2_head_dim` P, and B, C
 shared by the H / G heads of each of `mamba2_n_groups` G groups. Parameter names and shapes are
 transformers' (in_proj, conv1d, dt_bias, A_log, D, norm.weight, out_proj), so a transformers
-`Mamba2ForCausalLM` checkpoint converts by renaming (`zoo.convert.mamba2`). The recurrence is
+`Mamba2ForCausalLM` checkpoint converts by renaming (`zoo.convert`). The recurrence is
 `zoo.kernels.ssd.ssd` (chunked torch form, Triton kernels, decode step), under context
 parallelism the `gla` op's span form with the decay on every key channel.
 
@@ -35,12 +35,13 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 
-from zoo.cache import recurrent_state
+from zoo.cache import conv_window, recurrent_state
 from zoo.configuration import ZooConfig
 from zoo.flops import linear_flops
 from zoo.kernels.long_conv import short_conv, short_conv_naive
 from zoo.kernels.ssd import ssd, ssd_naive
 from zoo.layers.context import MixerContext
+from zoo.layers.mamba import init_conv_like_pytorch, init_dt_bias
 from zoo.parallel.context import ContextParallel, halo
 from zoo.parallel.scan import gla_cp, recurrent_group
 
@@ -107,16 +108,8 @@ class Mamba2Mixer(nn.Module):
         heads = torch.arange(1, self.num_heads + 1, dtype=torch.float32, device=self.A_log.device)
         init.copy_(self.A_log, torch.log(heads))
         init.ones_(self.D)
-        dt_min, dt_max, floor = self.dt_init
-        u = torch.rand(self.num_heads, device=self.dt_bias.device)
-        dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(
-            min=floor
-        )
-        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
-        init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
-        if self.conv1d.bias is not None:
-            bound = 1.0 / math.sqrt(self.d_conv)
-            init.uniform_(self.conv1d.bias, -bound, bound)
+        init_dt_bias(self.dt_bias, *self.dt_init)
+        init_conv_like_pytorch(self.conv1d)
         init.ones_(self.norm.weight)
 
     def _project(
@@ -179,9 +172,7 @@ class Mamba2Mixer(nn.Module):
             return self._output(self._context_parallel(x, delta, A, B, C, cp), z)
         left = state = None
         if cache is not None:
-            conv_state = cache.get_conv_state(self.layer_idx)  # (B, C, K) or None
-            if conv_state is not None:
-                left = conv_state[:, :, 1:].transpose(1, 2)  # (B, K − 1, C)
+            left = conv_window(cache, self.layer_idx)  # (B, K − 1, C) or None
             state = recurrent_state(cache, self.layer_idx)
         u = F.silu(short_conv(xbc, weight, self.conv1d.bias, left, backend=self.backend)[0])
         if cache is not None:
