@@ -36,6 +36,7 @@ state (B, H, K, V) fp32; selective scan u, delta (B, L, D_in), B, C (B, L, N), s
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -98,17 +99,31 @@ def previous_states(
             f"log_decay_total has shape {tuple(log_decay.shape)}, which does not broadcast to "
             f"the final state's {tuple(state.shape)}"
         )
+    # h_{j+1} = Λ_j ⊙ h_j + S_j, with Λ_j = exp(log Λ_j) (exp(−inf) = 0).
+    return _compose_spans(
+        state, log_decay, cp, lambda s, log_d, h: torch.addcmul(s, log_d.exp(), h)
+    )
+
+
+def _compose_spans(
+    state: torch.Tensor,
+    carrier: torch.Tensor,
+    cp: ContextParallel,
+    step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """This rank's start state from every rank's (S_j, carrier_j), composed in rank order as
+    h_{j+1} = step(S_j, carrier_j, h_j) from h_0 = 0. One collective for both: every rank's
+    (S, carrier) as a row of the gathered (P, n + m)."""
     n = state.numel()
-    # One collective for both: every rank's (S, log Λ) as a row of the gathered (P, n + m).
-    packed = torch.cat([state.reshape(-1), log_decay.reshape(-1)]).unsqueeze(0)
+    packed = torch.cat([state.reshape(-1), carrier.reshape(-1)]).unsqueeze(0)
     rows = gather_sequence(packed, cp, dim=0)  # (P, n + m)
     states = rows[:, :n].reshape(cp.size, *state.shape)
-    decays = rows[:, n:].reshape(cp.size, *log_decay.shape).exp()  # exp(−inf) = 0
+    carriers = rows[:, n:].reshape(cp.size, *carrier.shape)
     # Every rank, rank 0 included, takes its start state out of a prefix list built from the
     # gathered rows, so its backward reaches the gather's collective like every other rank's.
     prefixes = [torch.zeros_like(state)]
     for j in range(max(cp.rank, 1)):
-        prefixes.append(torch.addcmul(states[j], decays[j], prefixes[-1]))
+        prefixes.append(step(states[j], carriers[j], prefixes[-1]))
     return torch.stack(prefixes)[cp.rank]
 
 
@@ -122,18 +137,7 @@ def previous_states_matrix(
     same shapes on every rank. Returns this rank's start state h_r (zeros on rank 0), fp32:
     h_{j+1} = M_j h_j + S_j. One all-gather forward, one reduce-scatter backward, on every rank;
     differentiable in both inputs of every rank."""
-    state, matrix = final_state.float(), transition.float()
-    n = state.numel()
-    packed = torch.cat([state.reshape(-1), matrix.reshape(-1)]).unsqueeze(0)
-    rows = gather_sequence(packed, cp, dim=0)  # (P, n + m)
-    states = rows[:, :n].reshape(cp.size, *state.shape)
-    matrices = rows[:, n:].reshape(cp.size, *matrix.shape)
-    # As in previous_states: rank 0 too takes its start from the gathered rows, so that its
-    # backward reaches the collective like every other rank's.
-    prefixes = [torch.zeros_like(state)]
-    for j in range(max(cp.rank, 1)):
-        prefixes.append(matrices[j] @ prefixes[-1] + states[j])
-    return torch.stack(prefixes)[cp.rank]
+    return _compose_spans(final_state.float(), transition.float(), cp, lambda s, m, h: m @ h + s)
 
 
 @dataclass(frozen=True)
