@@ -22,6 +22,14 @@
     torch.cuda.max_memory_allocated over the decode steps (peak stats reset after the prefill):
     a recurrent cache keeps both constant in the context length.
 
+(c) generate: whole ≈14M-parameter models (benchmarks/cpu_models.py) greedy through
+    `generate()` after a 1K-token prompt, ours (eager, `torch.compile`'s step, the
+    ahead-of-time step) and transformers' own Llama and Mamba on the same weights, at B = 1 and
+    16; each decode step timed from inside generate()'s loop (`StepClock`) against the bound of
+    reading every weight and the cache once at the GEMV bandwidth measured around the call.
+(d) products (CPU): one decode step's matrix products alone, by backend (ATen row-major, ATen
+    column-major, oneDNN), at B = 1 and 16: why each decode path multiplies the way it does.
+
 On a CPU (the default) (a) runs at H = 4, D = 32 in fp32 through the torch backend only, and (b)
 runs a tiny TNL (hidden 64, 2 layers, 2 heads, fp32) at contexts 64 to 512, so the code paths are
 tested; memory there is the cache bytes only.
@@ -63,13 +71,13 @@ from common import (
 from cpu_models import FULL as CPU_MODELS
 from cpu_models import QUICK as CPU_MODELS_QUICK
 from cpu_models import model_configs
-from transformers import CompileConfig
+from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
 from transformers.utils import logging as transformers_logging
 
 from zoo.cache import cache_nbytes, new_cache
 from zoo.configuration import TNLConfig
 from zoo.convert import to_hf_llama, to_hf_mamba
-from zoo.decode import compile_config, decode_layout
+from zoo.decode import ahead_of_time_config, compile_config, decode_layout
 from zoo.kernels.gla import gla as zoo_gla
 from zoo.kernels.lightning import lightning, tnl_log_decay
 from zoo.modeling import ZooForCausalLM
@@ -368,9 +376,10 @@ GENERATE: dict[str, dict[str, Any]] = {
         "batches": [1, 16],
         "context": 1024,
         "long_contexts": {"tnl": [4096, 16384]},
-        "tokens": (8, 72),
-        # A batch's prefill takes seconds and varies by more than 64 steps take: more steps.
-        "tokens_batched": (8, 200),
+        # Tokens per timed generate() call: their decode steps are timed one by one (StepClock).
+        "steps": 66,
+        "steps_batched": 34,
+        "rounds": 7,
     },
     "quick": {
         "model": CPU_MODELS_QUICK["model"],
@@ -378,12 +387,36 @@ GENERATE: dict[str, dict[str, Any]] = {
         "batches": [1, 4],
         "context": 64,
         "long_contexts": {"tnl": [256]},
-        "tokens": (4, 36),
-        "tokens_batched": (4, 36),
+        "steps": 12,
+        "steps_batched": 12,
+        "rounds": 2,
     },
 }
 FAMILY_KEYS = {"llama": "zoo_llama", "tnl": "zoo_tnl", "hgrn2": "zoo_hgrn2", "mamba": "zoo_mamba"}
-Generate = Callable[[torch.Tensor, int], torch.Tensor]
+FAST_PATHS = ("zoo compiled", "zoo ahead-of-time")
+
+
+class StepClock(LogitsProcessor):
+    """generate()'s decode steps timed from inside its loop. A logits processor runs once per new
+    token, so the gaps between its calls are whole decode steps (the model's step, the cache
+    update, logits processing, the stopping check) and the prefill is left out. On CUDA each call
+    synchronizes, which costs a step the overlap of the host's work with the device's."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+    def step_s(self, skip: int = 2) -> float:
+        """Median seconds of a decode step, the first `skip` gaps (warming caches) left out."""
+        gaps = [b - a for a, b in zip(self.times, self.times[1:], strict=False)]
+        return statistics.median(gaps[skip:] or gaps)
+
+
+Generate = Callable[[torch.Tensor, int, StepClock | None], torch.Tensor]
 
 
 def gemv_bandwidth(nbytes: int, width: int, device: torch.device, repeats: int) -> dict[str, float]:
@@ -418,9 +451,10 @@ def _weight_bytes(model: torch.nn.Module) -> int:
 
 
 def _generate_fn(model: torch.nn.Module, **options: Any) -> Generate:
-    """generate() of `n` greedy tokens, exactly n (no end-of-sequence stop)."""
+    """generate() of `n` greedy tokens, exactly n (no end-of-sequence stop), its steps timed by
+    `clock` when one is given."""
 
-    def run(ids: torch.Tensor, n: int) -> torch.Tensor:
+    def run(ids: torch.Tensor, n: int, clock: StepClock | None = None) -> torch.Tensor:
         return model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
@@ -429,6 +463,7 @@ def _generate_fn(model: torch.nn.Module, **options: Any) -> Generate:
             do_sample=False,
             pad_token_id=0,
             eos_token_id=None,
+            logits_processor=LogitsProcessorList([clock] if clock is not None else []),
             **options,
         )
 
@@ -442,14 +477,24 @@ def _hf_compile_config(device: torch.device) -> CompileConfig | None:
     return None if device.type == "cuda" else compile_config(device)
 
 
-def _variants(family: str, model: ZooForCausalLM, batch: int) -> dict[str, Generate]:
-    """name -> generate of every way the benchmark decodes one family's weights: ours eager and
-    compiled; at batch 1 also transformers' own model on the same weights, in its documented
-    configurations, and (Llama) with our GEMV layout, to show what that layout alone buys."""
+def _zoo_variants(model: ZooForCausalLM) -> dict[str, Generate]:
+    """Our ways to decode: eager, `torch.compile`'s step, and on a CPU the AOTInductor step."""
     out = {
         "zoo eager": _generate_fn(model),
         "zoo compiled": _generate_fn(model, cache_implementation="static"),
     }
+    if model.device.type == "cpu":
+        out["zoo ahead-of-time"] = _generate_fn(
+            model, cache_implementation="static", compile_config=ahead_of_time_config()
+        )
+    return out
+
+
+def _variants(family: str, model: ZooForCausalLM, batch: int) -> dict[str, Generate]:
+    """name -> generate of every way the benchmark decodes one family's weights: ours; at batch 1
+    also transformers' own model on the same weights, in its documented configurations, and
+    (Llama) with our GEMV layout, to show what that layout alone buys."""
+    out = _zoo_variants(model)
     if batch != 1:
         return out
     if family == "llama":
@@ -458,9 +503,9 @@ def _variants(family: str, model: ZooForCausalLM, batch: int) -> dict[str, Gener
         static = {"cache_implementation": "static"}
         compiled = _generate_fn(hf, **static, compile_config=_hf_compile_config(model.device))
 
-        def hf_gemv_layout(ids: torch.Tensor, n: int) -> torch.Tensor:
+        def hf_gemv_layout(ids: torch.Tensor, n: int, clock: StepClock | None = None) -> Any:
             with decode_layout(hf):
-                return compiled(ids, n)
+                return compiled(ids, n, clock)
 
         out["transformers dynamic cache"] = _generate_fn(hf)
         out["transformers static cache"] = _generate_fn(hf, **static, disable_compile=True)
@@ -477,54 +522,58 @@ def _variants(family: str, model: ZooForCausalLM, batch: int) -> dict[str, Gener
 
 def time_group(
     runs: dict[str, tuple[Generate, torch.Tensor]],
-    tokens: tuple[int, int],
-    repeats: int,
+    steps: int,
+    rounds: int,
     bandwidth: Callable[[], dict[str, float]],
 ) -> dict[str, dict[str, Any]]:
-    """Per decode step of each run: (time of `long` tokens − time of `short` tokens) /
-    (long − short), medians over `repeats` rounds, so the prefill and generate()'s set-up cancel
-    out. The runs take turns within each round, with the GEMV bandwidth measured at its start,
-    so that this machine's drifts hit them alike. Each run's first call makes `long` tokens: it
-    compiles (recorded apart) and sizes a static cache for both lengths (transformers keeps a
-    static cache that is long enough; a longer one would compile again)."""
-    short, long = tokens
+    """Each run's decode step, round by round: a generate() of `steps` tokens whose steps a
+    `StepClock` times one by one (the median step of the call is the round's), with the GEMV
+    bandwidth measured just before and just after it (their mean is the round's), so that each
+    step is set against what the memory gave at that moment (this machine's drifts move both).
+    The runs take turns within each round. Each run's first call compiles (its excess over a
+    timed call is recorded as compile time)."""
     out: dict[str, dict[str, Any]] = {}
     for name, (run, ids) in runs.items():
+        device = ids.device
         start = time.perf_counter()
-        first = run(ids, long)
-        sync(ids.device)
-        out[name] = {"first_call_s": time.perf_counter() - start, "short": [], "long": []}
+        first = run(ids, steps)
+        sync(device)
+        out[name] = {"first_call_s": time.perf_counter() - start, "rounds": []}
         out[name]["tokens"] = first[:, ids.shape[1] :]
-    gemv: list[dict[str, float]] = []
-    for _ in range(repeats):
-        gemv.append(bandwidth())
+    for _ in range(rounds):
         for name, (run, ids) in runs.items():
-            for n, key in ((short, "short"), (long, "long")):
-                call = functools.partial(run, ids, n)
-                out[name][key].append(time_once(call, ids.device))
+            before = bandwidth()
+            clock = StepClock(ids.device)
+            call_s = time_once(functools.partial(run, ids, steps, clock), ids.device)
+            after = bandwidth()
+            gemv = {k: (before[k] + after[k]) / 2 for k in before}  # the call's time, bracketed
+            out[name]["rounds"].append({"gemv": gemv, "step_s": clock.step_s(), "call_s": call_s})
     for name, (_, ids) in runs.items():
         res = out[name]
-        shorts, longs = statistics.median(res.pop("short")), statistics.median(res.pop("long"))
-        res["compile_s"] = max(res["first_call_s"] - longs, 0.0)
-        res["gemv"] = {k: statistics.median(g[k] for g in gemv) for k in gemv[0]}
-        if longs <= shorts:  # the machine's noise exceeded the decode time: no number
-            res["error"] = f"unstable: {long} tokens took {longs:.3f} s, {short} {shorts:.3f} s"
-            continue
-        step = (longs - shorts) / (long - short)
+        timed = res.pop("rounds")
+        step = statistics.median(r["step_s"] for r in timed)
+        call = statistics.median(r["call_s"] for r in timed)
+        res["compile_s"] = max(res["first_call_s"] - call, 0.0)
+        res["gemv"] = {k: statistics.median(r["gemv"][k] for r in timed) for k in timed[0]["gemv"]}
+        res["step_ms_rounds"] = [1e3 * r["step_s"] for r in timed]
+        res["gemv_best_gb_per_s_rounds"] = [max(r["gemv"].values()) for r in timed]
         res["step_ms"], res["tokens_per_s"] = 1e3 * step, ids.shape[0] / step
     return out
 
 
 @torch.inference_mode()
-def bench_generate(settings: dict[str, Any], device: torch.device, repeats: int) -> dict[str, Any]:
+def bench_generate(settings: dict[str, Any], device: torch.device) -> dict[str, Any]:
     configs = model_configs(settings["model"])
+    fast = "zoo ahead-of-time" if device.type == "cpu" else "zoo compiled"
     out: dict[str, Any] = {
         "model": settings["model"],
         "context": settings["context"],
-        "tokens": list(settings["tokens"]),
-        "tokens_batched": list(settings["tokens_batched"]),
+        "steps": settings["steps"],
+        "steps_batched": settings["steps_batched"],
+        "rounds": settings["rounds"],
         "rows": [],
     }
+    one = settings["batches"][0]
     for family in settings["families"]:
         torch.manual_seed(0)
         model = ZooForCausalLM(configs[FAMILY_KEYS[family]]).to(device).eval()
@@ -533,27 +582,29 @@ def bench_generate(settings: dict[str, Any], device: torch.device, repeats: int)
         def bandwidth(nbytes: int = nbytes, width: int = width) -> dict[str, float]:
             return gemv_bandwidth(nbytes, width, device, 5)
 
-        # Groups of runs timed in turns: each batch at the base context with every variant, and
-        # (TNL) the compiled path at each context, whose decode must not depend on it.
+        # Groups of runs timed in turns: each batch at the base context with every variant (a
+        # larger batch beside our fastest path at the first batch, so that their ratio comes
+        # from one round), and (TNL) our fastest path at each context, whose decode must not
+        # depend on it.
         groups: list[dict[str, tuple[str, int, int, Generate]]] = []
+        zoo_fast = _zoo_variants(model)[fast]
         for batch in settings["batches"]:
             variants = _variants(family, model, batch)
-            groups.append(
-                {name: (name, batch, settings["context"], run) for name, run in variants.items()}
-            )
+            context = settings["context"]
+            group = {name: (name, batch, context, run) for name, run in variants.items()}
+            if batch != one:
+                group[f"{fast}, B={one}"] = (fast, one, settings["context"], zoo_fast)
+            groups.append(group)
         contexts = settings["long_contexts"].get(family, [])
         if contexts:
-            compiled = _generate_fn(model, cache_implementation="static")
             groups.append(
-                {
-                    f"context {c}": ("zoo compiled", 1, c, compiled)
-                    for c in [settings["context"], *contexts]
-                }
+                {f"context {c}": (fast, one, c, zoo_fast) for c in [settings["context"], *contexts]}
             )
-        for group in groups:
+        for index, group in enumerate(groups):
+            label = "contexts" if index == len(settings["batches"]) else None
             progress(f"generate: {family}: {', '.join(group)}")
             batched = any(batch > 1 for _, batch, _, _ in group.values())
-            tokens = settings["tokens_batched" if batched else "tokens"]
+            steps = settings["steps_batched" if batched else "steps"]
             runs, cache_bytes = {}, {}
             for key, (_, batch, context, run) in group.items():
                 gen = torch.Generator().manual_seed(context + batch)
@@ -562,7 +613,7 @@ def bench_generate(settings: dict[str, Any], device: torch.device, repeats: int)
                 cache_bytes[key] = cache_nbytes(_prefill(model, runs[key][1], context)[1])
             torch._dynamo.reset()  # the group's compiled runs compile afresh, and only they
             try:
-                timed = time_group(runs, tokens, repeats, bandwidth)
+                timed = time_group(runs, steps, settings["rounds"], bandwidth)
             except Exception as exc:  # a configuration that fails is a result of the run
                 for impl, batch, context, _ in group.values():
                     out["rows"].append(
@@ -571,32 +622,41 @@ def bench_generate(settings: dict[str, Any], device: torch.device, repeats: int)
                     )  # fmt: skip
                 continue
             first = next(iter(group))
+            group_name = label or f"B={max(b for _, b, _, _ in group.values())}"
             for key, (impl, batch, context, _) in group.items():
                 row = {
                     "family": family, "impl": impl, "B": batch, "context": context,
-                    "group": "contexts" if key.startswith("context") else f"B={batch}",
-                    "tokens_timed": list(tokens),
+                    "group": group_name, "steps": steps,
                     "weight_bytes": nbytes, "cache_bytes": cache_bytes[key], **timed[key],
                 }  # fmt: skip
                 generated = row.pop("tokens")
-                if runs[key][1] is runs[first][1] or torch.equal(runs[key][1], runs[first][1]):
+                same_prompt = runs[key][1].shape == runs[first][1].shape and torch.equal(
+                    runs[key][1], runs[first][1]
+                )
+                if same_prompt:
                     # Same prompt as the group's first run (zoo eager): the same greedy tokens.
                     row["greedy_equals_zoo_eager"] = bool(
                         torch.equal(generated, timed[first]["tokens"])
                     )
-                if "error" not in row:
-                    best = max(row["gemv"].values()) * 1e9
-                    row["bound_ms"] = 1e3 * (nbytes + cache_bytes[key]) / best
-                    row["fraction_of_bound"] = row["bound_ms"] / row["step_ms"]
-                    progress(
-                        f"  {impl} B={batch} context={context}: {row['step_ms']:.2f} ms/step, "
-                        f"{100 * row['fraction_of_bound']:.0f}% of the bound, "
-                        f"compile {row['compile_s']:.1f} s"
-                    )
+                # The bound of each round: the bytes a step reads at that round's best GEMV
+                # rate; the fraction is the median over rounds of bound ÷ step.
+                bounds = [
+                    1e3 * (nbytes + cache_bytes[key]) / (gb * 1e9)
+                    for gb in row["gemv_best_gb_per_s_rounds"]
+                ]
+                row["bound_ms"] = statistics.median(bounds)
+                row["fraction_of_bound"] = statistics.median(
+                    b / s for b, s in zip(bounds, row["step_ms_rounds"], strict=True)
+                )
+                progress(
+                    f"  {impl} B={batch} context={context}: {row['step_ms']:.2f} ms/step, "
+                    f"{100 * row['fraction_of_bound']:.0f}% of the bound, "
+                    f"compile {row['compile_s']:.1f} s"
+                )
                 out["rows"].append(row)
         del model
         gc.collect()
-    out["goals"] = generate_goals(out["rows"], settings)
+    out["goals"] = generate_goals(out["rows"], settings, fast)
     return out
 
 
@@ -607,22 +667,34 @@ def _row(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
     return None
 
 
-def generate_goals(rows: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
-    """Issue 25's decode goals, from this run's rows (fp32, ≈14M parameters, base context)."""
+def _round_ratio(num: dict[str, Any], den: dict[str, Any], scale: float = 1.0) -> float:
+    """Median over the rounds of one group of den's step ÷ num's step (× scale): how many times
+    faster `num` ran than `den`, each round against the other run of that round."""
+    return statistics.median(
+        scale * d / n for n, d in zip(num["step_ms_rounds"], den["step_ms_rounds"], strict=True)
+    )
+
+
+def generate_goals(
+    rows: list[dict[str, Any]], settings: dict[str, Any], fast: str
+) -> dict[str, Any]:
+    """Issue 25's decode goals, from this run's rows (fp32, ≈14M parameters, base context), for
+    our fastest path on the device (`fast`)."""
     b1, b16 = settings["batches"][:2]
     goals: dict[str, Any] = {}
     for family in settings["families"]:
-        one = _row(rows, family=family, impl="zoo compiled", B=b1, group=f"B={b1}")
-        many = _row(rows, family=family, impl="zoo compiled", B=b16, group=f"B={b16}")
+        one = _row(rows, family=family, impl=fast, B=b1, group=f"B={b1}")
         if one is None:
             continue
         goals[f"{family}_fraction_of_bound_b{b1}"] = {
-            "value": one["fraction_of_bound"], "met": one["fraction_of_bound"] >= 0.75
+            "value": one["fraction_of_bound"], "impl": fast, "met": one["fraction_of_bound"] >= 0.75
         }  # fmt: skip
-        if many is not None:
-            ratio = many["tokens_per_s"] / one["tokens_per_s"]
-            goals[f"{family}_b{b16}_over_b{b1}"] = {"value": ratio, "met": ratio >= 8}
-    ours = _row(rows, family="llama", impl="zoo compiled", B=b1, group=f"B={b1}")
+        many = _row(rows, family=family, impl=fast, B=b16, group=f"B={b16}")
+        beside = _row(rows, family=family, impl=fast, B=b1, group=f"B={b16}")
+        if many is not None and beside is not None:
+            ratio = _round_ratio(many, beside, scale=b16 / b1)  # tokens/s ratio, same rounds
+            goals[f"{family}_b{b16}_over_b{b1}"] = {"value": ratio, "impl": fast, "met": ratio >= 8}
+    ours = _row(rows, family="llama", impl=fast, B=b1, group=f"B={b1}")
     theirs = [
         r for r in rows
         if r["family"] == "llama" and r["impl"].startswith("transformers") and "error" not in r
@@ -630,15 +702,16 @@ def generate_goals(rows: list[dict[str, Any]], settings: dict[str, Any]) -> dict
     documented = [r for r in theirs if "zoo" not in r["impl"]]
     if ours and documented:
         fastest = max(documented, key=lambda r: r["tokens_per_s"])
-        ratio = ours["tokens_per_s"] / fastest["tokens_per_s"]
+        ratio = _round_ratio(ours, fastest)
         goals["llama_over_transformers_fastest"] = {
-            "value": ratio, "against": fastest["impl"], "met": ratio >= 1.3
+            "value": ratio, "impl": fast, "against": fastest["impl"], "met": ratio >= 1.3
         }  # fmt: skip
     with_layout = [r for r in theirs if "zoo" in r["impl"]]
     if ours and with_layout:
         # Not a goal: how much of the lead is the layout, which transformers' model can borrow.
-        ratio = ours["tokens_per_s"] / with_layout[0]["tokens_per_s"]
-        goals["llama_over_transformers_with_zoo_gemv_layout"] = {"value": ratio, "met": None}
+        goals["llama_over_transformers_with_zoo_gemv_layout"] = {
+            "value": _round_ratio(ours, with_layout[0]), "met": None
+        }  # fmt: skip
     tnl = [r for r in rows if r["family"] == "tnl" and r.get("group") == "contexts"]
     tnl = [r for r in tnl if "error" not in r]
     if len(tnl) > 1:
@@ -649,10 +722,84 @@ def generate_goals(rows: list[dict[str, Any]], settings: dict[str, Any]) -> dict
         }  # fmt: skip
     same = [r["greedy_equals_zoo_eager"] for r in rows if "greedy_equals_zoo_eager" in r]
     goals["greedy_equals_zoo_eager"] = {"value": all(same), "met": all(same)}
-    compile_s = [r["compile_s"] for r in rows if r["impl"] == "zoo compiled" and "error" not in r]
+    compile_s = [r["compile_s"] for r in rows if r["impl"] in FAST_PATHS and "error" not in r]
     if compile_s:
         goals["compile_under_60s"] = {"value": max(compile_s), "met": max(compile_s) < 60}
     return goals
+
+
+# --------------------------------------------------------------------------------------------
+# (d) the matrix products of one decode step, by backend (CPU)
+
+
+PRODUCTS: dict[str, dict[str, Any]] = {
+    "full": {"model": CPU_MODELS["model"], "families": list(FAMILY_KEYS), "batches": [1, 16],
+             "rounds": 7, "loops": 20},
+    "quick": {"model": CPU_MODELS_QUICK["model"], "families": ["llama", "tnl"], "batches": [1, 4],
+              "rounds": 2, "loops": 5},
+}  # fmt: skip
+
+
+def _products(layers: list[torch.nn.Linear], batch: int, how: str) -> Callable[[], None]:
+    """One decode step's products: every layer once on a `batch`-row input, by `how`."""
+    inputs = [torch.randn(batch, layer.in_features) for layer in layers]
+    if how == "aten, column-major weights":
+        weights = [layer.weight.t().contiguous().t() for layer in layers]
+    else:
+        weights = [layer.weight for layer in layers]
+
+    def step() -> None:
+        for x, w in zip(inputs, weights, strict=True):
+            if how == "onednn":
+                torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+            else:
+                F.linear(x, w)
+
+    return step
+
+
+@torch.inference_mode()
+def bench_products(settings: dict[str, Any]) -> dict[str, Any]:
+    """The ms of one decode step's matrix products (every `nn.Linear` of each family's model on
+    a B-row input) in ATen on `nn.Linear`'s (out, in) weights, in ATen on column-major weights
+    (`zoo.decode.decode_layout`, what our batch-1 steps read) and in oneDNN
+    (`torch.ops.mkldnn._linear_pointwise`, what our ahead-of-time step runs for a batch,
+    `zoo.decode.onednn_linears`): loops of `loops` steps, the median over rounds, the ways in
+    turns within each round."""
+    configs = model_configs(settings["model"])
+    hows = ["aten", "aten, column-major weights"]
+    hows += ["onednn"] if torch.backends.mkldnn.is_available() else []
+    rows = []
+    for family in settings["families"]:
+        torch.manual_seed(0)
+        model = ZooForCausalLM(configs[FAMILY_KEYS[family]]).eval()
+        layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
+        nbytes = sum(layer.weight.numel() * 4 for layer in layers)
+        flops = sum(2 * layer.weight.numel() for layer in layers)
+        for batch in settings["batches"]:
+            steps = {how: _products(layers, batch, how) for how in hows}
+            times: dict[str, list[float]] = {how: [] for how in hows}
+            for _ in range(settings["rounds"]):
+                for how, step in steps.items():
+                    loop = functools.partial(_repeat, step, settings["loops"])
+                    times[how].append(median_time(loop, torch.device("cpu"), 1, 1))
+            for how in hows:
+                ms = 1e3 * statistics.median(times[how]) / settings["loops"]
+                rows.append(
+                    {"family": family, "B": batch, "impl": how, "layers": len(layers),
+                     "ms": ms, "gb_per_s": nbytes / ms / 1e6,
+                     "gflop_per_s": batch * flops / ms / 1e6}
+                )  # fmt: skip
+            progress(
+                f"products: {family} B={batch}: "
+                + ", ".join(f"{r['impl']} {r['ms']:.2f} ms" for r in rows[-len(hows) :])
+            )
+    return {"model": settings["model"], "rows": rows}
+
+
+def _repeat(fn: Callable[[], None], n: int) -> None:
+    for _ in range(n):
+        fn()
 
 
 # --------------------------------------------------------------------------------------------
@@ -707,15 +854,28 @@ def table(result: dict[str, Any]) -> str:
             )
     if "generate" in result:
         lines += ["", *generate_table(result["generate"])]
+    if "products" in result:
+        lines += [
+            "",
+            "One decode step's matrix products (every nn.Linear once), ms:",
+            "",
+            "| model | B | impl | ms | GB/s of weights | GFLOP/s |",
+            "|---|---:|---|---:|---:|---:|",
+        ]
+        for row in result["products"]["rows"]:
+            lines.append(
+                f"| {row['family']} | {row['B']} | {row['impl']} | {row['ms']:.2f} "
+                f"| {row['gb_per_s']:.1f} | {row['gflop_per_s']:.0f} |"
+            )
     return with_notes(lines, notes, result["device"])
 
 
 def generate_table(gen: dict[str, Any]) -> list[str]:
     lines = [
-        f"generate(): greedy, context {gen['context']:,} unless said, ms per decode step from "
-        f"{gen['tokens'][1]} − {gen['tokens'][0]} tokens (batches: "
-        f"{gen['tokens_batched'][1]} − {gen['tokens_batched'][0]}); bound = (weights + cache "
-        "bytes) ÷ the best GEMV bandwidth measured in the row's rounds",
+        f"generate(): greedy, context {gen['context']:,} unless said; ms per decode step: the "
+        f"median over {gen['rounds']} rounds of each call's median step ({gen['steps']} tokens, "
+        f"batches {gen['steps_batched']}); % of bound: median over the rounds of (weights + "
+        "cache bytes ÷ the best GEMV bandwidth measured around the call) ÷ step",
         "",
         "| model | group | impl | B | context | ms / step | tokens/s | % of bound | GEMV GB/s "
         "(Linear / column-major) | compile s | greedy = zoo eager |",
@@ -755,14 +915,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--prefill-chunk", type=int, default=4096, help="tokens per prefill call")
     parser.add_argument(
+        "--rounds", type=int, default=None, help="generate section: rounds per group (default: 7)"
+    )
+    parser.add_argument(
         "--sections",
-        default="op_step,model,generate",
+        default="op_step,model,generate,products",
         help="comma-separated sections to run (default: %(default)s)",
     )
     args = parser.parse_args(argv)
     sections = set(args.sections.split(","))
-    if not sections <= {"op_step", "model", "generate"}:
-        parser.error(f"--sections: unknown {sorted(sections - {'op_step', 'model', 'generate'})}")
+    known = {"op_step", "model", "generate", "products"}
+    if not sections <= known:
+        parser.error(f"--sections: unknown {sorted(sections - known)}")
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -791,7 +955,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # warnings about generation flags would drown the progress lines.
         transformers_logging.set_verbosity_error()
         settings = GENERATE["quick" if args.quick else "full"]
-        result["generate"] = bench_generate(settings, device, max(args.repeats // 2, 1))
+        if args.rounds is not None:
+            settings = {**settings, "rounds": args.rounds}
+        result["generate"] = bench_generate(settings, device)
+    if "products" in sections and device.type == "cpu":
+        result["products"] = bench_products(PRODUCTS["quick" if args.quick else "full"])
     result["wall_s"] = time.perf_counter() - start
     finish(result, out_path, table)
     return result

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import zoo
 from tests.tiny import FAMILIES, tiny_config, tiny_mixer_config
 from zoo.cli import app
-from zoo.decode import decode_layout
+from zoo.decode import ahead_of_time_config, decode_layout, onednn_linears
 from zoo.tokenizer import PAD_ID, byte_tokenizer
 
 MOE_ESCAPE = "zoo/layers/moe.py"
@@ -55,6 +55,66 @@ def test_compiled_static_generate_gives_the_eager_greedy_tokens(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "tnl", "mamba", "hyena", "hybrid"])
+def test_ahead_of_time_step_gives_the_eager_greedy_tokens(family):
+    """The AOTInductor step: a padded batch and each of its rows alone (two compiled steps: the
+    shapes differ) give the eager path's greedy tokens."""
+    model = _model(family)
+    batch, mask, long, short = _padded_batch()
+    options = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": PAD_ID}
+    eager = model.generate(batch, attention_mask=mask, **options)
+    aot = {"cache_implementation": "static", "compile_config": ahead_of_time_config(), **options}
+    fast = model.generate(batch, attention_mask=mask, **aot)
+    assert torch.equal(fast, eager)
+    assert torch.equal(model.generate(short, **aot)[0], fast[1, 6:])
+    assert torch.equal(model.generate(long, **aot)[0], fast[0])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_ahead_of_time_step_reads_the_weights_and_cache_of_each_call(batch, caplog):
+    """The compiled library reads the model's weights in place: after a change of the weights
+    (and with a new cache per call) the same library gives the new model's greedy tokens; one
+    row (column-major weights) and a batch (oneDNN's products) alike."""
+    model = _model("tnl")
+    ids = torch.randint(3, 256, (batch, 9))
+    options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": PAD_ID}
+    aot = {"cache_implementation": "static", "compile_config": ahead_of_time_config(), **options}
+    with caplog.at_level("INFO", logger="zoo.decode"):
+        assert torch.equal(model.generate(ids, **aot), model.generate(ids, **options))
+        with torch.no_grad():
+            layer = model.model.layers[0]
+            changing = [model.lm_head.weight, layer.mixer.q_proj.weight]
+            changing += list(layer.channel_mixer.parameters())
+            for weight in changing:
+                weight.mul_(-1.5)
+        changed = model.generate(ids, **options)
+        assert torch.equal(model.generate(ids, **aot), changed)
+        assert torch.equal(model.generate(ids, **aot), changed)
+    assert sum("ahead of time" in r.message for r in caplog.records) == 1  # compiled once
+
+
+def test_ahead_of_time_falls_back_to_torch_compile_for_moe(caplog):
+    """A MoE layer's routing has data-dependent shapes, which an export cannot fix: the step is
+    `torch.compile`'s, said in a warning, and the tokens are still the eager ones."""
+    torch.manual_seed(0)
+    config = zoo.HybridConfig.from_pattern(
+        "lightning:moe attention:swiglu",
+        num_experts=4, num_experts_per_tok=2, hidden_size=32, num_attention_heads=4,
+        vocab_size=300, intermediate_size=48, moe_intermediate_size=24,
+        max_position_embeddings=64, lightning_chunk_size=8,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 256, (2, 9))
+    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": PAD_ID}
+    eager = model.generate(ids, **options)
+    with caplog.at_level("WARNING", logger="zoo.decode"):
+        fast = model.generate(
+            ids, cache_implementation="static", compile_config=ahead_of_time_config(), **options
+        )
+    assert torch.equal(fast, eager)
+    assert any("torch.compile" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("family", ["llama", "tnl", "mamba", "hyena", "hybrid"])
 def test_no_graph_break_in_a_static_decode_step(family):
     model = _model(family)
     ids = torch.randint(3, 200, (2, 12))
@@ -93,6 +153,21 @@ def test_a_static_cache_longer_than_hyenas_filters_is_refused():
         model(torch.randint(3, 200, (1, 5)), cache=cache, use_cache=True)
 
 
+def test_onednn_linears_keep_the_values_and_restore_the_forward():
+    """Outside an export (eager, torch.compile) the swapped forward is the plain product; the
+    exported step's oneDNN products are held to the eager tokens by the ahead-of-time tests."""
+    model = _model("llama")
+    ids = torch.randint(3, 200, (3, 9))
+    with torch.no_grad():
+        logits = model(ids).logits
+        with onednn_linears(model) as changed:
+            assert changed == sum(type(m) is torch.nn.Linear for m in model.modules())
+            assert "forward" in vars(model.lm_head)
+            assert torch.equal(model(ids).logits, logits)
+    assert all("forward" not in vars(m) for m in model.modules())
+    assert torch.equal(model(ids).logits, logits)
+
+
 def test_decode_layout_keeps_values_and_restores_the_layout():
     model = _model("tnl")
     ids = torch.randint(3, 200, (2, 9))
@@ -116,3 +191,6 @@ def test_cli_generate_compile_prints_the_greedy_text(tmp_path):
     fast = CliRunner().invoke(app, [*args, "--compile"])
     assert plain.exit_code == 0 and fast.exit_code == 0, fast.output
     assert fast.stdout == plain.stdout
+    aot = CliRunner().invoke(app, [*args, "--aot"])
+    assert aot.exit_code == 0, aot.output
+    assert aot.stdout == plain.stdout

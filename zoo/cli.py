@@ -285,6 +285,14 @@ def generate(
             "step. Worth its compile time (seconds) on long outputs; same greedy tokens.",
         ),
     ] = False,
+    ahead_of_time: Annotated[
+        bool,
+        typer.Option(
+            "--aot",
+            help="The fast decode path with its step compiled ahead of time (AOTInductor, CPU "
+            "only): a faster step for a longer compile (tens of seconds). Implies --compile.",
+        ),
+    ] = False,
 ) -> None:
     """Load a checkpoint and print a continuation of the prompt (greedy, or --sample)."""
     import torch
@@ -310,8 +318,12 @@ def generate(
     if sample:
         torch.manual_seed(seed)
         options = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-    if compiled:
+    if compiled or ahead_of_time:
         options["cache_implementation"] = "static"
+    if ahead_of_time:
+        from zoo.decode import ahead_of_time_config
+
+        options["compile_config"] = ahead_of_time_config()
     output = model.eval().generate(**inputs, max_new_tokens=max_new_tokens, **options)
     new_tokens = output[0, inputs["input_ids"].shape[1] :]
     typer.echo(prompt + tokenizer.decode(new_tokens, skip_special_tokens=True))

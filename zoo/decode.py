@@ -3,7 +3,7 @@
     model.generate(input_ids, max_new_tokens=64, cache_implementation="static")
     zoo generate CHECKPOINT --compile
 
-is transformers' own generation loop with three things set up for it:
+is transformers' own generation loop with these set up for it:
 
 - **Fixed-shape state.** `cache_implementation="static"` makes transformers build a
   `StaticCache` from `ZooConfig.layer_types`: the recurrent mixers keep their fixed-size states
@@ -24,23 +24,55 @@ is transformers' own generation loop with three things set up for it:
   (out, in) rows, so y = W x is `out` dot products of `in` contiguous floats; stored
   column-major, the same product streams contiguous rows of Wᵀ into y. For the zoo's
   hidden-384 models the second ran faster on this CPU (benchmarks/results/cpu_decode.json,
-  "gemv" of each row), and so did batch-1 decoding. Only for one sequence (a batch multiplies
-  matrices, which the BLAS packs itself) and only inside `generate`: the values, shapes and
-  names stay, and the usual layout is back when it returns.
+  "gemv" of each row), and so did batch-1 decoding. Only for one sequence and only inside
+  `generate`: the values, shapes and names stay, and the usual layout is back when it returns.
+- **oneDNN matrix products for a batch** (CPU only, `onednn_linears`, the ahead-of-time step):
+  a decode step of B > 1 sequences multiplies B-row matrices, which ATen's BLAS path runs far
+  below this CPU's GEMM rate; oneDNN's own kernels (`torch.ops.mkldnn._linear_pointwise`, on
+  the unchanged weights) ran them about twice as fast here (the "products" rows of
+  benchmarks/results/cpu_decode_generate.json). Only in an exported step (inductor lowers the op
+  for constant weights, which AOTInductor's are and `torch.compile`'s are not), inside
+  `generate`; the plain `nn.Linear` is back when it returns.
 
 Nothing is frozen into the compiled graph: the weights stay inputs of the step, so training a
 model between two `generate` calls needs no recompilation and can never leave stale weights.
+
+**Ahead of time** (`compile_config=ahead_of_time_config()`, `zoo generate --aot`; CPU): the
+step is exported (`torch.export`, the cache's tensors as inputs it updates in place) and compiled
+by AOTInductor into a shared library, which each step calls with the token, its position, the
+masks and the cache. `torch.compile`'s step pays on every token for dynamo's guards (over every
+weight and the cache's Python state) and for inductor's Python wrapper; the library pays for
+neither, and at batch 1 its step is the matrix-vector products and little else (the "generate"
+rows of benchmarks/results/cpu_decode_generate.json: compiled against ahead-of-time steps). It
+reads the model's own weights in place (AOTInductor's user-managed constants, bound at the start
+of each `generate`), so training between calls never leaves stale weights; what it is compiled
+for (shapes, strides and dtypes of weights, cache and inputs; the step's other arguments) is
+checked once per `generate`, and a new combination compiles anew (seconds to tens of seconds: a
+C++ build). A model that cannot be exported (a MoE layer's routing has data-dependent shapes)
+falls back to the `torch.compile` step, with a warning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import tempfile
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 from transformers import CompileConfig
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+logger = logging.getLogger(__name__)
 
 
 def compile_config(device: torch.device | str) -> CompileConfig:
@@ -85,9 +117,9 @@ def fast_path(
     """`generate`'s keyword arguments with the fast path set up where they ask for a static cache
     (`cache_implementation="static"`, as an argument or in the generation config): a compile
     config for the model's device unless one is given or `disable_compile=True`; and the block
-    to generate in, which for one sequence on a CPU lays the weights out for GEMV
-    (`decode_layout`; a batch multiplies matrices, which the usual layout serves better). Other
-    calls pass through unchanged."""
+    to generate in, which on a CPU lays the weights out for GEMV for one sequence
+    (`decode_layout`) and runs a batch's matrix products through oneDNN (`onednn_linears`).
+    Other calls pass through unchanged."""
     base = kwargs.get("generation_config") or model.generation_config
     cache = kwargs.get("cache_implementation", getattr(base, "cache_implementation", None))
     if cache != "static":
@@ -101,7 +133,229 @@ def fast_path(
                      kwargs.get("inputs_embeds")) if isinstance(x, torch.Tensor)),
         None,
     )  # fmt: skip
-    one_row = inputs is None or inputs.shape[0] == 1
-    if model.device.type == "cpu" and one_row:
+    if model.device.type != "cpu":
+        return kwargs, nullcontext()
+    if inputs is None or inputs.shape[0] == 1:
         return kwargs, decode_layout(model)
-    return kwargs, nullcontext()
+    return kwargs, onednn_linears(model)
+
+
+def _onednn_forward(linear: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The oneDNN forward of a linear layer, made once per layer and kept on it: a compiled step
+    guards on the functions it traced, and a new one per `generate` call would compile again."""
+    forward = vars(linear).get("_zoo_onednn_forward")
+    if forward is None:
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if not torch.compiler.is_exporting():
+                # Eager calls (the prefill) and torch.compile's step (whose inductor lowers the
+                # op only for frozen weights) take the plain product.
+                return F.linear(x, linear.weight, linear.bias)
+            return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "none", [], "")
+
+        linear._zoo_onednn_forward = forward
+    return forward
+
+
+@contextmanager
+def onednn_linears(model: nn.Module) -> Iterator[int]:
+    """Inside the block every fp32/bf16 `nn.Linear` of `model` (on a CPU) multiplies through
+    oneDNN's linear kernel on its own weight and bias (same values, same parameters; the module
+    docstring says why); on exit the plain forward is back. Yields how many layers changed: none
+    where this torch build has no oneDNN. Inference only: the kernel has no backward."""
+    layers = [
+        m for m in model.modules()
+        if type(m) is nn.Linear and m.weight.device.type == "cpu"
+        and m.weight.dtype in (torch.float32, torch.bfloat16) and "forward" not in vars(m)
+    ] if torch.backends.mkldnn.is_available() else []  # fmt: skip
+    for layer in layers:
+        layer.forward = _onednn_forward(layer)
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+# --------------------------------------------------------------------------------------------
+# The ahead-of-time step (AOTInductor)
+
+
+@dataclass
+class AheadOfTimeConfig(CompileConfig):
+    """transformers' `CompileConfig` that asks a zoo model for the ahead-of-time decode step
+    (`ahead_of_time_config`); the fields are those of inductor's default mode."""
+
+
+def ahead_of_time_config() -> AheadOfTimeConfig:
+    """The compile config of `generate(cache_implementation="static", compile_config=...)` that
+    decodes through an AOTInductor-compiled step instead of `torch.compile`'s (module docstring).
+    CPU only: on CUDA the default config's CUDA graphs already remove the per-step overhead."""
+    config = AheadOfTimeConfig(fullgraph=True, dynamic=False, mode="default")
+    config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
+    return config
+
+
+def cache_tensors(cache: Cache) -> dict[str, torch.Tensor]:
+    """Every tensor a cache holds, by a stable name (`layer3.recurrent_states.0`, `layer0.keys`):
+    recurrent and conv states, key/value slots and their fill counters."""
+    out: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(cache.layers):
+        for attr in sorted(vars(layer)):
+            value = getattr(layer, attr)
+            if isinstance(value, torch.Tensor):
+                out[f"layer{i}.{attr}"] = value
+            elif isinstance(value, dict):
+                for key, tensor in value.items():
+                    if isinstance(tensor, torch.Tensor):
+                        out[f"layer{i}.{attr}.{key}"] = tensor
+    return out
+
+
+class _StepModule(nn.Module):
+    """One decode step as `torch.export` traces it: the model is a submodule (its weights keep
+    their names, prefixed `model.`), the cache's tensors are an argument that the step updates in
+    place (AOTInductor writes such inputs in place; as buffers bound to the library, the fill
+    counter of a static layer was written back only on the first call), as are the step's tensor
+    inputs (token, position, masks); its other inputs are fixed."""
+
+    def __init__(self, model: nn.Module, cache: Cache, options: dict[str, Any]) -> None:
+        super().__init__()
+        self.model, self.cache, self.options = model, cache, options
+        names = set(cache_tensors(cache))
+        # (layer, attribute, names of its tensors: one, or per key of a dict of states)
+        self.held: list[tuple[Any, str, str | dict[Any, str]]] = []
+        for i, layer in enumerate(cache.layers):
+            for attr in sorted(vars(layer)):
+                value, name = getattr(layer, attr), f"layer{i}.{attr}"
+                if name in names:
+                    self.held.append((layer, attr, name))
+                elif isinstance(value, dict) and any(f"{name}.{k}" in names for k in value):
+                    keys = {k: f"{name}.{k}" for k in value if f"{name}.{k}" in names}
+                    self.held.append((layer, attr, keys))
+
+    def forward(self, inputs: dict[str, Any], states: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Trace the cache's updates as updates of `states`: the cache's layers hold them while
+        # the model runs (new attribute values, the old ones put back after).
+        old = [getattr(layer, attr) for layer, attr, _ in self.held]
+        for (layer, attr, names), value in zip(self.held, old, strict=True):
+            if isinstance(names, str):
+                setattr(layer, attr, states[names])
+            else:
+                setattr(layer, attr, {k: states[names[k]] if k in names else v
+                                      for k, v in value.items()})  # fmt: skip
+        try:
+            return self.model(**inputs, **self.options, cache=self.cache).logits
+        finally:
+            for (layer, attr, _), value in zip(self.held, old, strict=True):
+                setattr(layer, attr, value)
+
+
+def _layout(tensor: torch.Tensor) -> tuple[Any, ...]:
+    return (tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device.type)
+
+
+class _Runner:
+    """One compiled step: the loaded AOTInductor library and the names of the weights it reads
+    in place (the model's parameters and buffers, user-managed constants of the library)."""
+
+    def __init__(
+        self, module: _StepModule, inputs: dict[str, Any], states: dict[str, torch.Tensor]
+    ) -> None:
+        logger.info("compiling the decode step ahead of time (AOTInductor: a C++ build)")
+        # The export's own notes (the attributes the step swaps and puts back, torch's
+        # deprecations) are about torch's internals, nothing a user can act on.
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="zoo-decode-") as tmp:
+            warnings.simplefilter("ignore")
+            kwargs = {"inputs": inputs, "states": states}
+            program = torch.export.export(module, (), kwargs, strict=True)
+            path = torch._inductor.aoti_compile_and_package(
+                program, package_path=str(Path(tmp) / "step.pt2")
+            )
+            self.library = torch._inductor.aoti_load_package(path)
+        self.constants = list(self.library.get_constant_fqns())
+
+    def bind(self, module: _StepModule) -> None:
+        """Point the library at `module`'s weights (no copy). Constants the export made of
+        tensors created inside the step stay the library's own."""
+        tensors = dict(module.named_parameters(remove_duplicate=False))
+        tensors |= dict(module.named_buffers(remove_duplicate=False))
+        self.library.load_constants(
+            {name: tensors[name] for name in self.constants if name in tensors},
+            check_full_update=False,
+            user_managed=True,
+        )
+
+
+# Compiled steps per model, by what they were compiled for (weak: they go with the model).
+_RUNNERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], _Runner | str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class AheadOfTimeStep:
+    """The decode step `generate` calls in place of the model (`ZooForCausalLM.get_compiled_call`
+    with an `AheadOfTimeConfig`): one per `generate` call. Its first call finds or compiles the
+    library for what it is given (the weights', cache's and inputs' shapes, strides and dtypes,
+    the step's other arguments) and binds it to the model's weights and this cache; later calls
+    only check that the cache and the input shapes are the same, then run the library."""
+
+    def __init__(self, model: nn.Module, fallback: Callable[[], Callable[..., Any]]) -> None:
+        self.model, self.fallback = model, fallback
+        self.cache: Cache | None = None
+        self.states: list[torch.Tensor] = []
+        self.shapes: tuple[Any, ...] = ()
+        self.run: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
+        self.compiled_call: Callable[..., Any] | None = None
+
+    def __call__(self, **kwargs: Any) -> Any:
+        if self.compiled_call is not None:
+            return self.compiled_call(**kwargs)
+        cache = kwargs.pop("cache")
+        tensor_inputs = {k: v for k, v in kwargs.items() if _holds_tensors(v)}
+        flat = [x for x in pytree.tree_leaves(tensor_inputs) if isinstance(x, torch.Tensor)]
+        shapes = tuple(x.shape for x in flat)
+        if self.run is None or cache is not self.cache or shapes != self.shapes:
+            self._bind(cache, kwargs, tensor_inputs)
+            if self.compiled_call is not None:
+                return self.compiled_call(cache=cache, **kwargs)
+            self.shapes = shapes
+        assert self.run is not None
+        logits = self.run([*flat, *self.states])[0]
+        return CausalLMOutputWithPast(logits=logits, cache=cache)
+
+    def _bind(self, cache: Cache, kwargs: dict[str, Any], tensor_inputs: dict[str, Any]) -> None:
+        options = {k: v for k, v in kwargs.items() if k not in tensor_inputs}
+        module = _StepModule(self.model, cache, options)
+        states = cache_tensors(cache)
+        key = (
+            tuple((n, _layout(t)) for n, t in module.state_dict(keep_vars=True).items()),
+            tuple((n, _layout(t)) for n, t in states.items()),
+            tuple(_layout(x) if isinstance(x, torch.Tensor) else x
+                  for x in pytree.tree_leaves(tensor_inputs)),
+            pytree.tree_structure(tensor_inputs),
+            tuple(sorted(options.items())),
+            self.model.training,
+        )  # fmt: skip
+        runners = _RUNNERS.setdefault(self.model, {})
+        if key not in runners:
+            try:
+                runners[key] = _Runner(module, tensor_inputs, states)
+            except Exception as exc:  # export's and AOTInductor's errors have no common base
+                runners[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        runner = runners[key]
+        if isinstance(runner, str):
+            logger.warning(
+                "the ahead-of-time decode step could not be built (%s); decoding through "
+                "torch.compile's step instead",
+                runner,
+            )
+            self.compiled_call = self.fallback()
+            return
+        runner.bind(module)
+        self.cache, self.states = cache, list(states.values())
+        self.run = runner.library.loader.boxed_run
+
+
+def _holds_tensors(value: Any) -> bool:
+    return any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(value))

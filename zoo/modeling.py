@@ -30,6 +30,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    CompileConfig,
     GenerationMixin,
     PreTrainedModel,
 )
@@ -427,6 +428,24 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         kwargs, layout = fast_path(self, args, kwargs)
         with layout:
             return super().generate(*args, **kwargs)
+
+    def get_compiled_call(self, compile_config: CompileConfig | None) -> Any:
+        """The decode step `generate` calls over a static cache: transformers' `torch.compile` of
+        the model, or with `zoo.decode.ahead_of_time_config()` an AOTInductor-compiled one."""
+        from zoo.decode import AheadOfTimeConfig, AheadOfTimeStep
+        from zoo.decode import compile_config as default_config
+
+        if not isinstance(compile_config, AheadOfTimeConfig):
+            return super().get_compiled_call(compile_config)
+        if self.device.type != "cpu":
+            raise ValueError(
+                "compile_config=ahead_of_time_config() is for CPUs, the model is on "
+                f"{self.device}; leave compile_config unset there (CUDA graphs, transformers' "
+                "default)"
+            )
+        return AheadOfTimeStep(
+            self, lambda: super(ZooForCausalLM, self).get_compiled_call(default_config(self.device))
+        )
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """transformers' inputs of one generation step; over an all-recurrent cache the 2-D mask is

@@ -32,9 +32,26 @@ def test_decode_quick_times_steps_and_keeps_the_cache_constant(run_benchmark):
     # bound's bytes are the weights' and the cache's.
     gen = result["generate"]
     impls = {(row["family"], row["impl"]) for row in gen["rows"]}
-    assert {("llama", "zoo compiled"), ("llama", "transformers static + compile")} <= impls
+    assert {
+        ("llama", "zoo compiled"),
+        ("llama", "zoo ahead-of-time"),
+        ("llama", "transformers static + compile"),
+    } <= impls
     for row in gen["rows"]:
         assert "error" not in row, row
         assert row["step_ms"] > 0 and row["bound_ms"] > 0, row
         assert row["weight_bytes"] > 0 and row["cache_bytes"] > 0
+        # Every round timed its steps and measured the memory around them.
+        assert len(row["step_ms_rounds"]) == len(row["gemv_best_gb_per_s_rounds"]) == gen["rounds"]
     assert gen["goals"]["greedy_equals_zoo_eager"]["met"]
+    # The batch ratio comes from the larger batch's group, where our B=1 path ran beside it.
+    batched = [r for r in gen["rows"] if r["group"] != "B=1" and r["group"] != "contexts"]
+    assert {r["B"] for r in batched} == {1, 4}
+    assert "tnl_b4_over_b1" in gen["goals"]
+    # (d) one step's products by backend: every way timed at both batches.
+    products = result["products"]["rows"]
+    assert {(r["family"], r["B"]) for r in products} == {
+        (f, b) for f in ("llama", "tnl") for b in (1, 4)
+    }
+    assert {"aten", "aten, column-major weights"} <= {r["impl"] for r in products}
+    assert all(r["ms"] > 0 and r["layers"] > 0 for r in products)

@@ -126,7 +126,11 @@ def selective_scan_step(
         new_state = bu
     else:
         new_state = torch.addcmul(bu, torch.exp(df.unsqueeze(-1) * A.float()), state.float())
-    y = (new_state @ C.float().unsqueeze(-1)).squeeze(-1)  # (B, D_in)
+    if torch.compiler.is_compiling():
+        # A reduction inductor fuses with the update: the state is read once, no extern bmm.
+        y = (new_state * C.float().unsqueeze(-2)).sum(-1)  # (B, D_in)
+    else:
+        y = (new_state @ C.float().unsqueeze(-1)).squeeze(-1)  # (B, D_in)
     if D is not None:
         y = y + uf * D.float()
     return y.to(u.dtype), new_state
