@@ -421,17 +421,23 @@ Generate = Callable[[torch.Tensor, int, StepClock | None], torch.Tensor]
 
 def gemv_bandwidth(nbytes: int, width: int, device: torch.device, repeats: int) -> dict[str, float]:
     """GB/s of one matrix-vector product over a matrix of `nbytes` fp32 weights, `width` wide:
-    in `nn.Linear`'s layout (rows of `width` inputs: `width`-long dot products) and column-major
-    (the same product streaming rows of Wᵀ, `zoo.decode.decode_layout`). The best is the bound's
-    bandwidth: every weight read once, at the fastest rate a GEMV reached here."""
+    in `nn.Linear`'s layout (rows of `width` inputs: `width`-long dot products), column-major
+    (the same product streaming rows of Wᵀ, `zoo.decode.decode_layout`) and, on a CPU with
+    oneDNN, oneDNN's linear (`zoo.decode.onednn_linears`). The best is the bound's bandwidth:
+    every weight read once, at the fastest rate a GEMV reached here."""
     rows = max(1, nbytes // (4 * width))
     weight = torch.randn(rows, width, device=device)
     x, y = torch.randn(width, device=device), torch.randn(rows, device=device)
-    out = {}
-    for name, product in (
+    products: list[tuple[str, Callable[[], Any]]] = [
         ("linear_layout", lambda: weight @ x),
         ("column_major", lambda: y @ weight),
-    ):
+    ]
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        row = x[None]
+        onednn = torch.ops.mkldnn._linear_pointwise
+        products.append(("onednn", lambda: onednn(row, weight, None, "none", [], "")))
+    out = {}
+    for name, product in products:
         seconds = median_time(product, device, 2, repeats)
         out[f"{name}_gb_per_s"] = weight.numel() * 4 / seconds / 1e9
     return out
@@ -875,10 +881,10 @@ def generate_table(gen: dict[str, Any]) -> list[str]:
         f"generate(): greedy, context {gen['context']:,} unless said; ms per decode step: the "
         f"median over {gen['rounds']} rounds of each call's median step ({gen['steps']} tokens, "
         f"batches {gen['steps_batched']}); % of bound: median over the rounds of (weights + "
-        "cache bytes ÷ the best GEMV bandwidth measured around the call) ÷ step",
+        "cache bytes ÷ the best GEMV bandwidth (three ways) measured around the call) ÷ step",
         "",
         "| model | group | impl | B | context | ms / step | tokens/s | % of bound | GEMV GB/s "
-        "(Linear / column-major) | compile s | greedy = zoo eager |",
+        "(Linear / column-major / oneDNN) | compile s | greedy = zoo eager |",
         "|---|---|---|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for row in gen["rows"]:
@@ -893,7 +899,8 @@ def generate_table(gen: dict[str, Any]) -> list[str]:
         lines.append(
             f"{head} {row['step_ms']:.2f} | {row['tokens_per_s']:,.0f} "
             f"| {100 * row['fraction_of_bound']:.0f}% "
-            f"| {gemv['linear_layout_gb_per_s']:.1f} / {gemv['column_major_gb_per_s']:.1f} "
+            f"| {gemv['linear_layout_gb_per_s']:.1f} / {gemv['column_major_gb_per_s']:.1f} / "
+            f"{gemv.get('onednn_gb_per_s', float('nan')):.1f} "
             f"| {row['compile_s']:.1f} | {row.get('greedy_equals_zoo_eager', '—')} |"
         )
     lines += ["", "| goal | value | met |", "|---|---:|---|"]

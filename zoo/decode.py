@@ -19,17 +19,16 @@ is transformers' own generation loop with these set up for it:
   `compile_config(device)`, inductor's default mode. Measured on this project's 2-core CPU at
   ≈14M parameters (benchmarks/decode.py): the compiled step fuses each layer's norms, gates and
   state update into a few C++ kernels and leaves the matrix products to the BLAS.
-- **GEMV-friendly weights** (CPU only, `decode_layout`): at batch 1 every weight is read once per
-  token by a matrix-vector product, and how fast depends on the layout. `nn.Linear` keeps W as
-  (out, in) rows, so y = W x is `out` dot products of `in` contiguous floats; stored
-  column-major, the same product streams contiguous rows of Wᵀ into y. For the zoo's
-  hidden-384 models the second ran faster on this CPU (benchmarks/results/cpu_decode.json,
-  "gemv" of each row), and so did batch-1 decoding. Only for one sequence and only inside
+- **GEMV-friendly weights** (CPU only, `decode_layout`, `torch.compile`'s step): at batch 1
+  every weight is read once per token by a matrix-vector product, and how fast depends on the
+  layout. `nn.Linear` keeps W as (out, in) rows, so y = W x is `out` dot products of `in`
+  contiguous floats; stored column-major, the same product streams contiguous rows of Wᵀ into
+  y, which ATen's BLAS ran faster on this CPU. Only for one sequence and only inside
   `generate`: the values, shapes and names stay, and the usual layout is back when it returns.
-- **oneDNN matrix products for a batch** (CPU only, `onednn_linears`, the ahead-of-time step):
-  a decode step of B > 1 sequences multiplies B-row matrices, which ATen's BLAS path runs far
-  below this CPU's GEMM rate; oneDNN's own kernels (`torch.ops.mkldnn._linear_pointwise`, on
-  the unchanged weights) ran them about twice as fast here (the "products" rows of
+- **oneDNN matrix products** (CPU only, `onednn_linears`, the ahead-of-time step): oneDNN's own
+  kernels (`torch.ops.mkldnn._linear_pointwise`, on the unchanged weights) ran one decode step's
+  products faster than ATen in either layout here, at batch 1 and far more so at batch 16,
+  whose B-row products ATen runs well below this CPU's GEMM rate (the "products" rows of
   benchmarks/results/cpu_decode_generate.json). Only in an exported step (inductor lowers the op
   for constant weights, which AOTInductor's are and `torch.compile`'s are not), inside
   `generate`; the plain `nn.Linear` is back when it returns.
@@ -117,9 +116,9 @@ def fast_path(
     """`generate`'s keyword arguments with the fast path set up where they ask for a static cache
     (`cache_implementation="static"`, as an argument or in the generation config): a compile
     config for the model's device unless one is given or `disable_compile=True`; and the block
-    to generate in, which on a CPU lays the weights out for GEMV for one sequence
-    (`decode_layout`) and runs a batch's matrix products through oneDNN (`onednn_linears`).
-    Other calls pass through unchanged."""
+    to generate in, which on a CPU runs the ahead-of-time step's matrix products through oneDNN
+    (`onednn_linears`) and lays the weights out for GEMV for `torch.compile`'s step of one
+    sequence (`decode_layout`). Other calls pass through unchanged."""
     base = kwargs.get("generation_config") or model.generation_config
     cache = kwargs.get("cache_implementation", getattr(base, "cache_implementation", None))
     if cache != "static":
@@ -135,9 +134,11 @@ def fast_path(
     )  # fmt: skip
     if model.device.type != "cpu":
         return kwargs, nullcontext()
+    if isinstance(kwargs.get("compile_config") or base.compile_config, AheadOfTimeConfig):
+        return kwargs, onednn_linears(model)
     if inputs is None or inputs.shape[0] == 1:
         return kwargs, decode_layout(model)
-    return kwargs, onednn_linears(model)
+    return kwargs, nullcontext()
 
 
 def _onednn_forward(linear: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
