@@ -201,16 +201,29 @@ def cache_tensors(cache: Cache) -> dict[str, torch.Tensor]:
     """Every tensor a cache holds, by a stable name (`layer3.recurrent_states.0`, `layer0.keys`):
     recurrent and conv states, key/value slots and their fill counters."""
     out: dict[str, torch.Tensor] = {}
+    for layer, attr, names in _cache_slots(cache):
+        value = getattr(layer, attr)
+        if isinstance(names, str):
+            out[names] = value
+        else:
+            out |= {name: value[key] for key, name in names.items()}
+    return out
+
+
+def _cache_slots(cache: Cache) -> list[tuple[Any, str, str | dict[Any, str]]]:
+    """(layer, attribute, name) of each tensor attribute of the cache's layers, and (layer,
+    attribute, {key: name}) of each dict of tensors (recurrent and conv states per index)."""
+    slots: list[tuple[Any, str, str | dict[Any, str]]] = []
     for i, layer in enumerate(cache.layers):
         for attr in sorted(vars(layer)):
-            value = getattr(layer, attr)
+            value, name = getattr(layer, attr), f"layer{i}.{attr}"
             if isinstance(value, torch.Tensor):
-                out[f"layer{i}.{attr}"] = value
+                slots.append((layer, attr, name))
             elif isinstance(value, dict):
-                for key, tensor in value.items():
-                    if isinstance(tensor, torch.Tensor):
-                        out[f"layer{i}.{attr}.{key}"] = tensor
-    return out
+                keys = {k: f"{name}.{k}" for k, t in value.items() if isinstance(t, torch.Tensor)}
+                if keys:
+                    slots.append((layer, attr, keys))
+    return slots
 
 
 class _StepModule(nn.Module):
@@ -223,17 +236,7 @@ class _StepModule(nn.Module):
     def __init__(self, model: nn.Module, cache: Cache, options: dict[str, Any]) -> None:
         super().__init__()
         self.model, self.cache, self.options = model, cache, options
-        names = set(cache_tensors(cache))
-        # (layer, attribute, names of its tensors: one, or per key of a dict of states)
-        self.held: list[tuple[Any, str, str | dict[Any, str]]] = []
-        for i, layer in enumerate(cache.layers):
-            for attr in sorted(vars(layer)):
-                value, name = getattr(layer, attr), f"layer{i}.{attr}"
-                if name in names:
-                    self.held.append((layer, attr, name))
-                elif isinstance(value, dict) and any(f"{name}.{k}" in names for k in value):
-                    keys = {k: f"{name}.{k}" for k in value if f"{name}.{k}" in names}
-                    self.held.append((layer, attr, keys))
+        self.held = _cache_slots(cache)
 
     def forward(self, inputs: dict[str, Any], states: dict[str, torch.Tensor]) -> torch.Tensor:
         # Trace the cache's updates as updates of `states`: the cache's layers hold them while
@@ -313,8 +316,10 @@ class AheadOfTimeStep:
         if self.compiled_call is not None:
             return self.compiled_call(**kwargs)
         cache = kwargs.pop("cache")
-        tensor_inputs = {k: v for k, v in kwargs.items() if _holds_tensors(v)}
-        flat = [x for x in pytree.tree_leaves(tensor_inputs) if isinstance(x, torch.Tensor)]
+        leaves = {k: [x for x in pytree.tree_leaves(v) if isinstance(x, torch.Tensor)]
+                  for k, v in kwargs.items()}  # fmt: skip
+        tensor_inputs = {k: kwargs[k] for k, tensors in leaves.items() if tensors}
+        flat = [x for k in tensor_inputs for x in leaves[k]]  # pytree's order: keys, then leaves
         shapes = tuple(x.shape for x in flat)
         if self.run is None or cache is not self.cache or shapes != self.shapes:
             self._bind(cache, kwargs, tensor_inputs)
@@ -356,7 +361,3 @@ class AheadOfTimeStep:
         runner.bind(module)
         self.cache, self.states = cache, list(states.values())
         self.run = runner.library.loader.boxed_run
-
-
-def _holds_tensors(value: Any) -> bool:
-    return any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(value))
