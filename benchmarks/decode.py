@@ -27,8 +27,9 @@
     ahead-of-time step) and transformers' own Llama and Mamba on the same weights, at B = 1 and
     16; each decode step timed from inside generate()'s loop (`StepClock`) against the bound of
     reading every weight and the cache once at the GEMV bandwidth measured around the call.
-(d) products (CPU): one decode step's matrix products alone, by backend (ATen row-major, ATen
-    column-major, oneDNN), at B = 1 and 16: why each decode path multiplies the way it does.
+(d) products (CPU): one decode step's matrix products alone, by backend (ATen, oneDNN, and at
+    B = 1 inductor's reductions, `zoo.kernels.matvec`), at B = 1 and 16: why each decode path
+    multiplies the way it does.
 
 On a CPU (the default) (a) runs at H = 4, D = 32 in fp32 through the torch backend only, and (b)
 runs a tiny TNL (hidden 64, 2 layers, 2 heads, fp32) at contexts 64 to 512, so the code paths are
@@ -77,9 +78,10 @@ from transformers.utils import logging as transformers_logging
 from zoo.cache import cache_nbytes, new_cache
 from zoo.configuration import TNLConfig
 from zoo.convert import to_hf_llama, to_hf_mamba
-from zoo.decode import ahead_of_time_config, compile_config, decode_layout
+from zoo.decode import ahead_of_time_config, compile_config, decode_linears
 from zoo.kernels.gla import gla as zoo_gla
 from zoo.kernels.lightning import lightning, tnl_log_decay
+from zoo.kernels.matvec import matvec
 from zoo.modeling import ZooForCausalLM
 
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -420,22 +422,22 @@ Generate = Callable[[torch.Tensor, int, StepClock | None], torch.Tensor]
 
 
 def gemv_bandwidth(nbytes: int, width: int, device: torch.device, repeats: int) -> dict[str, float]:
-    """GB/s of one matrix-vector product over a matrix of `nbytes` fp32 weights, `width` wide:
-    in `nn.Linear`'s layout (rows of `width` inputs: `width`-long dot products), column-major
-    (the same product streaming rows of Wᵀ, `zoo.decode.decode_layout`) and, on a CPU with
-    oneDNN, oneDNN's linear (`zoo.decode.onednn_linears`). The best is the bound's bandwidth:
-    every weight read once, at the fastest rate a GEMV reached here."""
+    """GB/s of one matrix-vector product over a matrix of `nbytes` fp32 weights, `width` wide, in
+    `nn.Linear`'s layout: by ATen (`F.linear`'s BLAS) and, on a CPU, by oneDNN's linear
+    (`torch.ops.mkldnn._linear_pointwise`) and by inductor's compiled reduction
+    (`zoo.kernels.matvec`, what our batch-1 steps run). The best is the bound's bandwidth: every
+    weight read once, at the fastest rate a GEMV reached here."""
     rows = max(1, nbytes // (4 * width))
     weight = torch.randn(rows, width, device=device)
-    x, y = torch.randn(width, device=device), torch.randn(rows, device=device)
-    products: list[tuple[str, Callable[[], Any]]] = [
-        ("linear_layout", lambda: weight @ x),
-        ("column_major", lambda: y @ weight),
-    ]
+    x = torch.randn(width, device=device)
+    products: list[tuple[str, Callable[[], Any]]] = [("linear_layout", lambda: weight @ x)]
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         row = x[None]
         onednn = torch.ops.mkldnn._linear_pointwise
         products.append(("onednn", lambda: onednn(row, weight, None, "none", [], "")))
+    if device.type == "cpu":
+        compiled = torch.compile(matvec, dynamic=False)
+        products.append(("inductor", lambda: compiled(x, weight)))
     out = {}
     for name, product in products:
         seconds = median_time(product, device, 2, repeats)
@@ -499,7 +501,7 @@ def _zoo_variants(model: ZooForCausalLM) -> dict[str, Generate]:
 def _variants(family: str, model: ZooForCausalLM, batch: int) -> dict[str, Generate]:
     """name -> generate of every way the benchmark decodes one family's weights: ours; at batch 1
     also transformers' own model on the same weights, in its documented configurations, and
-    (Llama) with our GEMV layout, to show what that layout alone buys."""
+    (Llama) with our decode products (`zoo.decode.decode_linears`), to show what they alone buy."""
     out = _zoo_variants(model)
     if batch != 1:
         return out
@@ -509,14 +511,14 @@ def _variants(family: str, model: ZooForCausalLM, batch: int) -> dict[str, Gener
         static = {"cache_implementation": "static"}
         compiled = _generate_fn(hf, **static, compile_config=_hf_compile_config(model.device))
 
-        def hf_gemv_layout(ids: torch.Tensor, n: int, clock: StepClock | None = None) -> Any:
-            with decode_layout(hf):
+        def hf_zoo_products(ids: torch.Tensor, n: int, clock: StepClock | None = None) -> Any:
+            with decode_linears(hf):
                 return compiled(ids, n, clock)
 
         out["transformers dynamic cache"] = _generate_fn(hf)
         out["transformers static cache"] = _generate_fn(hf, **static, disable_compile=True)
         out["transformers static + compile"] = compiled
-        out["transformers static + compile + zoo GEMV layout"] = hf_gemv_layout
+        out["transformers static + compile + zoo decode products"] = hf_zoo_products
     if family == "mamba":
         hf = to_hf_mamba(model)
         out["transformers"] = _generate_fn(hf)
@@ -714,8 +716,8 @@ def generate_goals(
         }  # fmt: skip
     with_layout = [r for r in theirs if "zoo" in r["impl"]]
     if ours and with_layout:
-        # Not a goal: how much of the lead is the layout, which transformers' model can borrow.
-        goals["llama_over_transformers_with_zoo_gemv_layout"] = {
+        # Not a goal: how much of the lead is the products, which transformers' model can borrow.
+        goals["llama_over_transformers_with_zoo_decode_products"] = {
             "value": _round_ratio(ours, with_layout[0]), "met": None
         }  # fmt: skip
     tnl = [r for r in rows if r["family"] == "tnl" and r.get("group") == "contexts"]
@@ -749,10 +751,12 @@ PRODUCTS: dict[str, dict[str, Any]] = {
 def _products(layers: list[torch.nn.Linear], batch: int, how: str) -> Callable[[], None]:
     """One decode step's products: every layer once on a `batch`-row input, by `how`."""
     inputs = [torch.randn(batch, layer.in_features) for layer in layers]
-    if how == "aten, column-major weights":
-        weights = [layer.weight.t().contiguous().t() for layer in layers]
-    else:
-        weights = [layer.weight for layer in layers]
+    weights = [layer.weight for layer in layers]
+    if how == "inductor":  # the step's products compiled together, as our batch-1 steps are
+        compiled = torch.compile(
+            lambda xs, ws: [matvec(x, w) for x, w in zip(xs, ws, strict=True)], dynamic=False
+        )
+        return functools.partial(compiled, inputs, weights)
 
     def step() -> None:
         for x, w in zip(inputs, weights, strict=True):
@@ -767,14 +771,12 @@ def _products(layers: list[torch.nn.Linear], batch: int, how: str) -> Callable[[
 @torch.inference_mode()
 def bench_products(settings: dict[str, Any]) -> dict[str, Any]:
     """The ms of one decode step's matrix products (every `nn.Linear` of each family's model on
-    a B-row input) in ATen on `nn.Linear`'s (out, in) weights, in ATen on column-major weights
-    (`zoo.decode.decode_layout`, what our batch-1 steps read) and in oneDNN
-    (`torch.ops.mkldnn._linear_pointwise`, what our ahead-of-time step runs for a batch,
-    `zoo.decode.onednn_linears`): loops of `loops` steps, the median over rounds, the ways in
+    a B-row input) in ATen (`F.linear`), in oneDNN (`torch.ops.mkldnn._linear_pointwise`, what
+    our ahead-of-time step runs for a batch) and at B = 1 as inductor's reductions
+    (`zoo.kernels.matvec` compiled, what both our compiled steps run for one token;
+    `zoo.decode.decode_linears`): loops of `loops` steps, the median over rounds, the ways in
     turns within each round."""
     configs = model_configs(settings["model"])
-    hows = ["aten", "aten, column-major weights"]
-    hows += ["onednn"] if torch.backends.mkldnn.is_available() else []
     rows = []
     for family in settings["families"]:
         torch.manual_seed(0)
@@ -783,7 +785,11 @@ def bench_products(settings: dict[str, Any]) -> dict[str, Any]:
         nbytes = sum(layer.weight.numel() * 4 for layer in layers)
         flops = sum(2 * layer.weight.numel() for layer in layers)
         for batch in settings["batches"]:
+            hows = ["aten"] + (["onednn"] if torch.backends.mkldnn.is_available() else [])
+            hows += ["inductor"] if batch == 1 else []
             steps = {how: _products(layers, batch, how) for how in hows}
+            for step in steps.values():
+                step()  # compiles the inductor way
             times: dict[str, list[float]] = {how: [] for how in hows}
             for _ in range(settings["rounds"]):
                 for how, step in steps.items():
@@ -884,7 +890,7 @@ def generate_table(gen: dict[str, Any]) -> list[str]:
         "cache bytes ÷ the best GEMV bandwidth (three ways) measured around the call) ÷ step",
         "",
         "| model | group | impl | B | context | ms / step | tokens/s | % of bound | GEMV GB/s "
-        "(Linear / column-major / oneDNN) | compile s | greedy = zoo eager |",
+        "(ATen / oneDNN / inductor) | compile s | greedy = zoo eager |",
         "|---|---|---|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for row in gen["rows"]:
@@ -899,8 +905,9 @@ def generate_table(gen: dict[str, Any]) -> list[str]:
         lines.append(
             f"{head} {row['step_ms']:.2f} | {row['tokens_per_s']:,.0f} "
             f"| {100 * row['fraction_of_bound']:.0f}% "
-            f"| {gemv['linear_layout_gb_per_s']:.1f} / {gemv['column_major_gb_per_s']:.1f} / "
-            f"{gemv.get('onednn_gb_per_s', float('nan')):.1f} "
+            f"| {gemv['linear_layout_gb_per_s']:.1f} / "
+            f"{gemv.get('onednn_gb_per_s', float('nan')):.1f} / "
+            f"{gemv.get('inductor_gb_per_s', float('nan')):.1f} "
             f"| {row['compile_s']:.1f} | {row.get('greedy_equals_zoo_eager', '—')} |"
         )
     lines += ["", "| goal | value | met |", "|---|---:|---|"]

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import zoo
 from tests.tiny import FAMILIES, tiny_config, tiny_mixer_config
 from zoo.cli import app
-from zoo.decode import ahead_of_time_config, decode_layout, onednn_linears
+from zoo.decode import ahead_of_time_config, decode_linears
 from zoo.tokenizer import PAD_ID, byte_tokenizer
 
 MOE_ESCAPE = "zoo/layers/moe.py"
@@ -73,7 +73,7 @@ def test_ahead_of_time_step_gives_the_eager_greedy_tokens(family):
 def test_ahead_of_time_step_reads_the_weights_and_cache_of_each_call(batch, caplog):
     """The compiled library reads the model's weights in place: after a change of the weights
     (and with a new cache per call) the same library gives the new model's greedy tokens; one
-    row (column-major weights) and a batch (oneDNN's products) alike."""
+    row (compiled reductions) and a batch (oneDNN's products) alike."""
     model = _model("tnl")
     ids = torch.randint(3, 256, (batch, 9))
     options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": PAD_ID}
@@ -153,31 +153,19 @@ def test_a_static_cache_longer_than_hyenas_filters_is_refused():
         model(torch.randint(3, 200, (1, 5)), cache=cache, use_cache=True)
 
 
-def test_onednn_linears_keep_the_values_and_restore_the_forward():
-    """Outside an export (eager, torch.compile) the swapped forward is the plain product; the
-    exported step's oneDNN products are held to the eager tokens by the ahead-of-time tests."""
+def test_decode_linears_keep_the_values_and_restore_the_forward():
+    """Eagerly the swapped forward is the plain product; the compiled steps' products (`matvec`
+    at one token, oneDNN for a batch in the exported step) are held to the eager tokens by the
+    tests above and to `F.linear` by tests/kernels/test_matvec.py."""
     model = _model("llama")
     ids = torch.randint(3, 200, (3, 9))
     with torch.no_grad():
         logits = model(ids).logits
-        with onednn_linears(model) as changed:
+        with decode_linears(model) as changed:
             assert changed == sum(type(m) is torch.nn.Linear for m in model.modules())
             assert "forward" in vars(model.lm_head)
             assert torch.equal(model(ids).logits, logits)
     assert all("forward" not in vars(m) for m in model.modules())
-    assert torch.equal(model(ids).logits, logits)
-
-
-def test_decode_layout_keeps_values_and_restores_the_layout():
-    model = _model("tnl")
-    ids = torch.randint(3, 200, (2, 9))
-    logits = model(ids).logits
-    weight = model.model.layers[0].mixer.q_proj.weight
-    with decode_layout(model) as changed:
-        assert changed == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
-        assert weight.stride() == (1, weight.shape[0])
-        torch.testing.assert_close(model(ids).logits, logits, atol=1e-5, rtol=1e-5)
-    assert weight.is_contiguous()
     assert torch.equal(model(ids).logits, logits)
 
 

@@ -1,4 +1,4 @@
-"""The fast decode path: fixed-shape state, one compiled per-token step, weights laid out for GEMV.
+"""The fast decode path: fixed-shape state, one compiled per-token step, products built for it.
 
     model.generate(input_ids, max_new_tokens=64, cache_implementation="static")
     zoo generate CHECKPOINT --compile
@@ -17,21 +17,20 @@ is transformers' own generation loop with these set up for it:
   runs eagerly) when the cache is static: on CUDA with `mode="reduce-overhead"` (CUDA graphs), its
   default; on any other device transformers does not compile, so the zoo passes
   `compile_config(device)`, inductor's default mode. Measured on this project's 2-core CPU at
-  ≈14M parameters (benchmarks/decode.py): the compiled step fuses each layer's norms, gates and
-  state update into a few C++ kernels and leaves the matrix products to the BLAS.
-- **GEMV-friendly weights** (CPU only, `decode_layout`, `torch.compile`'s step): at batch 1
-  every weight is read once per token by a matrix-vector product, and how fast depends on the
-  layout. `nn.Linear` keeps W as (out, in) rows, so y = W x is `out` dot products of `in`
-  contiguous floats; stored column-major, the same product streams contiguous rows of Wᵀ into
-  y, which ATen's BLAS ran faster on this CPU. Only for one sequence and only inside
-  `generate`: the values, shapes and names stay, and the usual layout is back when it returns.
-- **oneDNN matrix products** (CPU only, `onednn_linears`, the ahead-of-time step): oneDNN's own
-  kernels (`torch.ops.mkldnn._linear_pointwise`, on the unchanged weights) ran one decode step's
-  products faster than ATen in either layout here, at batch 1 and far more so at batch 16,
-  whose B-row products ATen runs well below this CPU's GEMM rate (the "products" rows of
-  benchmarks/results/cpu_decode_generate.json). Only in an exported step (inductor lowers the op
-  for constant weights, which AOTInductor's are and `torch.compile`'s are not), inside
-  `generate`; the plain `nn.Linear` is back when it returns.
+  ≈14M parameters (benchmarks/decode.py): the compiled step fuses each layer's norms, gates,
+  state update and (next point) its batch-1 matrix products into C++ loops.
+- **Decode products** (CPU only, `decode_linears`, both compiled steps): at batch 1 a step is
+  matrix-vector products, every weight read once per token, and the BLAS runs them far below
+  this CPU's memory bandwidth (MKL's GEMV on the project's AMD machine: the "gemv" and "products"
+  figures of benchmarks/results/cpu_decode_generate.json). Inside `generate` every `nn.Linear`
+  multiplies a single token as a reduction inductor compiles itself (`zoo.kernels.matvec`: one
+  vectorized, threaded loop per weight, fused with the norm or gate before it), and softmax
+  attention reads its cached keys and values the same way (`zoo.layers.attention.step_attention`).
+  Several tokens (a batch) in the ahead-of-time step multiply through oneDNN's linear kernel
+  (`torch.ops.mkldnn._linear_pointwise`), which ran B-row products well above ATen here; inductor
+  lowers that op only for constant weights, which AOTInductor's are and `torch.compile`'s are
+  not, so `torch.compile`'s batched step keeps ATen. Weights, names and values never change: only
+  the layers' forward is swapped, and the plain one is back when `generate` returns.
 
 Nothing is frozen into the compiled graph: the weights stay inputs of the step, so training a
 model between two `generate` calls needs no recompilation and can never leave stale weights.
@@ -71,6 +70,8 @@ from transformers import CompileConfig
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from zoo.kernels.matvec import matvec
+
 logger = logging.getLogger(__name__)
 
 
@@ -89,36 +90,14 @@ def compile_config(device: torch.device | str) -> CompileConfig:
     return config
 
 
-@contextmanager
-def decode_layout(model: nn.Module) -> Iterator[int]:
-    """Inside the block every `nn.Linear` weight of `model` is stored column-major (values,
-    shapes and names unchanged), the layout a batch-1 matrix-vector product reads fastest on a
-    CPU; on exit the usual row-major storage is back, so training, saving and converting never
-    see the other layout. Yields how many weights changed (already column-major ones stay)."""
-    weights = {
-        id(module.weight): module.weight
-        for module in model.modules()
-        if isinstance(module, nn.Linear) and module.weight.is_contiguous()
-    }
-    with torch.no_grad():
-        for weight in weights.values():
-            weight.data = weight.data.t().contiguous().t()
-        try:
-            yield len(weights)
-        finally:
-            for weight in weights.values():
-                weight.data = weight.data.contiguous()
-
-
 def fast_path(
-    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    model: nn.Module, kwargs: dict[str, Any]
 ) -> tuple[dict[str, Any], AbstractContextManager[Any]]:
     """`generate`'s keyword arguments with the fast path set up where they ask for a static cache
     (`cache_implementation="static"`, as an argument or in the generation config): a compile
     config for the model's device unless one is given or `disable_compile=True`; and the block
-    to generate in, which on a CPU runs the ahead-of-time step's matrix products through oneDNN
-    (`onednn_linears`) and lays the weights out for GEMV for `torch.compile`'s step of one
-    sequence (`decode_layout`). Other calls pass through unchanged."""
+    to generate in, which on a CPU swaps the linear layers' products for the decode step's
+    (`decode_linears`). Other calls pass through unchanged."""
     base = kwargs.get("generation_config") or model.generation_config
     cache = kwargs.get("cache_implementation", getattr(base, "cache_implementation", None))
     if cache != "static":
@@ -127,50 +106,46 @@ def fast_path(
         return kwargs, nullcontext()
     if kwargs.get("compile_config") is None and base.compile_config is None:
         kwargs = {**kwargs, "compile_config": compile_config(model.device)}
-    inputs = next(
-        (x for x in (*args[:1], kwargs.get("inputs"), kwargs.get("input_ids"),
-                     kwargs.get("inputs_embeds")) if isinstance(x, torch.Tensor)),
-        None,
-    )  # fmt: skip
     if model.device.type != "cpu":
         return kwargs, nullcontext()
-    if isinstance(kwargs.get("compile_config") or base.compile_config, AheadOfTimeConfig):
-        return kwargs, onednn_linears(model)
-    if inputs is None or inputs.shape[0] == 1:
-        return kwargs, decode_layout(model)
-    return kwargs, nullcontext()
+    return kwargs, decode_linears(model)
 
 
-def _onednn_forward(linear: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The oneDNN forward of a linear layer, made once per layer and kept on it: a compiled step
-    guards on the functions it traced, and a new one per `generate` call would compile again."""
-    forward = vars(linear).get("_zoo_onednn_forward")
+def _decode_forward(linear: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The decode-step forward of a linear layer, made once per layer and kept on it: a compiled
+    step guards on the functions it traced, and a new one per `generate` call would compile
+    again. One token under compilation: `matvec`; several in an exported step: oneDNN; else (the
+    eager prefill, `torch.compile`'s batched step) the plain product."""
+    forward = vars(linear).get("_zoo_decode_forward")
     if forward is None:
+        onednn = torch.backends.mkldnn.is_available()
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if not torch.compiler.is_exporting():
-                # Eager calls (the prefill) and torch.compile's step (whose inductor lowers the
-                # op only for frozen weights) take the plain product.
-                return F.linear(x, linear.weight, linear.bias)
-            return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "none", [], "")
+            if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+                return matvec(x, linear.weight, linear.bias)
+            if onednn and torch.compiler.is_exporting():
+                return torch.ops.mkldnn._linear_pointwise(
+                    x, linear.weight, linear.bias, "none", [], ""
+                )
+            return F.linear(x, linear.weight, linear.bias)
 
-        linear._zoo_onednn_forward = forward
+        linear._zoo_decode_forward = forward
     return forward
 
 
 @contextmanager
-def onednn_linears(model: nn.Module) -> Iterator[int]:
-    """Inside the block every fp32/bf16 `nn.Linear` of `model` (on a CPU) multiplies through
-    oneDNN's linear kernel on its own weight and bias (same values, same parameters; the module
-    docstring says why); on exit the plain forward is back. Yields how many layers changed: none
-    where this torch build has no oneDNN. Inference only: the kernel has no backward."""
+def decode_linears(model: nn.Module) -> Iterator[int]:
+    """Inside the block every fp32/bf16 `nn.Linear` of `model` on a CPU multiplies the way a
+    compiled decode step reads its weights fastest (module docstring; same values, same
+    parameters); on exit the plain forward is back. Yields how many layers changed. Inference
+    only: oneDNN's kernel has no backward."""
     layers = [
         m for m in model.modules()
         if type(m) is nn.Linear and m.weight.device.type == "cpu"
         and m.weight.dtype in (torch.float32, torch.bfloat16) and "forward" not in vars(m)
-    ] if torch.backends.mkldnn.is_available() else []  # fmt: skip
+    ]  # fmt: skip
     for layer in layers:
-        layer.forward = _onednn_forward(layer)
+        layer.forward = _decode_forward(layer)
     try:
         yield len(layers)
     finally:
@@ -316,12 +291,14 @@ class AheadOfTimeStep:
         if self.compiled_call is not None:
             return self.compiled_call(**kwargs)
         cache = kwargs.pop("cache")
-        leaves = {k: [x for x in pytree.tree_leaves(v) if isinstance(x, torch.Tensor)]
-                  for k, v in kwargs.items()}  # fmt: skip
-        tensor_inputs = {k: kwargs[k] for k, tensors in leaves.items() if tensors}
-        flat = [x for k in tensor_inputs for x in leaves[k]]  # pytree's order: keys, then leaves
+        # The step's tensor inputs in pytree's order (keys, then leaves), the library's order.
+        flat = [x for x in pytree.tree_leaves(kwargs) if isinstance(x, torch.Tensor)]
         shapes = tuple(x.shape for x in flat)
         if self.run is None or cache is not self.cache or shapes != self.shapes:
+            tensor_inputs = {
+                k: v for k, v in kwargs.items()
+                if any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(v))
+            }  # fmt: skip
             self._bind(cache, kwargs, tensor_inputs)
             if self.compiled_call is not None:
                 return self.compiled_call(cache=cache, **kwargs)

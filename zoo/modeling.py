@@ -421,12 +421,12 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' `generate`; with `cache_implementation="static"` the zoo's fast decode
         path (`zoo.decode`): a static cache, a compiled per-token step on every device, and on a
-        CPU weights laid out for batch-1 matrix-vector products. Greedy tokens are the ones the
-        default (dynamic-cache, eager) path gives."""
+        CPU matrix products compiled for it (`zoo.decode.decode_linears`). Greedy tokens are the
+        ones the default (dynamic-cache, eager) path gives."""
         from zoo.decode import fast_path
 
-        kwargs, layout = fast_path(self, args, kwargs)
-        with layout:
+        kwargs, products = fast_path(self, kwargs)
+        with products:
             return super().generate(*args, **kwargs)
 
     def get_compiled_call(self, compile_config: CompileConfig | None) -> Any:

@@ -64,6 +64,7 @@ from zoo.kernels.layout import (
     run_segments,
     values_checkable,
 )
+from zoo.kernels.matvec import materialize
 
 __all__ = [
     "selective_scan",
@@ -121,6 +122,8 @@ def selective_scan_step(
     cache can keep the previous one.
     """
     uf, df = u.float(), delta.float()
+    if torch.compiler.is_compiling():  # computed once, not once per state column
+        uf, df = materialize(uf), materialize(df)
     bu = (df * uf).unsqueeze(-1) * B.float().unsqueeze(-2)  # (B, D_in, N)
     if state is None:
         new_state = bu

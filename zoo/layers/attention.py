@@ -50,6 +50,7 @@ from transformers.cache_utils import Cache
 
 from zoo.configuration import ZooConfig
 from zoo.flops import linear_flops
+from zoo.kernels.matvec import materialize
 from zoo.layers.context import MixerContext
 from zoo.layers.rotary import apply_rotary
 from zoo.parallel.context import gather_sequence
@@ -61,6 +62,29 @@ def attention_naive(
     """softmax(q kᵀ/√d + bias) v in fp32; q (B, H, T, D), k/v (B, H, S, D), bias (B, 1, T, S)."""
     scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
     return (torch.softmax(scores + bias.float(), dim=-1) @ v.float()).to(q.dtype)
+
+
+def step_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """SDPA of one query per sequence written as two reductions, the form the compiled CPU decode
+    step uses: inductor compiles q·Kᵀ and the weighted sum of V into loops over the cache, fused
+    with the mask and the softmax, in the same C++ as the rest of the step (no extern call), the
+    rotated query and the softmax weights stored once (`zoo.kernels.matvec.materialize`).
+    q: (B, H, 1, D); k, v: (B, Hkv, S, D) with H a multiple of Hkv (grouped queries); mask: None,
+    bool (True = attend) or additive, broadcastable to (B, 1, 1, S). Scores and softmax in fp32;
+    returns (B, H, 1, D)."""
+    batch, heads, _, dim = q.shape
+    groups = k.shape[1]
+    q = materialize(q.float().reshape(batch, groups, heads // groups, 1, dim) * dim**-0.5)
+    scores = (q * k.float().unsqueeze(2)).sum(-1)  # (B, Hkv, H/Hkv, S)
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        scores = scores + mask.float()
+    weights = materialize(scores.softmax(-1)).unsqueeze(-1)  # (B, Hkv, H/Hkv, S, 1)
+    o = (weights * v.float().unsqueeze(2)).sum(-2)  # (B, Hkv, H/Hkv, D)
+    return o.reshape(batch, heads, 1, dim).to(v.dtype)
 
 
 def attention_head_dim(config: ZooConfig) -> int:
@@ -166,14 +190,17 @@ class Attention(nn.Module):
             # Several new tokens after a cached prefix: causal with an offset.
             q_pos = torch.arange(past_len, kv_len, device=q.device)[:, None]
             mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos  # (T, S)
-        o = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=is_causal,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # (B, H, T, D)
+        if seq_len == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
+            o = step_attention(q, k, v, mask)
+        else:
+            o = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=is_causal,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )  # (B, H, T, D)
         return self.o_proj(o.transpose(1, 2).reshape(batch, seq_len, -1))
 
     def reference_forward(self, hidden_states: torch.Tensor, context: MixerContext) -> torch.Tensor:

@@ -1,0 +1,42 @@
+"""`zoo.kernels.matvec`: a token's products as reductions, eager and compiled, equal `F.linear`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zoo.kernels.matvec import materialize, matvec
+
+
+@pytest.mark.parametrize("shape", [(7,), (1, 7), (1, 1, 7)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matvec_equals_linear(shape, bias):
+    torch.manual_seed(0)
+    x, weight = torch.randn(shape), torch.randn(5, 7)
+    b = torch.randn(5) if bias else None
+    expected = F.linear(x, weight, b)
+    torch.testing.assert_close(matvec(x, weight, b), expected, atol=1e-6, rtol=1e-6)
+    torch._dynamo.reset()  # one compile per case (dynamo's recompile limit is 8)
+    compiled = torch.compile(matvec, dynamic=False, fullgraph=True)
+    torch.testing.assert_close(compiled(x, weight, b), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_matvec_of_a_computed_input_compiles_to_the_same_values():
+    """The input an RMSNorm computes: stored once by `materialize`, the same values either way."""
+    torch.manual_seed(0)
+    x, gain, weight = torch.randn(1, 1, 64), torch.randn(64), torch.randn(48, 64)
+
+    def normed_product(x: torch.Tensor) -> torch.Tensor:
+        return matvec(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gain, weight)
+
+    compiled = torch.compile(normed_product, dynamic=False, fullgraph=True)
+    torch.testing.assert_close(compiled(x), normed_product(x), atol=1e-5, rtol=1e-5)
+
+
+def test_materialize_is_the_same_tensor_values():
+    x = torch.randn(3, 4).t()  # not contiguous: a contiguous copy, same values
+    y = materialize(x)
+    assert y.is_contiguous() and torch.equal(y, x)
+    z = torch.randn(2, 3)
+    assert materialize(z).data_ptr() == z.data_ptr()  # contiguous: a view, no copy
