@@ -40,3 +40,14 @@ def test_materialize_is_the_same_tensor_values():
     assert y.is_contiguous() and torch.equal(y, x)
     z = torch.randn(2, 3)
     assert materialize(z).data_ptr() == z.data_ptr()  # contiguous: a view, no copy
+
+
+def test_matvec_reads_a_batch_of_matrices():
+    """A decode step's readout: each row of x against its own matrix (a recurrent state)."""
+    torch.manual_seed(0)
+    x, states = torch.randn(2, 3, 8), torch.randn(2, 3, 5, 8)
+    expected = torch.einsum("bhk,bhvk->bhv", x, states)
+    torch.testing.assert_close(matvec(x, states), expected, atol=1e-6, rtol=1e-6)
+    torch._dynamo.reset()  # one compile per case (dynamo's recompile limit is 8)
+    compiled = torch.compile(matvec, dynamic=False, fullgraph=True)
+    torch.testing.assert_close(compiled(x, states), expected, atol=1e-5, rtol=1e-5)

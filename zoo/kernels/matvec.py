@@ -27,7 +27,9 @@ def materialize(x: torch.Tensor) -> torch.Tensor:
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for an `x` of one row ((..., in) with one vector in all) as a
-    reduction over `in`: inductor streams `weight`'s rows once, x read from cache."""
+    """`F.linear(x, weight, bias)` as a reduction over `in`: x (..., in), weight (out, in) or a
+    batch of matrices (..., out, in) broadcast against x's leading dimensions (a decode step's
+    state read by its query). For one vector per matrix: inductor streams the matrix's rows once,
+    x read from cache."""
     y = (materialize(x).unsqueeze(-2) * weight).sum(-1)
     return y if bias is None else y + bias

@@ -64,7 +64,7 @@ from zoo.kernels.layout import (
     run_segments,
     values_checkable,
 )
-from zoo.kernels.matvec import materialize
+from zoo.kernels.matvec import materialize, matvec
 
 __all__ = [
     "selective_scan",
@@ -131,7 +131,7 @@ def selective_scan_step(
         new_state = torch.addcmul(bu, torch.exp(df.unsqueeze(-1) * A.float()), state.float())
     if torch.compiler.is_compiling():
         # A reduction inductor fuses with the update: the state is read once, no extern bmm.
-        y = (new_state * C.float().unsqueeze(-2)).sum(-1)  # (B, D_in)
+        y = matvec(C.float(), new_state)  # (B, D_in)
     else:
         y = (new_state @ C.float().unsqueeze(-1)).squeeze(-1)  # (B, D_in)
     if D is not None:
