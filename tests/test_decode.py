@@ -10,9 +10,10 @@ from transformers import AutoModelForCausalLM, StaticCache
 from typer.testing import CliRunner
 
 import zoo
+import zoo.decode
 from tests.tiny import FAMILIES, tiny_config, tiny_mixer_config
 from zoo.cli import app
-from zoo.decode import ahead_of_time_config, decode_linears
+from zoo.decode import ahead_of_time_config, batched_products_backend, decode_linears
 from zoo.tokenizer import PAD_ID, byte_tokenizer
 
 MOE_ESCAPE = "zoo/layers/moe.py"
@@ -46,7 +47,12 @@ def test_compiled_static_generate_gives_the_eager_greedy_tokens(family):
     options = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": PAD_ID}
     eager = model.generate(batch, attention_mask=mask, **options)
     torch._dynamo.reset()  # each test compiles its own model's step
-    fast = model.generate(batch, attention_mask=mask, cache_implementation="static", **options)
+    # One compiled step serves every token: a step input whose layout changed from one token to
+    # the next would recompile per token (a decode step a hundred times slower). (A MoE model's
+    # step is compiled in pieces around its routed experts, which dynamo counts as recompiles.)
+    strict = not model.config.has_moe
+    with torch._dynamo.config.patch(error_on_recompile=strict):
+        fast = model.generate(batch, attention_mask=mask, cache_implementation="static", **options)
     assert torch.equal(fast, eager)
     # Per-row lengths: the padded row decodes as it does alone, through the same compiled step.
     alone = model.generate(short, cache_implementation="static", **options)
@@ -92,6 +98,36 @@ def test_ahead_of_time_step_reads_the_weights_and_cache_of_each_call(batch, capl
     assert sum("ahead of time" in r.message for r in caplog.records) == 1  # compiled once
 
 
+@pytest.mark.parametrize("backend", ["aten", "onednn"])
+def test_ahead_of_time_batch_multiplies_through_either_backend(backend, monkeypatch):
+    """A batch's products in the exported step go through the backend that ran them faster
+    here; both give the eager greedy tokens, and the choice is part of what the step is
+    compiled for."""
+    if backend == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    model = _model("llama")
+    batch, mask, *_ = _padded_batch()
+    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": PAD_ID}
+    eager = model.generate(batch, attention_mask=mask, **options)
+    monkeypatch.setattr(zoo.decode, "batched_products_backend", lambda model, rows: backend)
+    aot = {"cache_implementation": "static", "compile_config": ahead_of_time_config(), **options}
+    assert torch.equal(model.generate(batch, attention_mask=mask, **aot), eager)
+    (key,) = zoo.decode._RUNNERS[model]
+    assert key[-1] == backend
+
+
+def test_batched_products_backend_is_timed_once_per_shape():
+    model = _model("llama")
+    assert batched_products_backend(model, 1) == "aten"  # one row: the step's matvec instead
+    if not torch.backends.mkldnn.is_available():
+        assert batched_products_backend(model, 4) == "aten"
+        return
+    chosen = batched_products_backend(model, 4)
+    assert chosen in ("aten", "onednn")
+    timed = dict(zoo.decode._BATCHED_BACKENDS)
+    assert batched_products_backend(model, 4) == chosen and timed == zoo.decode._BATCHED_BACKENDS
+
+
 def test_ahead_of_time_falls_back_to_torch_compile_for_moe(caplog):
     """A MoE layer's routing has data-dependent shapes, which an export cannot fix: the step is
     `torch.compile`'s, said in a warning, and the tokens are still the eager ones."""
@@ -112,6 +148,58 @@ def test_ahead_of_time_falls_back_to_torch_compile_for_moe(caplog):
         )
     assert torch.equal(fast, eager)
     assert any("torch.compile" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("family", ["llama", "tnl", "hybrid"])
+def test_decode_step_inputs_equal_the_general_path(family, padded):
+    """A decode step's inputs over a static cache, built directly, are transformers' general
+    path's (with the zoo's mask cut): same keys in the same order (a compiled step takes them in
+    order), same values and contiguous layouts."""
+    model = _model(family)
+    batch, mask, *_ = _padded_batch()
+    mask = mask if padded else None
+    cache = StaticCache(config=model.config, max_cache_len=20)
+    positions = torch.arange(batch.shape[1])[None].expand(2, -1)
+    with torch.no_grad():
+        model(batch, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    grown = torch.cat([batch, batch[:, -1:]], dim=1)
+    kwargs = {
+        "cache": cache,
+        "position_ids": torch.cat([positions, positions[:, -1:] + 1], dim=1),
+        "logits_to_keep": 1,
+        "use_cache": True,
+    }
+    if mask is not None:
+        kwargs["attention_mask"] = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+    direct = model.prepare_inputs_for_generation(grown, next_sequence_length=1, **kwargs)
+    general = model.prepare_inputs_for_generation(
+        grown, next_sequence_length=1, **kwargs, token_type_ids=None
+    )  # an extra key takes the general path
+    assert list(direct) == list(general)
+    flat_direct, spec_direct = torch.utils._pytree.tree_flatten(direct)
+    flat_general, spec_general = torch.utils._pytree.tree_flatten(general)
+    assert spec_direct == spec_general
+    for a, b in zip(flat_direct, flat_general, strict=True):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b) and a.is_contiguous() and a.stride() == b.stride()
+        else:
+            assert a is b or a == b
+
+
+def test_update_after_a_step_grows_the_mask_and_positions_as_transformers():
+    model = _model("llama")
+    mask, positions = torch.tensor([[0, 1, 1], [1, 1, 1]]), torch.tensor([[0, 0, 1], [0, 1, 2]])
+    for new in (1, 3):
+        ours = model._update_model_kwargs_for_generation(
+            {}, {"attention_mask": mask, "position_ids": positions}, num_new_tokens=new
+        )
+        theirs = super(type(model), model)._update_model_kwargs_for_generation(
+            {}, {"attention_mask": mask, "position_ids": positions}, num_new_tokens=new
+        )
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]) and ours[key].dtype == theirs[key].dtype
 
 
 @pytest.mark.parametrize("family", ["llama", "tnl", "mamba", "hyena", "hybrid"])

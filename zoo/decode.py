@@ -20,17 +20,20 @@ is transformers' own generation loop with these set up for it:
   ≈14M parameters (benchmarks/decode.py): the compiled step fuses each layer's norms, gates,
   state update and (next point) its batch-1 matrix products into C++ loops.
 - **Decode products** (CPU only, `decode_linears`, both compiled steps): at batch 1 a step is
-  matrix-vector products, every weight read once per token, and the BLAS runs them far below
-  this CPU's memory bandwidth (MKL's GEMV on the project's AMD machine: the "gemv" and "products"
-  figures of benchmarks/results/cpu_decode_generate.json). Inside `generate` every `nn.Linear`
-  multiplies a single token as a reduction inductor compiles itself (`zoo.kernels.matvec`: one
-  vectorized, threaded loop per weight, fused with the norm or gate before it), and softmax
+  matrix-vector products, every weight read once per token, and a BLAS may run them far below
+  the CPU's memory bandwidth (MKL's GEMV on the project's AMD machine: the "gemv" and "products"
+  figures of benchmarks/results/cpu_decode_generate_epyc.json). Inside `generate` every
+  `nn.Linear` multiplies a single token as a reduction inductor compiles itself
+  (`zoo.kernels.matvec`: one vectorized, threaded loop per weight, fused with the norm or gate
+  before it, as fast as MKL's GEMV on an Intel Xeon and 2-3× faster on the AMD CPU), and softmax
   attention reads its cached keys and values the same way (`zoo.layers.attention.step_attention`).
   Several tokens (a batch) in the ahead-of-time step multiply through oneDNN's linear kernel
-  (`torch.ops.mkldnn._linear_pointwise`), which ran B-row products well above ATen here; inductor
-  lowers that op only for constant weights, which AOTInductor's are and `torch.compile`'s are
-  not, so `torch.compile`'s batched step keeps ATen. Weights, names and values never change: only
-  the layers' forward is swapped, and the plain one is back when `generate` returns.
+  (`torch.ops.mkldnn._linear_pointwise`) or ATen's, whichever ran the step's products faster on
+  the machine (`batched_products_backend`, timed once per process: oneDNN on the AMD CPU, ATen
+  on the Xeon); inductor lowers oneDNN's op only for constant weights, which AOTInductor's are
+  and `torch.compile`'s are not, so `torch.compile`'s batched step keeps ATen. Weights, names and
+  values never change: only the layers' forward is swapped, and the plain one is back when
+  `generate` returns.
 
 Nothing is frozen into the compiled graph: the weights stay inputs of the step, so training a
 model between two `generate` calls needs no recompilation and can never leave stale weights.
@@ -41,7 +44,7 @@ by AOTInductor into a shared library, which each step calls with the token, its 
 masks and the cache. `torch.compile`'s step pays on every token for dynamo's guards (over every
 weight and the cache's Python state) and for inductor's Python wrapper; the library pays for
 neither, and at batch 1 its step is the matrix-vector products and little else (the "generate"
-rows of benchmarks/results/cpu_decode_generate.json: compiled against ahead-of-time steps). It
+rows of benchmarks/results/cpu_decode_generate*.json: compiled against ahead-of-time steps). It
 reads the model's own weights in place (AOTInductor's user-managed constants, bound at the start
 of each `generate`), so training between calls never leaves stale weights; what it is compiled
 for (shapes, strides and dtypes of weights, cache and inputs; the step's other arguments) is
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -70,7 +74,7 @@ from transformers import CompileConfig
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from zoo.kernels.matvec import matvec
+from zoo.kernels.matvec import linear
 
 logger = logging.getLogger(__name__)
 
@@ -111,25 +115,32 @@ def fast_path(
     return kwargs, decode_linears(model)
 
 
-def _decode_forward(linear: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+# The backend of a batch's products in the step being exported ("onednn" or "aten"), set by
+# `AheadOfTimeStep` around the export from `batched_products_backend`.
+_EXPORT_BATCHED_BACKEND = "aten"
+
+
+def _decode_forward(layer: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
     """The decode-step forward of a linear layer, made once per layer and kept on it: a compiled
     step guards on the functions it traced, and a new one per `generate` call would compile
-    again. One token under compilation: `matvec`; several in an exported step: oneDNN; else (the
-    eager prefill, `torch.compile`'s batched step) the plain product."""
-    forward = vars(linear).get("_zoo_decode_forward")
+    again. Several tokens in an exported step: oneDNN where it multiplied them faster here
+    (`batched_products_backend`); otherwise `zoo.kernels.matvec.linear` (one token under
+    compilation: `matvec`; else, as in the eager prefill, the plain product)."""
+    forward = vars(layer).get("_zoo_decode_forward")
     if forward is None:
-        onednn = torch.backends.mkldnn.is_available()
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
-                return matvec(x, linear.weight, linear.bias)
-            if onednn and torch.compiler.is_exporting():
+            if (
+                _EXPORT_BATCHED_BACKEND == "onednn"
+                and torch.compiler.is_exporting()
+                and x.numel() != x.shape[-1]
+            ):
                 return torch.ops.mkldnn._linear_pointwise(
-                    x, linear.weight, linear.bias, "none", [], ""
+                    x, layer.weight, layer.bias, "none", [], ""
                 )
-            return F.linear(x, linear.weight, linear.bias)
+            return linear(x, layer.weight, layer.bias)
 
-        linear._zoo_decode_forward = forward
+        layer._zoo_decode_forward = forward
     return forward
 
 
@@ -151,6 +162,46 @@ def decode_linears(model: nn.Module) -> Iterator[int]:
     finally:
         for layer in layers:
             del layer.forward
+
+
+# Which backend multiplied a batch faster, by (the layers' weight shapes and dtypes, rows).
+_BATCHED_BACKENDS: dict[tuple[Any, ...], str] = {}
+
+
+@torch.no_grad()
+def batched_products_backend(model: nn.Module, rows: int) -> str:
+    """ "onednn" or "aten": whichever ran one decode step's products (every CPU `nn.Linear` of
+    `model` once, on `rows` rows) faster on this machine, timed once per process for these
+    shapes (best of three after a warm-up, tens of milliseconds). The ahead-of-time step of a
+    batch multiplies through it: oneDNN ran them 1.7-1.9× faster than ATen on the project's AMD
+    CPU, 0.6-0.8× as fast on an Intel Xeon with MKL (benchmarks/results/, "products" rows)."""
+    layers = [
+        m for m in model.modules()
+        if type(m) is nn.Linear and m.weight.device.type == "cpu"
+        and m.weight.dtype in (torch.float32, torch.bfloat16)
+    ]  # fmt: skip
+    if rows == 1 or not layers or not torch.backends.mkldnn.is_available():
+        return "aten"
+    key = (tuple((tuple(m.weight.shape), m.weight.dtype, m.bias is None) for m in layers), rows)
+    if key not in _BATCHED_BACKENDS:
+        pairs = [(torch.randn(rows, m.in_features, dtype=m.weight.dtype), m) for m in layers]
+        onednn = torch.ops.mkldnn._linear_pointwise
+        products = {
+            "aten": lambda: [F.linear(x, m.weight, m.bias) for x, m in pairs],
+            "onednn": lambda: [onednn(x, m.weight, m.bias, "none", [], "") for x, m in pairs],
+        }
+        seconds = {}
+        for name, run in products.items():
+            run()
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            seconds[name] = min(times)
+        _BATCHED_BACKENDS[key] = min(seconds, key=seconds.__getitem__)
+        logger.info("batched decode products: %s (%s)", _BATCHED_BACKENDS[key], seconds)
+    return _BATCHED_BACKENDS[key]
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,15 +290,24 @@ class _Runner:
     in place (the model's parameters and buffers, user-managed constants of the library)."""
 
     def __init__(
-        self, module: _StepModule, inputs: dict[str, Any], states: dict[str, torch.Tensor]
+        self,
+        module: _StepModule,
+        inputs: dict[str, Any],
+        states: dict[str, torch.Tensor],
+        batched_backend: str,
     ) -> None:
+        global _EXPORT_BATCHED_BACKEND
         logger.info("compiling the decode step ahead of time (AOTInductor: a C++ build)")
         # The export's own notes (the attributes the step swaps and puts back, torch's
         # deprecations) are about torch's internals, nothing a user can act on.
         with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="zoo-decode-") as tmp:
             warnings.simplefilter("ignore")
             kwargs = {"inputs": inputs, "states": states}
-            program = torch.export.export(module, (), kwargs, strict=True)
+            _EXPORT_BATCHED_BACKEND = batched_backend
+            try:
+                program = torch.export.export(module, (), kwargs, strict=True)
+            finally:
+                _EXPORT_BATCHED_BACKEND = "aten"
             path = torch._inductor.aoti_compile_and_package(
                 program, package_path=str(Path(tmp) / "step.pt2")
             )
@@ -311,6 +371,10 @@ class AheadOfTimeStep:
         options = {k: v for k, v in kwargs.items() if k not in tensor_inputs}
         module = _StepModule(self.model, cache, options)
         states = cache_tensors(cache)
+        tokens = tensor_inputs.get("input_ids")
+        tokens = tensor_inputs.get("inputs_embeds") if tokens is None else tokens
+        rows = 1 if tokens is None else tokens.shape[0] * tokens.shape[1]
+        backend = batched_products_backend(self.model, rows)
         key = (
             tuple((n, _layout(t)) for n, t in module.state_dict(keep_vars=True).items()),
             tuple((n, _layout(t)) for n, t in states.items()),
@@ -319,11 +383,12 @@ class AheadOfTimeStep:
             pytree.tree_structure(tensor_inputs),
             tuple(sorted(options.items())),
             self.model.training,
+            backend,
         )  # fmt: skip
         runners = _RUNNERS.setdefault(self.model, {})
         if key not in runners:
             try:
-                runners[key] = _Runner(module, tensor_inputs, states)
+                runners[key] = _Runner(module, tensor_inputs, states, backend)
             except Exception as exc:  # export's and AOTInductor's errors have no common base
                 runners[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         runner = runners[key]

@@ -447,17 +447,106 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             self, lambda: super(ZooForCausalLM, self).get_compiled_call(default_config(self.device))
         )
 
-    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    # What a decode step over a static cache may be asked for besides the token: anything else
+    # goes through transformers' general `prepare_inputs_for_generation`.
+    _DECODE_STEP_KEYS = frozenset({"attention_mask", "position_ids", "logits_to_keep", "use_cache"})
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
         """transformers' inputs of one generation step; over an all-recurrent cache the 2-D mask is
         cut to the current tokens (the only padding a recurrent layer reads), so a decode step
-        keeps one shape instead of a mask that grows by a column per token."""
-        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        keeps one shape instead of a mask that grows by a column per token. A decode step over a
+        static cache (one new token, nothing but the usual inputs) is built directly, with the
+        same keys, order and values as the general path (`tests/test_decode.py`), in half its
+        Python time (a few percent of a compiled CPU step)."""
+        cache = kwargs.get("cache")
+        if (
+            not args
+            and kwargs.get("next_sequence_length") == 1
+            and not kwargs.get("is_first_iteration")
+            and getattr(cache, "is_compileable", False)
+            and kwargs.get("inputs_embeds") is None
+            and input_ids.device == self.device
+            and set(kwargs) - {"next_sequence_length", "cache", "inputs_embeds"}
+            <= self._DECODE_STEP_KEYS
+        ):
+            return self._decode_step_inputs(input_ids, **kwargs)
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
         cache, mask = inputs.get("cache"), inputs.get("attention_mask")
         tokens = inputs.get("input_ids")
         tokens = inputs.get("inputs_embeds") if tokens is None else tokens
         if cache is not None and all(cache.is_linear) and isinstance(mask, torch.Tensor):
-            inputs["attention_mask"] = mask[:, -tokens.shape[1] :].contiguous()
+            inputs["attention_mask"] = mask[:, -tokens.shape[1] :].clone(
+                memory_format=torch.contiguous_format
+            )
         return inputs
+
+    def _decode_step_inputs(
+        self,
+        input_ids: torch.Tensor,
+        cache: Cache,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The inputs of one decode step over a static cache: the last token and its position
+        (contiguous copies: a compiled step is built for their layout), the masks, and the
+        remaining options passed on."""
+        contiguous = torch.contiguous_format  # a (B, 1) view of (B, L) is dense but strided
+        inputs: dict[str, Any] = {
+            "input_ids": input_ids[:, -1:].clone(memory_format=contiguous),
+            "cache": cache,
+        }
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids[..., -1:].clone(memory_format=contiguous)
+        if all(cache.is_linear):
+            mask = None
+            if attention_mask is not None:
+                mask = attention_mask[:, -1:].clone(memory_format=contiguous)
+        else:
+            masks = self.create_masks_for_generate(
+                config=self.config,
+                inputs_embeds=torch.empty(
+                    (input_ids.shape[0], 1, 0), dtype=self.dtype, device=input_ids.device
+                ),
+                attention_mask=attention_mask,
+                cache=cache,
+                position_ids=inputs.get("position_ids"),
+            )
+            mask = {k: v.contiguous() if isinstance(v, torch.Tensor) else v
+                    for k, v in masks.items()}  # fmt: skip
+        if mask is not None:
+            inputs["attention_mask"] = mask
+        for key in ("logits_to_keep", "use_cache"):
+            if key in kwargs:
+                inputs[key] = kwargs[key]
+        return inputs
+
+    def _update_model_kwargs_for_generation(
+        self,
+        outputs: Any,
+        model_kwargs: dict[str, Any],
+        is_encoder_decoder: bool = False,
+        num_new_tokens: int = 1,
+    ) -> dict[str, Any]:
+        """transformers' update after a generation step (the cache passed on, the 2-D mask and
+        the positions grown by the new tokens), the same values in half the tensor operations."""
+        mask = model_kwargs.pop("attention_mask", None)
+        positions = model_kwargs.pop("position_ids", None)
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder, num_new_tokens
+        )
+        if mask is not None:
+            model_kwargs["attention_mask"] = nn.functional.pad(mask, (0, num_new_tokens), value=1)
+        if positions is not None:
+            step = (
+                1
+                if num_new_tokens == 1
+                else torch.arange(1, num_new_tokens + 1, device=positions.device)
+            )
+            model_kwargs["position_ids"] = torch.cat([positions, positions[..., -1:] + step], -1)
+        return model_kwargs
 
     def _lm_loss(
         self,

@@ -3,6 +3,10 @@ models decode through generate(), eager, compiled and as transformers' own."""
 
 from __future__ import annotations
 
+import statistics
+
+import pytest
+
 
 def test_decode_quick_times_steps_and_keeps_the_cache_constant(run_benchmark):
     result = run_benchmark("decode.py")
@@ -48,6 +52,21 @@ def test_decode_quick_times_steps_and_keeps_the_cache_constant(run_benchmark):
     batched = [r for r in gen["rows"] if r["group"] != "B=1" and r["group"] != "contexts"]
     assert {r["B"] for r in batched} == {1, 4}
     assert "tnl_b4_over_b1" in gen["goals"]
+    # A batch's bound is a roofline: its GEMM rate was measured too, and the bound is at least
+    # the products' FLOPs at the best of it (and at least its bytes at the best GEMV rate).
+    for row in batched:
+        nbytes = row["weight_bytes"] + row["cache_bytes"]
+        memory = [1e3 * nbytes / (gb * 1e9) for gb in row["gemv_best_gb_per_s_rounds"]]
+        if row["B"] == 1:
+            assert "gemm" not in row
+            assert row["bound_ms"] == pytest.approx(statistics.median(memory))
+            continue
+        flops = 2 * row["B"] * row["weight_bytes"] / 4
+        compute = [1e3 * flops / (g * 1e9) for g in row["gemm_best_gflop_per_s_rounds"]]
+        rounds = [max(m, c) for m, c in zip(memory, compute, strict=True)]
+        assert row["bound_ms"] == pytest.approx(statistics.median(rounds))
+    goal = gen["goals"]["tnl_b4_over_b1"]
+    assert 0 < goal["at_bounds"] <= 4 + 1e-9  # a batch of 4 at most 4× the tokens at the bounds
     # (d) one step's products by backend: ATen at both batches, inductor's reductions at B=1.
     products = result["products"]["rows"]
     assert {(r["family"], r["B"]) for r in products} == {

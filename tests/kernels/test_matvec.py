@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.kernels.matvec import materialize, matvec
+from zoo.kernels.matvec import linear, materialize, matvec
 
 
 @pytest.mark.parametrize("shape", [(7,), (1, 7), (1, 1, 7)])
@@ -51,3 +51,21 @@ def test_matvec_reads_a_batch_of_matrices():
     torch._dynamo.reset()  # one compile per case (dynamo's recompile limit is 8)
     compiled = torch.compile(matvec, dynamic=False, fullgraph=True)
     torch.testing.assert_close(compiled(x, states), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 24), (2, 1, 24)])
+def test_linear_is_f_linear_eagerly_and_matvec_for_one_compiled_row(shape):
+    """Eager: exactly `F.linear`. Compiled: one row becomes the reduction inductor fuses into the
+    step (no external BLAS call), several rows stay a product; the values agree either way."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(shape), torch.randn(48, 24), torch.randn(48)
+    expected = F.linear(x, weight, bias)
+    assert torch.equal(linear(x, weight, bias), expected)
+    torch._dynamo.reset()  # one compile per case (dynamo's recompile limit is 8)
+    code = torch._inductor.utils.run_and_get_code(
+        torch.compile(linear, dynamic=False, fullgraph=True), x, weight, bias
+    )
+    out, sources = code
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    external = any("extern_kernels." in src for src in sources)
+    assert external == (shape[0] > 1)

@@ -289,7 +289,10 @@ def test_triton_mixer_matches_torch_mixer():
     torch.testing.assert_close(y_t, y, atol=1e-5, rtol=1e-5)
     names = ["input", *(n for n, _ in torch_mixer.named_parameters())]
     for name, g, g_t in zip(names, grads, grads_t, strict=True):
-        torch.testing.assert_close(g_t, g, atol=1e-5, rtol=1e-4, msg=name)
+        # The filter MLP's first-layer gradients reach ~800: a sum's rounding scales with its
+        # largest terms (1e-6 of them), not with each element.
+        atol = max(1e-5, 1e-6 * g.abs().max().item())
+        torch.testing.assert_close(g_t, g, atol=atol, rtol=1e-4, msg=name)
     torch.testing.assert_close(steps_t, steps, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(steps_t, y, atol=1e-5, rtol=1e-5)
 

@@ -2,10 +2,12 @@
 
 At batch 1 a decode step is matrix-vector products: every weight, and for softmax attention
 every cached key and value, is read once. The BLAS multiplies a single row through its GEMV
-(several times below this CPU's memory bandwidth with MKL on the project's AMD machine, the
-"products" and "gemv" figures of benchmarks/results/cpu_decode_generate.json); written as an
-elementwise product summed over the shared axis, inductor compiles it into one vectorized,
-threaded loop over the matrix that also fuses what comes before and after (norms, gates, RoPE).
+(with MKL on the project's AMD machine several times below the memory bandwidth and 2-3× below
+the reduction below, the "products" and "gemv" figures of
+benchmarks/results/cpu_decode_generate_epyc.json; on an Intel Xeon the two ran alike,
+cpu_decode_generate.json); written as an elementwise product summed over the shared axis,
+inductor compiles it into one vectorized, threaded loop over the matrix that also fuses what
+comes before and after (norms, gates, RoPE), with no external call splitting the step's loops.
 
 One trap: inductor inlines a single-use elementwise producer into the loop that consumes it, so a
 vector that is broadcast against a matrix (the normed input of a projection, a rotated query, the
@@ -16,6 +18,7 @@ SiLU's exp hundreds of times per element. `materialize` stores it once first.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def materialize(x: torch.Tensor) -> torch.Tensor:
@@ -33,3 +36,13 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x read from cache."""
     y = (materialize(x).unsqueeze(-2) * weight).sum(-1)
     return y if bias is None else y + bias
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, except for one row on a CPU under compilation, where it is `matvec`: for a
+    product a layer computes itself (Mamba's Δ projection, whose bias is added in fp32 after it),
+    the choice `zoo.decode.decode_linears` makes for every `nn.Linear` of a decode step. Left to
+    the BLAS, such a product is an external call that also splits the step's fused loops."""
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]:
+        return matvec(x, weight, bias)
+    return F.linear(x, weight, bias)

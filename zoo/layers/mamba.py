@@ -52,6 +52,7 @@ from zoo.configuration import ZooConfig
 from zoo.flops import linear_flops
 from zoo.kernels.backend import resolve_backend
 from zoo.kernels.long_conv import short_conv
+from zoo.kernels.matvec import linear
 from zoo.kernels.selective_scan import selective_scan, selective_scan_naive
 from zoo.layers.context import MixerContext
 from zoo.parallel.context import halo
@@ -183,7 +184,7 @@ class MambaMixer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Δ (B, T, D_in) fp32, A (D_in, N) fp32, B and C (B, T, N) from the conv output u."""
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)  # (B, T, D_in)
+        dt = linear(dt, self.dt_proj.weight)  # (B, T, D_in)
         delta = F.softplus(dt.float() + self.dt_proj.bias.float())
         if context.token_mask is not None:
             delta = delta * context.token_mask.unsqueeze(-1)
