@@ -437,6 +437,25 @@ def _matrix(rows: int, width: int, device: torch.device) -> torch.Tensor:
     return _MATRICES[key]
 
 
+def _best_rates(
+    products: dict[str, Callable[[], Any]],
+    work: float,
+    unit: str,
+    device: torch.device,
+    repeats: int,
+) -> dict[str, float]:
+    """Per product, `work` (bytes or FLOPs) ÷ its median seconds, in billions a second, keyed
+    "<name>_<unit>"."""
+    return {
+        f"{name}_{unit}": work / median_time(product, device, 2, repeats) / 1e9
+        for name, product in products.items()
+    }
+
+
+def _onednn_available(device: torch.device) -> bool:
+    return device.type == "cpu" and torch.backends.mkldnn.is_available()
+
+
 def gemv_bandwidth(nbytes: int, width: int, device: torch.device, repeats: int) -> dict[str, float]:
     """GB/s of one matrix-vector product over a matrix of `nbytes` fp32 weights, `width` wide, in
     `nn.Linear`'s layout: by ATen (`F.linear`'s BLAS) and, on a CPU, by oneDNN's linear
@@ -446,18 +465,13 @@ def gemv_bandwidth(nbytes: int, width: int, device: torch.device, repeats: int) 
     depends on the size: what stays in the last-level cache between calls is read faster)."""
     weight = _matrix(max(1, nbytes // (4 * width)), width, device)
     x = torch.randn(width, device=device)
-    products: list[tuple[str, Callable[[], Any]]] = [("linear_layout", lambda: weight @ x)]
-    if device.type == "cpu" and torch.backends.mkldnn.is_available():
-        row = x[None]
-        onednn = torch.ops.mkldnn._linear_pointwise
-        products.append(("onednn", lambda: onednn(row, weight, None, "none", [], "")))
+    products: dict[str, Callable[[], Any]] = {"linear_layout": lambda: weight @ x}
+    if _onednn_available(device):
+        row, onednn = x[None], torch.ops.mkldnn._linear_pointwise
+        products["onednn"] = lambda: onednn(row, weight, None, "none", [], "")
     if device.type == "cpu":
-        products.append(("inductor", lambda: _COMPILED_MATVEC(x, weight)))
-    out = {}
-    for name, product in products:
-        seconds = median_time(product, device, 2, repeats)
-        out[f"{name}_gb_per_s"] = weight.numel() * 4 / seconds / 1e9
-    return out
+        products["inductor"] = lambda: _COMPILED_MATVEC(x, weight)
+    return _best_rates(products, weight.numel() * 4, "gb_per_s", device, repeats)
 
 
 def gemm_rate(
@@ -468,15 +482,11 @@ def gemm_rate(
     batched step's bound: its products' FLOPs at the fastest rate a GEMM of their shape reached."""
     weight = _matrix(max(1, nbytes // (4 * width)), width, device)
     x = torch.randn(batch, width, device=device)
-    products: list[tuple[str, Callable[[], Any]]] = [("linear_layout", lambda: F.linear(x, weight))]
-    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+    products: dict[str, Callable[[], Any]] = {"linear_layout": lambda: F.linear(x, weight)}
+    if _onednn_available(device):
         onednn = torch.ops.mkldnn._linear_pointwise
-        products.append(("onednn", lambda: onednn(x, weight, None, "none", [], "")))
-    out = {}
-    for name, product in products:
-        seconds = median_time(product, device, 2, repeats)
-        out[f"{name}_gflop_per_s"] = 2 * batch * weight.numel() / seconds / 1e9
-    return out
+        products["onednn"] = lambda: onednn(x, weight, None, "none", [], "")
+    return _best_rates(products, 2 * batch * weight.numel(), "gflop_per_s", device, repeats)
 
 
 def _weight_bytes(model: torch.nn.Module) -> int:
@@ -843,8 +853,9 @@ def _products(layers: list[torch.nn.Linear], batch: int, how: str) -> Callable[[
 @torch.inference_mode()
 def bench_products(settings: dict[str, Any]) -> dict[str, Any]:
     """The ms of one decode step's matrix products (every `nn.Linear` of each family's model on
-    a B-row input) in ATen (`F.linear`), in oneDNN (`torch.ops.mkldnn._linear_pointwise`, what
-    our ahead-of-time step runs for a batch) and at B = 1 as inductor's reductions
+    a B-row input) in ATen (`F.linear`), in oneDNN (`torch.ops.mkldnn._linear_pointwise`; the
+    ahead-of-time step runs a batch through whichever of the two was faster,
+    `zoo.decode.batched_products_backend`) and at B = 1 as inductor's reductions
     (`zoo.kernels.matvec` compiled, what both our compiled steps run for one token;
     `zoo.decode.decode_linears`): loops of `loops` steps, the median over rounds, the ways in
     turns within each round."""

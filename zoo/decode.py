@@ -144,17 +144,23 @@ def _decode_forward(layer: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
     return forward
 
 
+def _cpu_linears(model: nn.Module) -> list[nn.Linear]:
+    """The fp32/bf16 `nn.Linear` layers of `model` on a CPU: those a decode step's products
+    change for (`decode_linears`, `batched_products_backend`)."""
+    return [
+        m for m in model.modules()
+        if type(m) is nn.Linear and m.weight.device.type == "cpu"
+        and m.weight.dtype in (torch.float32, torch.bfloat16)
+    ]  # fmt: skip
+
+
 @contextmanager
 def decode_linears(model: nn.Module) -> Iterator[int]:
     """Inside the block every fp32/bf16 `nn.Linear` of `model` on a CPU multiplies the way a
     compiled decode step reads its weights fastest (module docstring; same values, same
     parameters); on exit the plain forward is back. Yields how many layers changed. Inference
     only: oneDNN's kernel has no backward."""
-    layers = [
-        m for m in model.modules()
-        if type(m) is nn.Linear and m.weight.device.type == "cpu"
-        and m.weight.dtype in (torch.float32, torch.bfloat16) and "forward" not in vars(m)
-    ]  # fmt: skip
+    layers = [m for m in _cpu_linears(model) if "forward" not in vars(m)]
     for layer in layers:
         layer.forward = _decode_forward(layer)
     try:
@@ -175,11 +181,7 @@ def batched_products_backend(model: nn.Module, rows: int) -> str:
     shapes (best of three after a warm-up, tens of milliseconds). The ahead-of-time step of a
     batch multiplies through it: oneDNN ran them 1.7-1.9× faster than ATen on the project's AMD
     CPU, 0.6-0.8× as fast on an Intel Xeon with MKL (benchmarks/results/, "products" rows)."""
-    layers = [
-        m for m in model.modules()
-        if type(m) is nn.Linear and m.weight.device.type == "cpu"
-        and m.weight.dtype in (torch.float32, torch.bfloat16)
-    ]  # fmt: skip
+    layers = _cpu_linears(model)
     if rows == 1 or not layers or not torch.backends.mkldnn.is_available():
         return "aten"
     key = (tuple((tuple(m.weight.shape), m.weight.dtype, m.bias is None) for m in layers), rows)

@@ -310,6 +310,14 @@ class ZooModel(ZooPreTrainedModel):
         return BaseModelOutputWithPast(**outputs)
 
 
+def _last_columns(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The last `n` columns of a generation step's (B, L) tensor (tokens, positions, 2-D mask) as
+    a contiguous copy: a compiled step is built for its layout, and a (B, n) view of (B, L) may be
+    dense yet keep the stride L, which `clone()` alone would keep (and `torch.compile` would
+    recompile the step for every token)."""
+    return x[..., -n:].clone(memory_format=torch.contiguous_format)
+
+
 class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     router_loss_group: Any = None
@@ -477,9 +485,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         tokens = inputs.get("input_ids")
         tokens = inputs.get("inputs_embeds") if tokens is None else tokens
         if cache is not None and all(cache.is_linear) and isinstance(mask, torch.Tensor):
-            inputs["attention_mask"] = mask[:, -tokens.shape[1] :].clone(
-                memory_format=torch.contiguous_format
-            )
+            inputs["attention_mask"] = _last_columns(mask, tokens.shape[1])
         return inputs
 
     def _decode_step_inputs(
@@ -493,17 +499,11 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         """The inputs of one decode step over a static cache: the last token and its position
         (contiguous copies: a compiled step is built for their layout), the masks, and the
         remaining options passed on."""
-        contiguous = torch.contiguous_format  # a (B, 1) view of (B, L) is dense but strided
-        inputs: dict[str, Any] = {
-            "input_ids": input_ids[:, -1:].clone(memory_format=contiguous),
-            "cache": cache,
-        }
+        inputs: dict[str, Any] = {"input_ids": _last_columns(input_ids, 1), "cache": cache}
         if position_ids is not None:
-            inputs["position_ids"] = position_ids[..., -1:].clone(memory_format=contiguous)
+            inputs["position_ids"] = _last_columns(position_ids, 1)
         if all(cache.is_linear):
-            mask = None
-            if attention_mask is not None:
-                mask = attention_mask[:, -1:].clone(memory_format=contiguous)
+            mask = None if attention_mask is None else _last_columns(attention_mask, 1)
         else:
             masks = self.create_masks_for_generate(
                 config=self.config,
