@@ -54,6 +54,7 @@ import statistics
 import time
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -74,9 +75,11 @@ from common import (
 from cpu_models import FULL as CPU_MODELS
 from cpu_models import QUICK as CPU_MODELS_QUICK
 from cpu_models import model_configs
-from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
+from transformers import CompileConfig
+from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as transformers_logging
 
+import zoo.decode
 from zoo.cache import cache_nbytes, new_cache
 from zoo.configuration import TNLConfig
 from zoo.convert import to_hf_llama, to_hf_mamba
@@ -400,23 +403,29 @@ FAMILY_KEYS = {"llama": "zoo_llama", "tnl": "zoo_tnl", "hgrn2": "zoo_hgrn2", "ma
 FAST_PATHS = ("zoo compiled", "zoo ahead-of-time")
 
 
-class StepClock(LogitsProcessor):
-    """generate()'s decode steps timed from inside its loop. A logits processor runs once per new
-    token, so the gaps between its calls are whole decode steps (the model's step, the cache
-    update, logits processing, the stopping check) and the prefill is left out. On CUDA each call
-    synchronizes, which costs a step the overlap of the host's work with the device's."""
+class StepClock(BaseStreamer):
+    """generate()'s decode steps timed from inside its loop. A streamer is handed the prompt, then
+    each new token as soon as it is chosen, so the gaps between its calls after the first two are
+    whole decode steps (the model's step, the cache update, the token's choice, the stopping
+    check), the prefill left out. A streamer is what a chat front end passes anyway, and it
+    leaves the loop's work as it is: a logits processor would add a float32 copy of the logits
+    and the processor list's per-call signature inspection to every step (~50 µs here). On CUDA
+    each call synchronizes, which costs a step the overlap of the host's work with the device's."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.times = device, []
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def put(self, value: torch.Tensor) -> None:
         sync(self.device)
         self.times.append(time.perf_counter())
-        return scores
+
+    def end(self) -> None:
+        pass
 
     def step_s(self, skip: int = 2) -> float:
-        """Median seconds of a decode step, the first `skip` gaps (warming caches) left out."""
-        gaps = [b - a for a, b in zip(self.times, self.times[1:], strict=False)]
+        """Median seconds of a decode step: the gaps after the prefill's (prompt to first token),
+        the first `skip` of them (warming caches) left out."""
+        gaps = [b - a for a, b in zip(self.times[1:], self.times[2:], strict=False)]
         return statistics.median(gaps[skip:] or gaps)
 
 
@@ -515,7 +524,7 @@ def _generate_fn(model: torch.nn.Module, **options: Any) -> Generate:
             do_sample=False,
             pad_token_id=0,
             eos_token_id=None,
-            logits_processor=LogitsProcessorList([clock] if clock is not None else []),
+            streamer=clock,
             **options,
         )
 
@@ -542,13 +551,29 @@ def _zoo_variants(model: ZooForCausalLM) -> dict[str, Generate]:
     return out
 
 
+def _in_transformers_loop(run: Generate) -> Generate:
+    """`run` decoding through transformers' `_sample` instead of the zoo's loop
+    (`zoo.decode.decode_loop`), the same step: what the zoo's loop saves a step."""
+
+    def in_their_loop(ids: torch.Tensor, n: int, clock: StepClock | None = None) -> Any:
+        with mock.patch.object(zoo.decode, "runs_decode_loop", lambda *args: False):
+            return run(ids, n, clock)
+
+    return in_their_loop
+
+
 def _variants(family: str, model: ZooForCausalLM, batch: int) -> dict[str, Generate]:
     """name -> generate of every way the benchmark decodes one family's weights: ours; at batch 1
-    also transformers' own model on the same weights, in its documented configurations, and
-    (Llama) with our decode products (`zoo.decode.decode_linears`), to show what they alone buy."""
+    also our ahead-of-time step in transformers' loop, transformers' own model on the same
+    weights, in its documented configurations, and (Llama) with our decode products
+    (`zoo.decode.decode_linears`), to show what they alone buy."""
     out = _zoo_variants(model)
     if batch != 1:
         return out
+    if "zoo ahead-of-time" in out:
+        out["zoo ahead-of-time, transformers' loop"] = _in_transformers_loop(
+            out["zoo ahead-of-time"]
+        )
     if family == "llama":
         hf = to_hf_llama(model)
         hf.set_attn_implementation("sdpa")

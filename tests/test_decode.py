@@ -7,11 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, StaticCache
+from transformers.generation.streamers import BaseStreamer
 from typer.testing import CliRunner
 
 import zoo
 import zoo.decode
 from tests.tiny import FAMILIES, tiny_config, tiny_mixer_config
+from zoo.cache import static_masks, static_step_masks
 from zoo.cli import app
 from zoo.decode import ahead_of_time_config, batched_products_backend, decode_linears
 from zoo.tokenizer import PAD_ID, byte_tokenizer
@@ -270,3 +272,128 @@ def test_cli_generate_compile_prints_the_greedy_text(tmp_path):
     aot = CliRunner().invoke(app, [*args, "--aot"])
     assert aot.exit_code == 0, aot.output
     assert aot.stdout == plain.stdout
+
+
+class _Recorder(BaseStreamer):
+    def __init__(self) -> None:
+        self.puts: list[torch.Tensor] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value.clone())
+
+    def end(self) -> None:
+        self.ended = True
+
+
+# Settings of `generate` the zoo's decode loop must run as transformers' loop does.
+LOOP_CASES = {
+    "greedy": {"do_sample": False},
+    "sampling": {"do_sample": True, "top_k": 20, "temperature": 0.8},
+    "processors reading the tokens": {"do_sample": False, "repetition_penalty": 1.5,
+                                      "no_repeat_ngram_size": 2},
+    "scores and logits": {"do_sample": True, "return_dict_in_generate": True,
+                          "output_scores": True, "output_logits": True},
+}  # fmt: skip
+
+
+def _generate_both(model, monkeypatch, ids, **options):
+    """(zoo's loop, transformers' loop) results of one `generate` call, each after the same seed,
+    with a streamer recording what each sends; checks that the zoo's loop ran."""
+    ran = []
+    loop = zoo.decode.decode_loop
+    monkeypatch.setattr(zoo.decode, "decode_loop", lambda *a: ran.append(1) or loop(*a))
+    out = []
+    for runs in (True, False):
+        if not runs:
+            monkeypatch.setattr(zoo.decode, "runs_decode_loop", lambda *a: False)
+        streamer = _Recorder()
+        torch.manual_seed(7)
+        result = model.generate(ids, streamer=streamer, **options)
+        assert streamer.ended
+        out.append((result, streamer.puts))
+    assert ran == [1]
+    return out
+
+
+@pytest.mark.parametrize("case", LOOP_CASES)
+@pytest.mark.parametrize("family", ["llama", "tnl", "hybrid"])
+def test_decode_loop_runs_as_transformers_loop(family, case, monkeypatch):
+    """The zoo's loop over a static cache gives transformers' `_sample` results: the tokens
+    (greedy, sampled from the same generator), the scores and logits, the streamed tokens."""
+    model = _model(family)
+    options = {"max_new_tokens": 9, "pad_token_id": PAD_ID, **LOOP_CASES[case]}
+    options |= {"cache_implementation": "static", "disable_compile": True}
+    ids = torch.randint(3, 256, (2, 11))
+    (ours, our_puts), (theirs, their_puts) = _generate_both(model, monkeypatch, ids, **options)
+    if isinstance(theirs, torch.Tensor):
+        assert torch.equal(ours, theirs)
+    else:
+        assert torch.equal(ours.sequences, theirs.sequences)
+        assert ours.sequences.shape == (2, 20)
+        for key in ("scores", "logits"):
+            assert len(ours[key]) == len(theirs[key]) == 9
+            assert all(torch.equal(a, b) for a, b in zip(ours[key], theirs[key], strict=True))
+        assert ours.cache is not None
+    assert len(our_puts) == len(their_puts)
+    assert all(torch.equal(a, b) for a, b in zip(our_puts, their_puts, strict=True))
+
+
+def test_decode_loop_stops_rows_at_their_end_token(monkeypatch):
+    """An end token finishes its row (padding after it) and, once every row has one, the call."""
+    model = _model("tnl")
+    ids = torch.randint(3, 256, (2, 11))
+    options = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": PAD_ID}
+    free = model.generate(ids, **options)[:, 11:]
+    # The end token: the first token row 0 generates that row 1 does not generate before it.
+    eos = next(int(t) for t in free[0, 2:] if int(t) not in free[1, :6].tolist())
+    options |= {"eos_token_id": eos, "cache_implementation": "static", "disable_compile": True}
+    (ours, our_puts), (theirs, their_puts) = _generate_both(model, monkeypatch, ids, **options)
+    assert torch.equal(ours, theirs)
+    assert (ours[0] == eos).any() and (ours[0, 11:] == PAD_ID).any()
+    assert len(our_puts) == len(their_puts)
+
+
+def test_decode_loop_leaves_what_it_does_not_run_to_transformers(monkeypatch):
+    """Per-step hidden states are transformers' loop's to collect."""
+    model = _model("tnl")
+    monkeypatch.setattr(zoo.decode, "decode_loop", lambda *a: pytest.fail("zoo's loop ran"))
+    out = model.generate(
+        torch.randint(3, 256, (1, 5)), max_new_tokens=3, do_sample=False, pad_token_id=PAD_ID,
+        cache_implementation="static", disable_compile=True, return_dict_in_generate=True,
+        output_hidden_states=True,
+    )  # fmt: skip
+    assert len(out.hidden_states) == 3
+
+
+@pytest.mark.parametrize("family", ["llama", "hybrid"])
+def test_static_step_masks_equal_transformers_masks_at_every_fill(family):
+    """A decode token's masks built directly are `static_masks`' (transformers' mask functions),
+    with no 2-D mask (transformers drops an all-ones one), padded and unpadded rows, from the
+    first decode token to the one that fills the last slot."""
+    model = _model(family)
+    for batch, padded in [(1, None), (2, None), (1, False), (2, True)]:
+        cache = StaticCache(config=model.config, max_cache_len=20)
+        ids = torch.randint(3, 256, (batch, 8))
+        mask = None if padded is None else torch.ones(batch, 8, dtype=torch.long)
+        if padded:
+            mask[1, :3] = 0
+        with torch.no_grad():
+            model(ids, attention_mask=mask, cache=cache)
+            for _ in range(12):  # the sequence with its next token: 9 to 20 (every slot)
+                ids = torch.cat([ids, torch.randint(3, 256, (batch, 1))], dim=1)
+                if mask is not None:
+                    mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
+                positions = torch.full((batch, 1), ids.shape[1] - 1)
+                empty = torch.empty(batch, 1, 0)
+                theirs = static_masks(model.config, empty, mask, cache, positions)
+                ours = static_step_masks(cache, ids, mask)
+                if mask is None:  # a sequence given from the cache's end on: the same masks
+                    again = static_step_masks(cache, ids[:, -3:], mask)["full_attention"]
+                    assert torch.equal(again, ours["full_attention"])
+                assert ours.keys() == theirs.keys() and ours["linear_attention"] is None
+                assert theirs["linear_attention"] is None
+                a, b = ours["full_attention"], theirs["full_attention"].contiguous()
+                assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+                assert a.stride() == b.stride()
+                model(ids[:, -1:], attention_mask=mask, position_ids=positions, cache=cache)

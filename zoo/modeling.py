@@ -31,8 +31,11 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     CompileConfig,
+    GenerationConfig,
     GenerationMixin,
+    LogitsProcessorList,
     PreTrainedModel,
+    StoppingCriteriaList,
 )
 from transformers import initialization as init
 from transformers.cache_utils import Cache
@@ -46,7 +49,7 @@ from transformers.modeling_outputs import (
 from transformers.utils.deprecation import deprecate_kwarg
 
 from zoo import registry
-from zoo.cache import has_static_attention, new_cache, static_masks
+from zoo.cache import has_static_attention, new_cache, static_masks, static_step_masks
 from zoo.checkpoint import CheckpointError, check_checkpoint_dir, check_weights_fit
 from zoo.configuration import (
     CosFormer2Config,
@@ -455,6 +458,42 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             self, lambda: super(ZooForCausalLM, self).get_compiled_call(default_config(self.device))
         )
 
+    def _sample(
+        self,
+        input_ids: torch.LongTensor,
+        logits_processor: LogitsProcessorList,
+        stopping_criteria: StoppingCriteriaList,
+        generation_config: GenerationConfig,
+        synced_gpus: bool = False,
+        streamer: Any = None,
+        **model_kwargs: Any,
+    ) -> Any:
+        """transformers' greedy search and sampling; over a static cache on a CPU, the zoo's leaner
+        loop with the same results (`zoo.decode.decode_loop`)."""
+        from zoo.decode import decode_loop, runs_decode_loop
+
+        if runs_decode_loop(
+            self, generation_config, stopping_criteria, synced_gpus, model_kwargs
+        ):  # fmt: skip
+            return decode_loop(
+                self,
+                input_ids,
+                logits_processor,
+                stopping_criteria,
+                generation_config,
+                streamer,
+                model_kwargs,
+            )
+        return super()._sample(
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            synced_gpus=synced_gpus,
+            streamer=streamer,
+            **model_kwargs,
+        )
+
     # What a decode step over a static cache may be asked for besides the token: anything else
     # goes through transformers' general `prepare_inputs_for_generation`.
     _DECODE_STEP_KEYS = frozenset({"attention_mask", "position_ids", "logits_to_keep", "use_cache"})
@@ -505,17 +544,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         if all(cache.is_linear):
             mask = None if attention_mask is None else _last_columns(attention_mask, 1)
         else:
-            masks = self.create_masks_for_generate(
-                config=self.config,
-                inputs_embeds=torch.empty(
-                    (input_ids.shape[0], 1, 0), dtype=self.dtype, device=input_ids.device
-                ),
-                attention_mask=attention_mask,
-                cache=cache,
-                position_ids=inputs.get("position_ids"),
-            )
-            mask = {k: v.contiguous() if isinstance(v, torch.Tensor) else v
-                    for k, v in masks.items()}  # fmt: skip
+            mask = static_step_masks(cache, input_ids, attention_mask)
         if mask is not None:
             inputs["attention_mask"] = mask
         for key in ("logits_to_keep", "use_cache"):
