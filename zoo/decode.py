@@ -441,9 +441,9 @@ def runs_decode_loop(
     model_kwargs: dict[str, Any],
 ) -> bool:
     """Whether `decode_loop` stands in for transformers' `_sample` (greedy search and sampling):
-    on a CPU, over a compilable (static) cache, for a prompt of token ids, when nothing asks for
-    per-step attentions or hidden states, for an assistant model or for synchronized GPUs, and
-    with a maximum length (transformers always sets one)."""
+    on a CPU, over a compilable (static) cache, for a prompt of token ids, with a maximum length
+    (transformers always sets one); not where per-step attentions or hidden states are asked
+    for, for an assistant model, or for synchronized GPUs."""
     cache, config = model_kwargs.get("cache"), generation_config
     return (
         model.device.type == "cpu"
