@@ -426,13 +426,6 @@ class AheadOfTimeStep:
         self.run = runner.library.loader.boxed_run
 
 
-# What `generate` may pass on to a decode step besides the cache and the token (the keys of
-# `ZooForCausalLM._decode_step_inputs`): with anything else it runs transformers' own loop.
-_LOOP_KWARGS = frozenset(
-    {"cache", "attention_mask", "position_ids", "logits_to_keep", "use_cache", "inputs_embeds"}
-)
-
-
 def runs_decode_loop(
     model: nn.Module,
     generation_config: GenerationConfig,
@@ -454,7 +447,8 @@ def runs_decode_loop(
         and getattr(cache, "is_compileable", False)
         and model_kwargs.get("inputs_embeds") is None
         and model_kwargs.get("use_cache", True)
-        and set(model_kwargs) <= _LOOP_KWARGS
+        # what a decode step's inputs are built from (`ZooForCausalLM._decode_step_inputs`)
+        and set(model_kwargs) <= model._DECODE_STEP_KEYS | {"cache", "inputs_embeds"}
         and stopping_criteria.max_length is not None
     )  # fmt: skip
 
@@ -504,14 +498,13 @@ def decode_loop(
     end = stopping_criteria.max_length
     ids = input_ids.new_empty(batch, max(end, length + 1))
     ids[:, :length] = input_ids
-    grown = {}  # the mask and positions at their final length (a view per step)
-    if (mask := model_kwargs.get("attention_mask")) is not None:
-        grown["attention_mask"] = F.pad(mask, (0, ids.shape[1] - mask.shape[1]), value=1)
-    if (positions := model_kwargs.get("position_ids")) is not None:
-        ahead = torch.arange(1, ids.shape[1] - positions.shape[1] + 1, device=positions.device)
-        grown["position_ids"] = torch.cat([positions, positions[..., -1:] + ahead], -1)
-    options = {k: model_kwargs[k] for k in ("logits_to_keep", "use_cache") if k in model_kwargs}
-    cache = model_kwargs["cache"]
+    # The mask and positions grown to their final length at once (a view per step).
+    grown = {k: model_kwargs.pop(k) for k in ("attention_mask", "position_ids")
+             if model_kwargs.get(k) is not None}  # fmt: skip
+    grown = model._update_model_kwargs_for_generation(
+        {}, grown, num_new_tokens=ids.shape[1] - (length + 1)
+    )
+    options = {k: v for k, v in model_kwargs.items() if k not in grown}  # the cache among them
 
     pad = config._pad_token_tensor
     has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
@@ -528,8 +521,7 @@ def decode_loop(
                 raw += (logits,)
         else:
             logits = logits.float()
-        seen = ids[:, :length]
-        next_scores = logits_processor(seen, logits) if logits_processor else logits
+        next_scores = logits_processor(ids[:, :length], logits) if logits_processor else logits
         if scores is not None:
             scores += (next_scores,)
         if config.do_sample:
@@ -551,7 +543,7 @@ def decode_loop(
             if unfinished.max() == 0:
                 break
         inputs = model._decode_step_inputs(
-            ids[:, :length], cache=cache, **{k: v[:, :length] for k, v in grown.items()}, **options
+            ids[:, :length], **{k: v[:, :length] for k, v in grown.items()}, **options
         )
         logits = run(**inputs, return_dict=True)[:, -1]
 
@@ -560,4 +552,6 @@ def decode_loop(
     sequences = ids[:, :length].contiguous()
     if not keep:
         return sequences
-    return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=raw, cache=cache)
+    return GenerateDecoderOnlyOutput(
+        sequences=sequences, scores=scores, logits=raw, cache=options["cache"]
+    )

@@ -495,7 +495,8 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         )
 
     # What a decode step over a static cache may be asked for besides the token: anything else
-    # goes through transformers' general `prepare_inputs_for_generation`.
+    # goes through transformers' general `prepare_inputs_for_generation` (and its loop,
+    # `zoo.decode.runs_decode_loop`).
     _DECODE_STEP_KEYS = frozenset({"attention_mask", "position_ids", "logits_to_keep", "use_cache"})
 
     def prepare_inputs_for_generation(
