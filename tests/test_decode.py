@@ -235,6 +235,24 @@ def test_static_cache_logits_equal_the_full_forward(family):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "mamba"])
+def test_ahead_of_time_step_chooses_the_greedy_tokens_itself(family):
+    """Greedy search with nothing that reads the logits runs a step that returns the tokens (the
+    argmax taken in the compiled step); with a logits processor the step returns the logits.
+    Both give the eager path's tokens."""
+    model = _model(family)
+    ids = torch.randint(3, 256, (2, 9))
+    options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": PAD_ID}
+    aot = {"cache_implementation": "static", "compile_config": ahead_of_time_config(), **options}
+    assert torch.equal(model.generate(ids, **aot), model.generate(ids, **options))
+    penalty = {"repetition_penalty": 1.5}
+    assert torch.equal(
+        model.generate(ids, **aot, **penalty), model.generate(ids, **options, **penalty)
+    )
+    outputs = sorted(key[-2] for key in zoo.decode._RUNNERS[model])
+    assert outputs == ["logits", "tokens"]
+
+
 def test_a_static_cache_longer_than_hyenas_filters_is_refused():
     model = _model("hyena")
     slots = model.config.max_position_embeddings + 1

@@ -38,9 +38,12 @@ is transformers' `generate` with these set up for it:
 - **A lean loop** (CPU, `decode_loop`, standing in for transformers' `_sample` in greedy search
   and sampling): the same calls in the same order (the same tokens, the same draws from torch's
   generator, processors, stopping criteria and streamers as transformers' loop, tested), with
-  the per-token Python work cut to what the step needs: around the same ahead-of-time step,
-  transformers' loop took 0.15–0.17 ms more a step, 8–12% of it (the "transformers' loop" rows
-  of benchmarks/results/cpu_decode_generate_rerun.json).
+  the per-token Python work cut to what the step needs. In greedy search with nothing that
+  reads the logits (no processor, no scores or logits kept) the ahead-of-time step returns the
+  tokens themselves (`AheadOfTimeStep.tokens`: the argmax of the step's last logits, the same
+  choice), which saves the loop ATen's argmax call. Around the same ahead-of-time step,
+  transformers' loop took 0.16–0.22 ms more a step: the zoo's makes it 13–16% faster
+  ("zoo_loop_over_transformers_loop" in benchmarks/results/cpu_decode_generate.json).
 
 Nothing is frozen into the compiled graph: the weights stay inputs of the step, so training a
 model between two `generate` calls needs no recompilation and can never leave stale weights.
@@ -268,16 +271,25 @@ def _cache_slots(cache: Cache) -> list[tuple[Any, str, str | dict[Any, str]]]:
     return slots
 
 
+def _chosen(logits: torch.Tensor, output: str) -> torch.Tensor:
+    """A step's `output` ("logits", or "tokens": the greedy choice) from its logits."""
+    return logits[:, -1].argmax(-1) if output == "tokens" else logits
+
+
 class _StepModule(nn.Module):
     """One decode step as `torch.export` traces it: the model is a submodule (its weights keep
     their names, prefixed `model.`), the cache's tensors are an argument that the step updates in
     place (AOTInductor writes such inputs in place; as buffers bound to the library, the fill
     counter of a static layer was written back only on the first call), as are the step's tensor
-    inputs (token, position, masks); its other inputs are fixed."""
+    inputs (token, position, masks); its other inputs are fixed. It returns the logits, or with
+    `output="tokens"` the greedy choice of each row's next token (their argmax at the last
+    position)."""
 
-    def __init__(self, model: nn.Module, cache: Cache, options: dict[str, Any]) -> None:
+    def __init__(
+        self, model: nn.Module, cache: Cache, options: dict[str, Any], output: str = "logits"
+    ) -> None:
         super().__init__()
-        self.model, self.cache, self.options = model, cache, options
+        self.model, self.cache, self.options, self.output = model, cache, options, output
         self.held = _cache_slots(cache)
 
     def forward(self, inputs: dict[str, Any], states: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -291,7 +303,9 @@ class _StepModule(nn.Module):
                 setattr(layer, attr, {k: states[names[k]] if k in names else v
                                       for k, v in value.items()})  # fmt: skip
         try:
-            return self.model(**inputs, **self.options, cache=self.cache).logits
+            return _chosen(
+                self.model(**inputs, **self.options, cache=self.cache).logits, self.output
+            )
         finally:
             for (layer, attr, _), value in zip(self.held, old, strict=True):
                 setattr(layer, attr, value)
@@ -360,6 +374,7 @@ class AheadOfTimeStep:
         self.cache: Cache | None = None
         self.states: list[torch.Tensor] = []
         self.shapes: tuple[Any, ...] = ()
+        self.output = "logits"
         self.run: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
         self.compiled_call: Callable[..., Any] | None = None
 
@@ -370,27 +385,41 @@ class AheadOfTimeStep:
 
     def logits(self, **kwargs: Any) -> torch.Tensor:
         """The step's logits alone (what `decode_loop` reads)."""
+        return self._run("logits", kwargs)
+
+    def tokens(self, **kwargs: Any) -> torch.Tensor:
+        """The greedy choice of each row's next token, (B,): the argmax of the step's last
+        logits, taken inside the compiled step (`decode_loop`, when nothing else reads the
+        logits). A library of its own, compiled on first use."""
+        return self._run("tokens", kwargs)
+
+    def _run(self, output: str, kwargs: dict[str, Any]) -> torch.Tensor:
         if self.compiled_call is not None:
-            return self.compiled_call(**kwargs).logits
+            return _chosen(self.compiled_call(**kwargs).logits, output)
         cache = kwargs.pop("cache")
         # The step's tensor inputs in pytree's order (keys, then leaves), the library's order.
         flat = [x for x in pytree.tree_leaves(kwargs) if isinstance(x, torch.Tensor)]
         shapes = tuple(x.shape for x in flat)
-        if self.run is None or cache is not self.cache or shapes != self.shapes:
+        if (
+            self.run is None or cache is not self.cache or shapes != self.shapes
+            or output != self.output
+        ):  # fmt: skip
             tensor_inputs = {
                 k: v for k, v in kwargs.items()
                 if any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(v))
             }  # fmt: skip
-            self._bind(cache, kwargs, tensor_inputs)
+            self._bind(cache, kwargs, tensor_inputs, output)
             if self.compiled_call is not None:
-                return self.compiled_call(cache=cache, **kwargs).logits
-            self.shapes = shapes
+                return _chosen(self.compiled_call(cache=cache, **kwargs).logits, output)
+            self.shapes, self.output = shapes, output
         assert self.run is not None
         return self.run([*flat, *self.states])[0]
 
-    def _bind(self, cache: Cache, kwargs: dict[str, Any], tensor_inputs: dict[str, Any]) -> None:
+    def _bind(
+        self, cache: Cache, kwargs: dict[str, Any], tensor_inputs: dict[str, Any], output: str
+    ) -> None:
         options = {k: v for k, v in kwargs.items() if k not in tensor_inputs}
-        module = _StepModule(self.model, cache, options)
+        module = _StepModule(self.model, cache, options, output)
         states = cache_tensors(cache)
         tokens = tensor_inputs.get("input_ids")
         tokens = tensor_inputs.get("inputs_embeds") if tokens is None else tokens
@@ -404,6 +433,7 @@ class AheadOfTimeStep:
             pytree.tree_structure(tensor_inputs),
             tuple(sorted(options.items())),
             self.model.training,
+            output,
             backend,
         )  # fmt: skip
         runners = _RUNNERS.setdefault(self.model, {})
@@ -513,22 +543,29 @@ def decode_loop(
     scores: tuple[torch.Tensor, ...] | None = () if keep and config.output_scores else None
     raw: tuple[torch.Tensor, ...] | None = () if keep and config.output_logits else None
     copy = bool(logits_processor) or raw is not None or scores is not None
+    # Greedy search where nothing else reads the logits: the ahead-of-time step returns the
+    # tokens (their argmax, the same choice, taken in the compiled step).
+    chosen: torch.Tensor | None = None
+    choose = isinstance(step, AheadOfTimeStep) and not copy and not config.do_sample
     unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
     while True:
-        if copy:  # as transformers: a float32 copy that processors may change in place
-            logits = logits.to(copy=True, dtype=torch.float32)
-            if raw is not None:
-                raw += (logits,)
+        if chosen is not None:
+            tokens = chosen
         else:
-            logits = logits.float()
-        next_scores = logits_processor(ids[:, :length], logits) if logits_processor else logits
-        if scores is not None:
-            scores += (next_scores,)
-        if config.do_sample:
-            probs = F.softmax(next_scores, dim=-1)
-            tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
-        else:
-            tokens = torch.argmax(next_scores, dim=-1)
+            if copy:  # as transformers: a float32 copy that processors may change in place
+                logits = logits.to(copy=True, dtype=torch.float32)
+                if raw is not None:
+                    raw += (logits,)
+            else:
+                logits = logits.float()
+            next_scores = logits_processor(ids[:, :length], logits) if logits_processor else logits
+            if scores is not None:
+                scores += (next_scores,)
+            if config.do_sample:
+                probs = F.softmax(next_scores, dim=-1)
+                tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+            else:
+                tokens = torch.argmax(next_scores, dim=-1)
         if has_eos:  # finished rows get the padding token
             tokens = tokens * unfinished + pad * (1 - unfinished)
         ids[:, length] = tokens
@@ -545,7 +582,10 @@ def decode_loop(
         inputs = model._decode_step_inputs(
             ids[:, :length], **{k: v[:, :length] for k, v in grown.items()}, **options
         )
-        logits = run(**inputs, return_dict=True)[:, -1]
+        if choose:
+            chosen = step.tokens(**inputs, return_dict=True)
+        else:
+            logits = run(**inputs, return_dict=True)[:, -1]
 
     if streamer is not None:
         streamer.end()

@@ -41,6 +41,7 @@ def test_decode_quick_times_steps_and_keeps_the_cache_constant(run_benchmark):
         ("llama", "zoo ahead-of-time"),
         ("llama", "transformers static + compile"),
     } <= impls
+    assert set(gen["goals"]["zoo_loop_over_transformers_loop"]["value"]) == {"llama", "tnl"}
     for row in gen["rows"]:
         assert "error" not in row, row
         assert row["step_ms"] > 0 and row["bound_ms"] > 0, row

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from zoo.kernels.layout import constant_cache
+from zoo.kernels.matvec import materialize
 
 SCALED_ROPE_TYPES = ("linear", "yarn", "llama3", "longrope")
 """The `rotary_scaling["rope_type"]` values zoo's attention implements (exactly as transformers)."""
@@ -127,15 +128,16 @@ def rotary_cos_sin(
     cos, sin = emb.cos(), emb.sin()
     if factor != 1.0:  # transformers scales cos/sin by the RoPE type's attention factor
         cos, sin = cos * factor, sin * factor
-    return cos.to(dtype), sin.to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    # Stored once: a compiled step would otherwise recompute them in every layer that reads them.
+    return materialize(cos.to(dtype)), materialize(sin.to(dtype))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, heads, T, head_dim) by the angles of cos/sin (B, T, head_dim)."""
+    """Rotate x (B, heads, T, head_dim) by the angles of cos/sin (B, T, head_dim): transformers'
+    x·cos + rotate_half(x)·sin, written per half and stacked, which a compiled decode step runs
+    as one loop (a rotated half concatenated as transformers does was copied in three)."""
     cos, sin = cos[:, None], sin[:, None]
-    return x * cos + _rotate_half(x) * sin
+    x1, x2 = x.unflatten(-1, (2, -1)).unbind(-2)
+    c1, c2 = cos.unflatten(-1, (2, -1)).unbind(-2)
+    s1, s2 = sin.unflatten(-1, (2, -1)).unbind(-2)
+    return torch.stack((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-2).flatten(-2)
