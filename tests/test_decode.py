@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, StaticCache
+from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 from transformers.generation.streamers import BaseStreamer
 from typer.testing import CliRunner
 
 import zoo
 import zoo.decode
 from tests.tiny import FAMILIES, tiny_config, tiny_mixer_config
-from zoo.cache import static_masks, static_step_masks
+from zoo.cache import recurrent_only, static_masks, static_step_masks
 from zoo.cli import app
 from zoo.decode import ahead_of_time_config, batched_products_backend, decode_linears
 from zoo.tokenizer import PAD_ID, byte_tokenizer
@@ -98,6 +98,34 @@ def test_ahead_of_time_step_reads_the_weights_and_cache_of_each_call(batch, capl
         assert torch.equal(model.generate(ids, **aot), changed)
         assert torch.equal(model.generate(ids, **aot), changed)
     assert sum("ahead of time" in r.message for r in caplog.records) == 1  # compiled once
+
+
+def test_ahead_of_time_step_derives_its_constants_from_the_current_weights():
+    """What a step derives from the weights (Mamba's A = −exp(A_log) and transposed Δ
+    projection, `decode_constants`) is made anew at every bind: after a change of those weights
+    alone the same library gives the changed model's logits."""
+    model = _model("mamba")
+    with torch.no_grad():  # PyTorch's default init, as mamba_ssm's: the mixers' outputs O(1)
+        for block in model.model.layers:
+            for name in ("in_proj", "x_proj", "out_proj"):
+                getattr(block.mixer, name).reset_parameters()
+    ids = torch.randint(3, 256, (1, 9))
+    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": PAD_ID}
+    options |= {"return_dict_in_generate": True, "output_logits": True}
+    aot = {"cache_implementation": "static", "compile_config": ahead_of_time_config(), **options}
+
+    def logits(**kwargs):
+        return torch.stack(model.generate(ids, **kwargs).logits)
+
+    before = logits(**options)
+    torch.testing.assert_close(logits(**aot), before, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.mixer.A_log.sub_(2.0)
+            block.mixer.dt_proj.weight.mul_(50.0)
+    after = logits(**options)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(logits(**aot), after, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["aten", "onednn"])
@@ -415,3 +443,28 @@ def test_static_step_masks_equal_transformers_masks_at_every_fill(family):
                 assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
                 assert a.stride() == b.stride()
                 model(ids[:, -1:], attention_mask=mask, position_ids=positions, cache=cache)
+
+
+def test_step_inputs_flatten_in_pytrees_order():
+    """The library's inputs, taken from a step's arguments without pytree's general walk: the
+    same tensors in the same order, a dict of masks and other containers included."""
+    a, b, c, d = (torch.zeros(i + 1) for i in range(4))
+    kwargs = {
+        "input_ids": a,
+        "use_cache": True,
+        "attention_mask": {"full_attention": b, "linear_attention": None},
+        "other": [c, (d, 3)],
+        "logits_to_keep": 1,
+    }
+    leaves = torch.utils._pytree.tree_leaves(kwargs)
+    expected = [x for x in leaves if isinstance(x, torch.Tensor)]
+    assert [id(x) for x in zoo.decode._tensor_leaves(kwargs)] == [id(x) for x in expected]
+
+
+def test_recurrent_only_is_remembered_per_cache_and_its_layers():
+    assert recurrent_only(StaticCache(config=_model("mamba").config, max_cache_len=8))
+    assert not recurrent_only(StaticCache(config=_model("hybrid").config, max_cache_len=8))
+    cache = DynamicCache()  # no config: layers come with the first update
+    assert recurrent_only(cache)  # no layer yet, as all(cache.is_linear)
+    cache.update(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), 0)
+    assert not recurrent_only(cache)

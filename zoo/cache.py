@@ -12,6 +12,7 @@ holds only what transformers lacks.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -28,12 +29,41 @@ def new_cache(config: ZooConfig) -> DynamicCache:
     return DynamicCache(config=config)
 
 
-def conv_window(cache: Cache, layer_idx: int) -> torch.Tensor | None:
-    """The K − 1 inputs a causal conv reads before this call, (B, K − 1, C), from the layer's
-    conv state (B, C, K) in transformers' layout; None before the first update. Mamba, Mamba2
-    and Gated DeltaNet read it so, then store the call's inputs with `update_conv_state`."""
-    conv_state = cache.get_conv_state(layer_idx)  # (B, C, K) or None
-    return None if conv_state is None else conv_state[:, :, 1:].transpose(1, 2)
+def conv_window(cache: Cache, layer_idx: int, kernel_size: int) -> torch.Tensor | None:
+    """The K − 1 inputs a causal conv of `kernel_size` K reads before this call, (B, K − 1, C),
+    the last of the layer's conv state (B, C, K) in transformers' layout (longer while the layer
+    records its past for a later `crop`); None before the first update. Mamba, Mamba2 and Gated
+    DeltaNet read it so, then store the call's inputs with `update_conv_state`."""
+    conv_state = cache.get_conv_state(layer_idx)  # (B, C, ≥ K) or None
+    if conv_state is None:
+        return None
+    return conv_state[:, :, conv_state.shape[-1] - (kernel_size - 1) :].transpose(1, 2)
+
+
+def conv_state_in_place(cache: Cache, layer_idx: int) -> torch.Tensor | None:
+    """The layer's conv state (B, C, K) where a decode step may update it in place: a window
+    of the last K inputs (transformers' layout) that the cache keeps at a fixed size and address.
+    None before the first update, and while the layer records its past for a later `crop` (its
+    conv state then grows with each call, through `update_conv_state` only)."""
+    if not cache.layers[layer_idx].is_compileable:
+        return None
+    return cache.get_conv_state(layer_idx)
+
+
+# `recurrent_only` per cache: the answer and the layer count it was computed for.
+_RECURRENT_ONLY: weakref.WeakKeyDictionary[Cache, tuple[int, bool]] = weakref.WeakKeyDictionary()
+
+
+def recurrent_only(cache: Cache) -> bool:
+    """`all(cache.is_linear)`: every layer recurrent (no attention keys/values), remembered per
+    cache. transformers' property checks two abstract classes per layer at every call (the
+    decode loop asks every token); a cache's layers are fixed once built, or only grow (a lazily
+    built `DynamicCache`), so the layer count keys the answer. For the decode loop's Python,
+    not for a traced forward."""
+    seen = _RECURRENT_ONLY.get(cache)
+    if seen is None or seen[0] != len(cache.layers):
+        seen = _RECURRENT_ONLY[cache] = (len(cache.layers), all(cache.is_linear))
+    return seen[1]
 
 
 def recurrent_state(cache: Cache, layer_idx: int) -> torch.Tensor | None:

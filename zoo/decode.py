@@ -283,7 +283,10 @@ class _StepModule(nn.Module):
     counter of a static layer was written back only on the first call), as are the step's tensor
     inputs (token, position, masks); its other inputs are fixed. It returns the logits, or with
     `output="tokens"` the greedy choice of each row's next token (their argmax at the last
-    position)."""
+    position). The `decode_constants()` of the model's modules (tensors derived from their
+    weights) are its buffers, made from the current weights, named `derived.<module path>.<name>`
+    (dots in the path doubled as `__`); `handing_constants` gives them to their modules while
+    export traces the step, so the library reads them as constants bound like the weights."""
 
     def __init__(
         self, model: nn.Module, cache: Cache, options: dict[str, Any], output: str = "logits"
@@ -291,6 +294,28 @@ class _StepModule(nn.Module):
         super().__init__()
         self.model, self.cache, self.options, self.output = model, cache, options, output
         self.held = _cache_slots(cache)
+        self.derived = nn.Module()
+        self.deriving: list[tuple[nn.Module, nn.Module]] = []  # (module, its constants' holder)
+        with torch.no_grad():
+            for path, module in model.named_modules():
+                if not callable(getattr(module, "decode_constants", None)):
+                    continue
+                holder = nn.Module()
+                for name, value in module.decode_constants().items():
+                    holder.register_buffer(name, value, persistent=False)
+                self.derived.add_module(path.replace(".", "__"), holder)
+                self.deriving.append((module, holder))
+
+    @contextmanager
+    def handing_constants(self) -> Iterator[None]:
+        """Each module's derived constants as its `step_constants` (read by its step) meanwhile."""
+        for module, holder in self.deriving:
+            module.step_constants = dict(holder.named_buffers())
+        try:
+            yield
+        finally:
+            for module, _ in self.deriving:
+                del module.step_constants
 
     def forward(self, inputs: dict[str, Any], states: dict[str, torch.Tensor]) -> torch.Tensor:
         # Trace the cache's updates as updates of `states`: the cache's layers hold them while
@@ -311,8 +336,34 @@ class _StepModule(nn.Module):
                 setattr(layer, attr, value)
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _tensor_leaves(tree: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors among `pytree.tree_leaves(tree)`, in its order (a dict's values in insertion
+    order, depth first): the library's input order. A step's inputs are a dict of tensors, plain
+    values and a dict of masks, walked here directly, without pytree's general walk (its node
+    objects, every token). Anything else goes to pytree."""
+    flat: list[torch.Tensor] = []
+    for value in tree.values():
+        if isinstance(value, torch.Tensor):
+            flat.append(value)
+        elif type(value) is dict:
+            flat += _tensor_leaves(value)
+        elif not isinstance(value, _PLAIN):
+            flat += [x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)]
+    return flat
+
+
 def _layout(tensor: torch.Tensor) -> tuple[Any, ...]:
     return (tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device.type)
+
+
+# Inductor's settings for a step's library. A loop runs on one thread where each thread's share
+# would be under `cpp.min_chunk_size` elements (512 by default): on the project's 2-core CPU a
+# one-token step's loops over Mamba's 768 channels (its conv, its gate) ran on one thread while
+# the other waited at the next barrier; 256 splits them (the README's decode run measures it).
+_STEP_INDUCTOR_CONFIGS = {"cpp.min_chunk_size": 256}
 
 
 class _Runner:
@@ -335,18 +386,23 @@ class _Runner:
             kwargs = {"inputs": inputs, "states": states}
             _EXPORT_BATCHED_BACKEND = batched_backend
             try:
-                program = torch.export.export(module, (), kwargs, strict=True)
+                with module.handing_constants():
+                    program = torch.export.export(module, (), kwargs, strict=True)
             finally:
                 _EXPORT_BATCHED_BACKEND = "aten"
             path = torch._inductor.aoti_compile_and_package(
-                program, package_path=str(Path(tmp) / "step.pt2")
+                program,
+                package_path=str(Path(tmp) / "step.pt2"),
+                inductor_configs=_STEP_INDUCTOR_CONFIGS,
             )
             self.library = torch._inductor.aoti_load_package(path)
         self.constants = list(self.library.get_constant_fqns())
 
     def bind(self, module: _StepModule) -> None:
-        """Point the library at `module`'s weights (no copy). Constants the export made of
-        tensors created inside the step stay the library's own."""
+        """Point the library at `module`'s weights and derived constants (no copy). Constants
+        the export made of tensors created inside the step stay the library's own. The library
+        does not own what it is pointed at: the runner keeps the derived constants alive (not the
+        model: `_RUNNERS` holds runners weakly by model)."""
         tensors = dict(module.named_parameters(remove_duplicate=False))
         tensors |= dict(module.named_buffers(remove_duplicate=False))
         self.library.load_constants(
@@ -354,6 +410,7 @@ class _Runner:
             check_full_update=False,
             user_managed=True,
         )
+        self.derived = module.derived
 
 
 # Compiled steps per model, by what they were compiled for (weak: they go with the model).
@@ -397,8 +454,7 @@ class AheadOfTimeStep:
         if self.compiled_call is not None:
             return _chosen(self.compiled_call(**kwargs).logits, output)
         cache = kwargs.pop("cache")
-        # The step's tensor inputs in pytree's order (keys, then leaves), the library's order.
-        flat = [x for x in pytree.tree_leaves(kwargs) if isinstance(x, torch.Tensor)]
+        flat = _tensor_leaves(kwargs)
         shapes = tuple(x.shape for x in flat)
         if (
             self.run is None or cache is not self.cache or shapes != self.shapes

@@ -49,7 +49,13 @@ from transformers.modeling_outputs import (
 from transformers.utils.deprecation import deprecate_kwarg
 
 from zoo import registry
-from zoo.cache import has_static_attention, new_cache, static_masks, static_step_masks
+from zoo.cache import (
+    has_static_attention,
+    new_cache,
+    recurrent_only,
+    static_masks,
+    static_step_masks,
+)
 from zoo.checkpoint import CheckpointError, check_checkpoint_dir, check_weights_fit
 from zoo.configuration import (
     CosFormer2Config,
@@ -524,7 +530,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         cache, mask = inputs.get("cache"), inputs.get("attention_mask")
         tokens = inputs.get("input_ids")
         tokens = inputs.get("inputs_embeds") if tokens is None else tokens
-        if cache is not None and all(cache.is_linear) and isinstance(mask, torch.Tensor):
+        if cache is not None and recurrent_only(cache) and isinstance(mask, torch.Tensor):
             inputs["attention_mask"] = _last_columns(mask, tokens.shape[1])
         return inputs
 
@@ -542,7 +548,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         inputs: dict[str, Any] = {"input_ids": _last_columns(input_ids, 1), "cache": cache}
         if position_ids is not None:
             inputs["position_ids"] = _last_columns(position_ids, 1)
-        if all(cache.is_linear):
+        if recurrent_only(cache):
             mask = None if attention_mask is None else _last_columns(attention_mask, 1)
         else:
             mask = static_step_masks(cache, input_ids, attention_mask)

@@ -77,6 +77,33 @@ def test_chunked_prefill_and_decode_match_forward():
     _assert_close(torch.cat(outs, dim=1), full)
 
 
+def test_decode_step_reads_derived_constants_and_falls_back_while_recording():
+    """A decode step reading `decode_constants()` as its `step_constants` (what a compiled step
+    gets) gives the general step's outputs; a cache recording its past for `crop` takes the
+    general path (its conv state grows a column per token, through transformers' update)."""
+    mixer, config = _mixer(layer_idx=0)
+    x = torch.randn(2, 12, config.hidden_size)
+    with torch.no_grad():
+        full = mixer(x, _context(x))
+        for derived, recording in ((True, False), (False, True)):
+            cache = new_cache(config)
+            outs = [mixer(x[:, :8], _context(x[:, :8]), cache)]
+            if recording:
+                cache.layers[0].activate_past_recording()
+            mixer.step_constants = mixer.decode_constants() if derived else None
+            try:
+                for t in range(8, 12):
+                    outs.append(
+                        mixer(x[:, t : t + 1], _context(x[:, t : t + 1], past_len=t), cache)
+                    )
+            finally:
+                del mixer.step_constants
+            _assert_close(torch.cat(outs, dim=1), full)
+            window = cache.layers[0].conv_states[0]
+            assert window.shape[-1] == config.mamba_d_conv + (4 if recording else 0)
+            torch.testing.assert_close(window[..., -1], mixer.in_proj(x[:, -1]).chunk(2, -1)[0])
+
+
 def test_prefill_shorter_than_conv_kernel():
     mixer, config = _mixer(layer_idx=0)
     assert config.mamba_d_conv == 4

@@ -76,8 +76,9 @@ def step_attention(
     returns (B, H, 1, D)."""
     batch, heads, _, dim = q.shape
     groups = k.shape[1]
-    q = materialize(q.float().reshape(batch, groups, heads // groups, 1, dim) * dim**-0.5)
-    scores = (q * k.float().unsqueeze(2)).sum(-1)  # (B, Hkv, H/Hkv, S)
+    q = materialize(q.float().reshape(batch, groups, heads // groups, 1, dim))
+    # The scale on the scores, in the loop over the cache: on the query it was a pass of its own.
+    scores = (q * k.float().unsqueeze(2)).sum(-1) * dim**-0.5  # (B, Hkv, H/Hkv, S)
     if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
     elif mask is not None:

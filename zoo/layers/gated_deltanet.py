@@ -184,7 +184,7 @@ class GatedDeltaNet(nn.Module):
             return self._output(self._context_parallel(q, k, v, g, beta, cp), hidden_states)
         left = state = None
         if cache is not None:
-            left = conv_window(cache, self.layer_idx)  # (B, K − 1, C) or None
+            left = conv_window(cache, self.layer_idx, self.conv_size)  # (B, K − 1, C) or None
             state = recurrent_state(cache, self.layer_idx)
         mixed, _ = short_conv(qkv, weight, bias, left, backend=self.backend)
         if cache is not None:

@@ -47,7 +47,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 
-from zoo.cache import conv_window, recurrent_state
+from zoo.cache import conv_state_in_place, conv_window, recurrent_state
 from zoo.configuration import ZooConfig
 from zoo.flops import linear_flops
 from zoo.kernels.backend import resolve_backend
@@ -94,6 +94,8 @@ class MambaMixer(nn.Module):
     # parameters below is mamba_ssm's convention but is lost when `from_pretrained` swaps in
     # loaded Parameter objects; these names stay valid.
     no_weight_decay_params: tuple[str, ...] = ("A_log", "D")
+    # `decode_constants()` as a compiled decode step reads them; set only while one is traced.
+    step_constants: dict[str, torch.Tensor] | None = None
 
     def __init__(self, config: ZooConfig, layer_idx: int) -> None:
         super().__init__()
@@ -151,6 +153,21 @@ class MambaMixer(nn.Module):
             x = x * context.token_mask.unsqueeze(-1).to(x.dtype)
         return x, z
 
+    def _conv_step(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """SiLU(depthwise causal conv) of one token x (B, D_in) against the conv state (B, D_in,
+        K) of the K inputs before it, which takes x in place (transformers' layout and update).
+        Tap by tap from the state's columns: a compiled step reads the state once, computing the
+        output and the shifted window in one pass (the general path's concatenation, left
+        window and copy back were three)."""
+        taps = self.conv1d.weight[:, 0, :]  # (D_in, K)
+        past = state.unbind(-1)[1:]  # the K - 1 inputs the next token still reads
+        bias = self.conv1d.bias
+        out = x * taps[:, -1] if bias is None else torch.addcmul(bias, x, taps[:, -1])
+        for j, column in enumerate(past):
+            out = out + column * taps[:, j]
+        state.copy_(torch.stack([*past, x], dim=-1))
+        return F.silu(out)
+
     def _causal_conv(self, x: torch.Tensor, left: torch.Tensor | None) -> torch.Tensor:
         """SiLU(depthwise causal conv) in the (B, T, D_in) layout (`zoo.kernels.long_conv`).
 
@@ -184,11 +201,29 @@ class MambaMixer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Δ (B, T, D_in) fp32, A (D_in, N) fp32, B and C (B, T, N) from the conv output u."""
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = linear(dt, self.dt_proj.weight)  # (B, T, D_in)
+        derived = self.step_constants
+        if derived is None:
+            dt = linear(dt, self.dt_proj.weight)  # (B, T, D_in)
+            A = -torch.exp(self.A_log.float())
+        else:  # Δ's projection as a sum of rows of its transpose: one pass over the channels
+            dt = (dt.unsqueeze(-1) * derived["dt_weight"]).sum(-2)
+            A = derived["A"]
         delta = F.softplus(dt.float() + self.dt_proj.bias.float())
         if context.token_mask is not None:
             delta = delta * context.token_mask.unsqueeze(-1)
-        return delta, -torch.exp(self.A_log.float()), B, C
+        return delta, A, B, C
+
+    def decode_constants(self) -> dict[str, torch.Tensor]:
+        """Tensors derived from the weights that a compiled decode step reads as constants
+        (`zoo.decode` makes them from the current weights each time it binds a step, and hands
+        them over as `step_constants` while it traces): A = −exp(A_log) in fp32, otherwise an
+        exponential per state element in every step, and Δ's projection transposed, (R, D_in),
+        so that Δ is a vectorized pass over the channels instead of a short reduction per
+        channel."""
+        return {
+            "A": -torch.exp(self.A_log.float()),
+            "dt_weight": self.dt_proj.weight.t().contiguous(),
+        }
 
     def _output(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.out_proj(y * F.silu(z))
@@ -206,14 +241,22 @@ class MambaMixer(nn.Module):
                 chunk_size=self.chunk_size, backend=self.backend,
             )  # fmt: skip
             return self.out_proj(y)
-        left = ssm_state = None
+        left = ssm_state = window = None
         if cache is not None:
-            left = conv_window(cache, self.layer_idx)  # (B, K-1, D_in) or None
             ssm_state = recurrent_state(cache, self.layer_idx)
-        u = self._causal_conv(x, left)
-        if cache is not None:
-            # Stores the last K inputs (transformers' layout); `left` was read before this.
-            cache.update_conv_state(x.transpose(1, 2), self.layer_idx, conv_kernel_size=self.d_conv)
+            if x.shape[1] == 1:
+                window = conv_state_in_place(cache, self.layer_idx)  # (B, D_in, K) or None
+        if window is not None:  # a decode step
+            u = self._conv_step(x[:, 0], window).unsqueeze(1)
+        else:
+            if cache is not None:
+                left = conv_window(cache, self.layer_idx, self.d_conv)  # (B, K-1, D_in) or None
+            u = self._causal_conv(x, left)
+            if cache is not None:
+                # Stores the last K inputs (transformers' layout); `left` was read before this.
+                cache.update_conv_state(
+                    x.transpose(1, 2), self.layer_idx, conv_kernel_size=self.d_conv
+                )
         delta, A, B, C = self._ssm_params(u, context)
         y, final_state = selective_scan(
             u,

@@ -172,7 +172,7 @@ class Mamba2Mixer(nn.Module):
             return self._output(self._context_parallel(x, delta, A, B, C, cp), z)
         left = state = None
         if cache is not None:
-            left = conv_window(cache, self.layer_idx)  # (B, K − 1, C) or None
+            left = conv_window(cache, self.layer_idx, self.d_conv)  # (B, K − 1, C) or None
             state = recurrent_state(cache, self.layer_idx)
         u = F.silu(short_conv(xbc, weight, self.conv1d.bias, left, backend=self.backend)[0])
         if cache is not None:
