@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.kernels.matvec import linear, materialize, matvec
+from zoo.kernels.matvec import linear, materialize, matvec, vecmat
 
 
 @pytest.mark.parametrize("shape", [(7,), (1, 7), (1, 1, 7)])
@@ -51,6 +51,23 @@ def test_matvec_reads_a_batch_of_matrices():
     torch._dynamo.reset()  # one compile per case (dynamo's recompile limit is 8)
     compiled = torch.compile(matvec, dynamic=False, fullgraph=True)
     torch.testing.assert_close(compiled(x, states), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [8, 40, 64])
+def test_vecmat_equals_the_product_and_reads_the_matrix_in_one_pass(n):
+    """x (..., K) times matrix (..., K, N), broadcast over the leading dimensions, for N under one
+    slice, with a short last slice and of whole slices; compiled, the slices' sums share one loop
+    over the K rows (an accumulator per slice: tmp_acc3 is the fourth of N = 64's)."""
+    torch.manual_seed(0)
+    x, matrix = torch.randn(2, 3, 1, 9), torch.randn(2, 1, 4, 9, n)
+    expected = (x.unsqueeze(-2) @ matrix).squeeze(-2)  # (2, 3, 4, N)
+    torch.testing.assert_close(vecmat(x, matrix), expected, atol=1e-6, rtol=1e-6)
+    torch._dynamo.reset()  # one compile per case (dynamo's recompile limit is 8)
+    compiled = torch.compile(vecmat, dynamic=False, fullgraph=True)
+    out, sources = torch._inductor.utils.run_and_get_code(compiled, x, matrix)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if n == 64:
+        assert "tmp_acc3_vec" in "".join(sources)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 24), (2, 1, 24)])

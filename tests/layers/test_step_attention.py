@@ -12,9 +12,10 @@ from zoo.layers.attention import step_attention
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 1)])
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
-def test_step_attention_equals_sdpa(heads, kv_heads, mask_kind):
+@pytest.mark.parametrize("dim", [8, 40])  # under one slice of V's sum; two and a short one
+def test_step_attention_equals_sdpa(heads, kv_heads, mask_kind, dim):
     torch.manual_seed(0)
-    batch, slots, dim = 2, 11, 8
+    batch, slots = 2, 11
     q = torch.randn(batch, heads, 1, dim)
     k, v = torch.randn(batch, kv_heads, slots, dim), torch.randn(batch, kv_heads, slots, dim)
     keep = torch.rand(batch, 1, 1, slots) > 0.3

@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo.kernels.layout import check_cu_seqlens, check_initial_state, check_qkv, chunk_spans
 from zoo.kernels.linear_attention import dispatch
-from zoo.kernels.matvec import matvec
+from zoo.kernels.matvec import vecmat
 
 __all__ = ["gla", "gla_chunk_torch", "gla_naive", "gla_step"]
 
@@ -96,7 +96,7 @@ def gla_step(
         new_state = torch.addcmul(kv, g.float().exp().unsqueeze(-1), state.float())
     if torch.compiler.is_compiling():
         # A reduction inductor fuses with the update: the state is read once, no extern bmm.
-        o = matvec(q.float(), new_state.transpose(-1, -2))
+        o = vecmat(q.float(), new_state)
     else:
         o = torch.einsum("bhk,bhkv->bhv", q.float(), new_state)
     return o.to(q.dtype), new_state

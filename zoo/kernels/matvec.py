@@ -38,6 +38,20 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y if bias is None else y + bias
 
 
+# Floats of one AVX-512 vector: the width of the slices `vecmat` sums a matrix's rows in.
+_SLICE = 16
+
+
+def vecmat(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """x (..., K) times matrix (..., K, N) → (..., N), broadcast over the leading dimensions: a
+    query's read of attention's cached values or of a linear mixer's state, as a reduction over
+    K written one slice of N at a time. Inductor fuses the slices' sums into one pass over the
+    matrix with an accumulator per slice; summed over all of N at once, it passes over the
+    matrix once per slice (a row's N values are contiguous, its K rows are not)."""
+    x = materialize(x).unsqueeze(-1)
+    return torch.cat([(x * part).sum(-2) for part in matrix.split(_SLICE, -1)], -1)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`, except for one row on a CPU under compilation, where it is `matvec`: for a
     product a layer computes itself (Mamba's Δ projection, whose bias is added in fp32 after it),

@@ -50,7 +50,7 @@ from transformers.cache_utils import Cache
 
 from zoo.configuration import ZooConfig
 from zoo.flops import linear_flops
-from zoo.kernels.matvec import materialize
+from zoo.kernels.matvec import materialize, vecmat
 from zoo.layers.context import MixerContext
 from zoo.layers.rotary import apply_rotary
 from zoo.parallel.context import gather_sequence
@@ -70,7 +70,8 @@ def step_attention(
     """SDPA of one query per sequence written as two reductions, the form the compiled CPU decode
     step uses: inductor compiles q·Kᵀ and the weighted sum of V into loops over the cache, fused
     with the mask and the softmax, in the same C++ as the rest of the step (no extern call), the
-    rotated query and the softmax weights stored once (`zoo.kernels.matvec.materialize`).
+    rotated query and the softmax weights stored once (`zoo.kernels.matvec.materialize`), V read
+    in one pass (`zoo.kernels.matvec.vecmat`).
     q: (B, H, 1, D); k, v: (B, Hkv, S, D) with H a multiple of Hkv (grouped queries); mask: None,
     bool (True = attend) or additive, broadcastable to (B, 1, 1, S). Scores and softmax in fp32;
     returns (B, H, 1, D)."""
@@ -83,8 +84,7 @@ def step_attention(
         scores = scores.masked_fill(~mask, float("-inf"))
     elif mask is not None:
         scores = scores + mask.float()
-    weights = materialize(scores.softmax(-1)).unsqueeze(-1)  # (B, Hkv, H/Hkv, S, 1)
-    o = (weights * v.float().unsqueeze(2)).sum(-2)  # (B, Hkv, H/Hkv, D)
+    o = vecmat(scores.softmax(-1), v.float().unsqueeze(2))  # (B, Hkv, H/Hkv, D)
     return o.reshape(batch, heads, 1, dim).to(v.dtype)
 
 
