@@ -32,6 +32,11 @@
 (d) products (CPU): one decode step's matrix products alone, by backend (ATen, oneDNN, and at
     B = 1 inductor's reductions, `zoo.kernels.matvec`), at B = 1 and 16: why each decode path
     multiplies the way it does.
+(e) cache_reads (CPU): one token's attention over the LLaMA model's static cache (6 heads of 64,
+    1,090 slots, six layers' caches in turn), compiled as a step compiles it: `step_attention`
+    (the values read in one pass), the same with the values' sum as one reduction over the slots
+    (a pass per 16-float slice of the head), and ATen's SDPA: µs per layer, GB/s of its keys
+    and values.
 
 On a CPU (the default) (a) runs at H = 4, D = 32 in fp32 through the torch backend only, and (b)
 runs a tiny TNL (hidden 64, 2 layers, 2 heads, fp32) at contexts 64 to 512, so the code paths are
@@ -48,6 +53,7 @@ decode, with other settings, other variants (fused recurrent kernels) and its ow
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import statistics
@@ -86,7 +92,8 @@ from zoo.convert import to_hf_llama, to_hf_mamba
 from zoo.decode import ahead_of_time_config, compile_config, decode_linears
 from zoo.kernels.gla import gla as zoo_gla
 from zoo.kernels.lightning import lightning, tnl_log_decay
-from zoo.kernels.matvec import matvec
+from zoo.kernels.matvec import materialize, matvec
+from zoo.layers.attention import step_attention
 from zoo.modeling import ZooForCausalLM
 
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -926,6 +933,70 @@ def bench_products(settings: dict[str, Any]) -> dict[str, Any]:
     return {"model": settings["model"], "rows": rows}
 
 
+# The LLaMA benchmark model's attention at 1K context: 6 heads of 64 over the static cache's
+# 1,090 slots (prompt and new tokens), one read per layer.
+CACHE_READS: dict[str, dict[str, Any]] = {
+    "full": {"heads": 6, "head_dim": 64, "slots": 1090, "layers": 6, "rounds": 7, "loops": 50},
+    "quick": {"heads": 2, "head_dim": 40, "slots": 37, "layers": 2, "rounds": 2, "loops": 3},
+}
+
+
+def _one_reduction(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """x (..., K) times matrix (..., K, N) as one reduction over K: compiled, a pass over the
+    matrix per 16-float slice of N (what `zoo.kernels.matvec.vecmat` reads in one pass)."""
+    return (materialize(x).unsqueeze(-1) * matrix).sum(-2)
+
+
+@torch.inference_mode()
+def bench_cache_reads(settings: dict[str, Any]) -> dict[str, Any]:
+    """One token's attention over a static cache (B = 1), compiled as a decode step compiles it,
+    for every layer's cache in turn: `step_attention` (values read in one pass, `vecmat`), the
+    same with the values' weighted sum as one reduction over the slots, and ATen's SDPA (an
+    external kernel; what transformers' Llama runs). µs per layer and the GB/s of its keys and
+    values; loops of `loops` calls, the median over rounds, the ways in turns within each."""
+    heads, dim, slots, layers = (settings[k] for k in ("heads", "head_dim", "slots", "layers"))
+    torch.manual_seed(0)
+    q = torch.randn(1, heads, 1, dim)
+    caches = [(torch.randn(1, heads, slots, dim), torch.randn(1, heads, slots, dim))
+              for _ in range(layers)]  # fmt: skip
+    mask = torch.ones(1, 1, 1, slots, dtype=torch.bool)
+    mask[..., slots // 2 :] = False  # a cache half filled
+
+    def every_layer(attention: Callable[..., torch.Tensor]) -> Callable[[], list[torch.Tensor]]:
+        compiled = torch.compile(
+            lambda q, caches: [attention(q, k, v, mask) for k, v in caches], dynamic=False
+        )
+        return functools.partial(compiled, q, caches)
+
+    one_reduction = mock.patch("zoo.layers.attention.vecmat", _one_reduction)
+    ways = {
+        "zoo step_attention": (every_layer(step_attention), contextlib.nullcontext),
+        "values as one reduction": (every_layer(step_attention), lambda: one_reduction),
+        "ATen SDPA": (every_layer(F.scaled_dot_product_attention), contextlib.nullcontext),
+    }
+    outputs = {}
+    for name, (read, context) in ways.items():
+        with context():
+            outputs[name] = read()  # compiles
+    expected = outputs["ATen SDPA"]
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(settings["rounds"]):
+        for name, (read, context) in ways.items():
+            with context():
+                loop = functools.partial(_repeat, read, settings["loops"])
+                times[name].append(median_time(loop, torch.device("cpu"), 1, 1))
+    nbytes = 2 * heads * slots * dim * 4  # one layer's keys and values
+    rows = []
+    for name in ways:
+        us = 1e6 * statistics.median(times[name]) / settings["loops"] / layers
+        diff = max((a - b).abs().max().item() for a, b in zip(outputs[name], expected, strict=True))
+        rows.append({"impl": name, "us_per_layer": us, "gb_per_s": nbytes / us / 1e3,
+                     "max_abs_diff_vs_sdpa": diff})  # fmt: skip
+    progress("cache reads: " + ", ".join(f"{r['impl']} {r['us_per_layer']:.1f} µs" for r in rows))
+    return {**{k: settings[k] for k in ("heads", "head_dim", "slots", "layers")},
+            "bytes_per_layer": nbytes, "rows": rows}  # fmt: skip
+
+
 def _repeat(fn: Callable[[], None], n: int) -> None:
     for _ in range(n):
         fn()
@@ -996,6 +1067,21 @@ def table(result: dict[str, Any]) -> str:
                 f"| {row['family']} | {row['B']} | {row['impl']} | {row['ms']:.2f} "
                 f"| {row['gb_per_s']:.1f} | {row['gflop_per_s']:.0f} |"
             )
+    if "cache_reads" in result:
+        reads = result["cache_reads"]
+        lines += [
+            "",
+            f"One token's attention over a static cache, {reads['heads']} heads of "
+            f"{reads['head_dim']} over {reads['slots']:,} slots, B=1, per layer:",
+            "",
+            "| impl | µs | GB/s of keys and values | max abs diff vs SDPA |",
+            "|---|---:|---:|---:|",
+        ]
+        for row in reads["rows"]:
+            lines.append(
+                f"| {row['impl']} | {row['us_per_layer']:.1f} | {row['gb_per_s']:.1f} "
+                f"| {row['max_abs_diff_vs_sdpa']:.1e} |"
+            )
     return with_notes(lines, notes, result["device"])
 
 
@@ -1055,12 +1141,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--sections",
-        default="op_step,model,generate,products",
+        default="op_step,model,generate,products,cache_reads",
         help="comma-separated sections to run (default: %(default)s)",
     )
     args = parser.parse_args(argv)
     sections = set(args.sections.split(","))
-    known = {"op_step", "model", "generate", "products"}
+    known = {"op_step", "model", "generate", "products", "cache_reads"}
     if not sections <= known:
         parser.error(f"--sections: unknown {sorted(sections - known)}")
     device = torch.device(args.device)
@@ -1096,6 +1182,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["generate"] = bench_generate(settings, device)
     if "products" in sections and device.type == "cpu":
         result["products"] = bench_products(PRODUCTS["quick" if args.quick else "full"])
+    if "cache_reads" in sections and device.type == "cpu":
+        result["cache_reads"] = bench_cache_reads(CACHE_READS["quick" if args.quick else "full"])
     result["wall_s"] = time.perf_counter() - start
     finish(result, out_path, table)
     return result

@@ -42,7 +42,7 @@ is transformers' `generate` with these set up for it:
   reads the logits (no processor, no scores or logits kept) the ahead-of-time step returns the
   tokens themselves (`AheadOfTimeStep.tokens`: the argmax of the step's last logits, the same
   choice), which saves the loop ATen's argmax call. Around the same ahead-of-time step,
-  transformers' loop took 0.18–0.25 ms more a step: the zoo's makes it 15–16% faster
+  transformers' loop took 0.18–0.22 ms more a step: the zoo's makes it 12–17% faster
   ("zoo_loop_over_transformers_loop" in benchmarks/results/cpu_decode_generate.json).
 
 Nothing is frozen into the compiled graph: the weights stay inputs of the step, so training a

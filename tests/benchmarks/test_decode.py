@@ -78,3 +78,13 @@ def test_decode_quick_times_steps_and_keeps_the_cache_constant(run_benchmark):
     # The bound's bandwidth counts every way a GEMV ran, inductor's reduction included.
     assert all("inductor_gb_per_s" in row["gemv"] for row in gen["rows"])
     assert all(r["ms"] > 0 and r["layers"] > 0 for r in products)
+    # (e) one token's attention over a static cache, three ways, the same values.
+    reads = result["cache_reads"]
+    assert [r["impl"] for r in reads["rows"]] == [
+        "zoo step_attention",
+        "values as one reduction",
+        "ATen SDPA",
+    ]
+    assert reads["bytes_per_layer"] == 2 * reads["heads"] * reads["slots"] * reads["head_dim"] * 4
+    for row in reads["rows"]:
+        assert row["us_per_layer"] > 0 and row["max_abs_diff_vs_sdpa"] < 1e-5
