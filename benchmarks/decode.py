@@ -92,7 +92,7 @@ from zoo.convert import to_hf_llama, to_hf_mamba
 from zoo.decode import ahead_of_time_config, compile_config, decode_linears
 from zoo.kernels.gla import gla as zoo_gla
 from zoo.kernels.lightning import lightning, tnl_log_decay
-from zoo.kernels.matvec import materialize, matvec
+from zoo.kernels.matvec import matvec
 from zoo.layers.attention import step_attention
 from zoo.modeling import ZooForCausalLM
 
@@ -943,8 +943,9 @@ CACHE_READS: dict[str, dict[str, Any]] = {
 
 def _one_reduction(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """x (..., K) times matrix (..., K, N) as one reduction over K: compiled, a pass over the
-    matrix per 16-float slice of N (what `zoo.kernels.matvec.vecmat` reads in one pass)."""
-    return (materialize(x).unsqueeze(-1) * matrix).sum(-2)
+    matrix per 16-float slice of N (what `zoo.kernels.matvec.vecmat` reads in one pass): `matvec`
+    against the matrix's transpose, the form `step_attention` and `gla_step` had before it."""
+    return matvec(x, matrix.transpose(-1, -2))
 
 
 @torch.inference_mode()
